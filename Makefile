@@ -1,0 +1,21 @@
+.PHONY: setup run dev test lint bench
+
+setup:
+	./scripts/setup.sh
+
+# Serve on the embedded default (SQLite + default model under ./data).
+run: setup
+	.venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000
+
+dev: setup
+	.venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000 --reload --reload-dir app --reload-dir colbert_patches
+
+test: setup
+	.venv/bin/python -m pytest -q -rs
+
+lint: setup
+	.venv/bin/ruff check app colbert_patches models tests bench
+	.venv/bin/ruff format --check app colbert_patches models tests bench
+
+bench: setup
+	.venv/bin/python -m bench.msmarco_mini

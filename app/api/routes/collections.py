@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from app.api.deps import ServiceDep
+from app.api.schemas import CollectionCreate, CollectionList, CollectionOut
+
+router = APIRouter(prefix="/v1/collections", tags=["collections"])
+
+
+@router.post("", status_code=201, response_model=CollectionOut)
+async def create_collection(body: CollectionCreate, service: ServiceDep):
+    row = await service.create_collection(body.name, body.description)
+    return await service.describe_collection(row)
+
+
+@router.get("", response_model=CollectionList)
+async def list_collections(service: ServiceDep):
+    return {"collections": await service.list_collections()}
+
+
+@router.get("/{collection}", response_model=CollectionOut)
+async def get_collection(collection: str, service: ServiceDep):
+    return await service.describe_collection(await service.get_collection(collection))
+
+
+@router.delete("/{collection}", status_code=204)
+async def delete_collection(collection: str, service: ServiceDep):
+    await service.delete_collection(collection)
+    return Response(status_code=204)

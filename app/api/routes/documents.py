@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from app.api.deps import ServiceDep
+from app.api.schemas import DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
+from app.engine.service import DocumentInput
+
+router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["documents"])
+
+
+@router.post("", response_model=UpsertResponse, responses={202: {"model": UpsertResponse}})
+async def upsert_documents(collection: str, body: UpsertRequest, service: ServiceDep):
+    """Insert or replace documents. With ``wait`` (default) the answer comes
+    after the index commit, so a search right after it sees the documents."""
+    docs = [DocumentInput(d.id, d.text, d.title, d.metadata) for d in body.documents]
+    results = await service.upsert_documents(collection, docs, wait=body.wait)
+    payload = UpsertResponse(collection=collection, results=results).model_dump()
+    pending = any(r["status"] == "pending" for r in results)
+    return JSONResponse(payload, status_code=202 if pending else 200)
+
+
+@router.get("", response_model=DocumentPage)
+async def list_documents(
+    collection: str,
+    service: ServiceDep,
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+):
+    docs, total = await service.list_documents(collection, limit, offset)
+    return {
+        "documents": [{**d, "id": d["external_id"]} for d in docs],
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+@router.get("/{document_id:path}", response_model=DocumentOut)
+async def get_document(collection: str, document_id: str, service: ServiceDep):
+    doc = await service.get_document(collection, document_id)
+    doc["id"] = doc.pop("external_id")
+    doc["chunks"] = [
+        {"chunk_id": c["id"], "chunk_index": c["ord"], "text": c["text"], "char_start": c["char_start"], "char_end": c["char_end"]}
+        for c in doc["chunks"]
+    ]
+    return doc
+
+
+@router.delete("/{document_id:path}", status_code=204)
+async def delete_document(collection: str, document_id: str, service: ServiceDep):
+    await service.delete_document(collection, document_id)
+    return Response(status_code=204)

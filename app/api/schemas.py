@@ -1,0 +1,130 @@
+"""Request and response bodies."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class CollectionCreate(Strict):
+    name: StrictStr
+    description: StrictStr | None = Field(default=None, max_length=10_000)
+
+
+class CollectionOut(BaseModel):
+    name: str
+    description: str | None
+    created_at: float
+    generation: int
+    documents: int
+    pending_documents: int
+    chunks: int
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionOut]
+
+
+class DocumentIn(Strict):
+    id: StrictStr | None = Field(default=None, min_length=1, max_length=1024)
+    text: StrictStr
+    title: StrictStr | None = Field(default=None, max_length=10_000)
+    metadata: dict[str, Any] | None = None
+
+
+class UpsertRequest(Strict):
+    documents: list[DocumentIn] = Field(min_length=1)
+    wait: StrictBool = True
+
+
+class UpsertResult(BaseModel):
+    id: str
+    status: Literal["indexed", "pending", "unchanged", "superseded", "failed"]
+    error: str | None = None
+
+
+class UpsertResponse(BaseModel):
+    collection: str
+    results: list[UpsertResult]
+
+
+class ChunkOut(BaseModel):
+    chunk_id: int
+    chunk_index: int
+    text: str
+    char_start: int
+    char_end: int
+
+
+class DocumentOut(BaseModel):
+    id: str
+    title: str | None
+    metadata: dict[str, Any]
+    state: str
+    created_at: float
+    updated_at: float
+    chunks: list[ChunkOut]
+
+
+class DocumentSummary(BaseModel):
+    id: str
+    title: str | None
+    metadata: dict[str, Any]
+    chunks: int
+    created_at: float
+    updated_at: float
+
+
+class DocumentPage(BaseModel):
+    documents: list[DocumentSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class SearchRequest(Strict):
+    query: StrictStr = Field(min_length=1, max_length=10_000)
+    k: StrictInt = Field(default=10, ge=1, le=1000)
+    mode: Literal["colbert"] = "colbert"
+    filter: dict[str, Any] | None = None
+
+
+class SearchHitOut(BaseModel):
+    document_id: str
+    chunk_id: int
+    chunk_index: int
+    text: str
+    score: float
+    rank: int
+    title: str | None
+    metadata: dict[str, Any]
+    char_start: int
+    char_end: int
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    results: list[SearchHitOut]
+    took_ms: float
+
+
+class RerankRequest(Strict):
+    query: StrictStr = Field(min_length=1, max_length=10_000)
+    documents: list[StrictStr] = Field(min_length=1, max_length=1000)
+
+
+class RerankResult(BaseModel):
+    index: int
+    score: float
+    text: str
+
+
+class RerankResponse(BaseModel):
+    query: str
+    results: list[RerankResult]

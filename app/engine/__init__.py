@@ -1,0 +1,1 @@
+"""The search engine: encoder, index files, snapshots, the writer. No HTTP here."""

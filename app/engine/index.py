@@ -1,0 +1,172 @@
+"""Index files of one collection and the immutable snapshots searches use.
+
+Layout under ``indexes/<collection id>/``:
+
+- ``seg-<generation>.pt``: passages added by one commit: their passage ids,
+  token counts, and either fp16 token vectors (exact tier, small collections)
+  or PLAID codes + residuals;
+- ``codec-<generation>.pt``: centroids and residual buckets of a PLAID build;
+- ``manifest-<generation>.json``: which codec and segments make up that
+  generation. Written last; SQLite's ``collections.manifest`` names the
+  committed one, so a crash before the SQLite commit leaves files nobody
+  points at (removed at the next start).
+
+Every file is written once, atomically, and never changed; a snapshot reads a
+manifest and the files it names, so a searcher never sees half a commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from colbert_patches.codec import codec_from_state
+from colbert_patches.persistence import atomic_torch_save, atomic_write_json
+from colbert_patches.scorer import SearchParams, SnapshotScorer
+
+logger = logging.getLogger("app.engine")
+
+_GENERATION_FILE = re.compile(r"^(seg|codec|manifest)-(\d+)\.(pt|json)$")
+
+
+class IndexFiles:
+    """Reads and writes the files of one collection's index directory."""
+
+    _cache_lock = threading.Lock()
+    _cache: OrderedDict[str, dict] = OrderedDict()  # immutable files, shared by snapshots
+    _cache_limit = 256
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write_segment(self, generation: int, state: dict) -> str:
+        name = f"seg-{generation:09d}.pt"
+        atomic_torch_save(state, self.root / name)
+        return name
+
+    def write_codec(self, generation: int, state: dict) -> str:
+        name = f"codec-{generation:09d}.pt"
+        atomic_torch_save(state, self.root / name)
+        return name
+
+    def write_manifest(self, generation: int, manifest: dict) -> str:
+        name = f"manifest-{generation:09d}.json"
+        atomic_write_json(manifest, self.root / name)
+        return name
+
+    def read_manifest(self, name: str) -> dict:
+        import json
+
+        return json.loads((self.root / name).read_text())
+
+    def load(self, name: str) -> dict:
+        key = str(self.root / name)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        state = torch.load(self.root / name, map_location="cpu", weights_only=True)
+        with self._cache_lock:
+            self._cache[key] = state
+            while len(self._cache) > self._cache_limit:
+                self._cache.popitem(last=False)
+        return state
+
+    def files_of(self, manifest_name: str | None) -> set[str]:
+        if not manifest_name:
+            return set()
+        manifest = self.read_manifest(manifest_name)
+        names = {manifest_name, *manifest["segments"]}
+        if manifest.get("codec"):
+            names.add(manifest["codec"])
+        return names
+
+    def remove_unreferenced(self, keep: set[str]) -> None:
+        """Delete generation files not in ``keep`` (and stale temp files)."""
+        if not self.root.exists():
+            return
+        for path in self.root.iterdir():
+            if path.name in keep:
+                continue
+            if _GENERATION_FILE.match(path.name) or path.name.startswith("."):
+                path.unlink(missing_ok=True)
+                with self._cache_lock:
+                    self._cache.pop(str(path), None)
+
+
+@dataclass
+class SearchResult:
+    passage_ids: list[int]
+    scores: list[float]
+
+
+class Snapshot:
+    """An immutable, searchable view of one committed generation."""
+
+    def __init__(self, generation: int, slot_to_pid: torch.Tensor, kind: str, scorer=None, exact=None):
+        self.generation = generation
+        self.slot_to_pid = slot_to_pid  # int64, ascending
+        self.kind = kind  # "empty" | "exact" | "plaid"
+        self._scorer = scorer
+        self._exact = exact  # (packed fp32 vectors, doclens)
+
+    @property
+    def num_passages(self) -> int:
+        return int(self.slot_to_pid.numel())
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls(0, torch.empty(0, dtype=torch.int64), "empty")
+
+    @classmethod
+    def load(cls, files: IndexFiles, generation: int, manifest_name: str | None) -> Snapshot:
+        if not manifest_name:
+            return cls.empty()
+        manifest = files.read_manifest(manifest_name)
+        segments = [files.load(name) for name in manifest["segments"]]
+        if not segments:
+            return cls(generation, torch.empty(0, dtype=torch.int64), "empty")
+        pids = torch.cat([s["pids"] for s in segments])
+        doclens = torch.cat([s["doclens"] for s in segments]).to(torch.int64)
+        if pids.numel() > 1 and not bool((pids[1:] > pids[:-1]).all()):
+            raise RuntimeError(f"{manifest_name}: passage ids are not ascending across segments")
+        if manifest.get("codec"):
+            codec = codec_from_state(files.load(manifest["codec"]))
+            codes = torch.cat([s["codes"] for s in segments])
+            residuals = torch.cat([s["residuals"] for s in segments])
+            return cls(generation, pids, "plaid", scorer=SnapshotScorer(codec, codes, residuals, doclens))
+        embs = torch.cat([s["embs"] for s in segments]).float()
+        return cls(generation, pids, "exact", exact=(embs, doclens))
+
+    def alive_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
+        if dead_pids.numel() == 0:
+            return None
+        return ~torch.isin(self.slot_to_pid, dead_pids)
+
+    def search(self, Q: torch.Tensor, k: int, params: SearchParams, alive: torch.Tensor | None) -> SearchResult:
+        if self.kind == "empty":
+            return SearchResult([], [])
+        if self.kind == "exact":
+            from colbert.modeling.colbert import colbert_score_packed
+
+            embs, doclens = self._exact
+            scores = colbert_score_packed(Q, embs, doclens)
+            if alive is not None:
+                scores = scores.masked_fill(~alive, float("-inf"))
+            n = min(k, int(alive.sum()) if alive is not None else scores.numel())
+            if n <= 0:
+                return SearchResult([], [])
+            top = scores.topk(n)
+            return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
+        slots, scores = self._scorer.search(Q, params, alive)
+        slots, scores = slots[:k], scores[:k]
+        return SearchResult(self.slot_to_pid[torch.tensor(slots, dtype=torch.int64)].tolist(), list(scores))

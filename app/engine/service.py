@@ -1,0 +1,290 @@
+"""The service API the HTTP routes call: collections, documents, search.
+
+Holds the shared encoder, the async store, the index writer and the current
+snapshot of each collection. Blocking work (encoding, index loading, scoring)
+runs in a thread pool; the event loop only awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.engine.encoder import ColBERTEncoder
+from app.engine.index import IndexFiles, Snapshot
+from app.engine.writer import IndexWriter
+from app.errors import CollectionNotFound, IndexingFailed, InvalidInput, NotReady
+from app.ingest.chunking import split_by_tokens
+from app.settings import Settings
+from app.store.store import CollectionRow, Hit, NewDocument, Store
+from colbert_patches.model_loading import EncoderOptions
+from colbert_patches.scorer import load_extensions, search_params
+
+logger = logging.getLogger("app.engine")
+
+COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass
+class DocumentInput:
+    id: str | None
+    text: str
+    title: str | None = None
+    metadata: dict | None = None
+
+
+@dataclass
+class SearchHit:
+    hit: Hit
+    score: float
+    rank: int
+
+
+@dataclass
+class _Cached:
+    snapshot: Snapshot
+    version: int = -1
+    alive: torch.Tensor | None = None
+
+
+def check_collection_name(name: str) -> str:
+    if not COLLECTION_NAME.match(name or ""):
+        raise InvalidInput(
+            f"invalid collection name {name!r}: use 1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def resolve_checkpoint(settings: Settings) -> str:
+    if settings.checkpoint:
+        path = Path(settings.checkpoint).expanduser()
+        return str(path.resolve()) if path.exists() else settings.checkpoint
+    from models.build_default_checkpoint import ensure_default_checkpoint
+
+    return str(ensure_default_checkpoint(settings.default_checkpoint_dir))
+
+
+class SearchService:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.database_path)
+        self.encoder: ColBERTEncoder | None = None
+        self.writer: IndexWriter | None = None
+        self.ready = False
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
+        self._cache: dict[int, _Cached] = {}
+        self._load_locks: dict[int, asyncio.Lock] = {}
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def astart(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        checkpoint = await self._run(resolve_checkpoint, self.settings)
+        options = EncoderOptions.for_checkpoint(
+            checkpoint,
+            query_augmentation=self.settings.query_augmentation,
+            marker_tokens=self.settings.marker_tokens,
+            doc_maxlen=self.settings.doc_maxlen,
+            query_maxlen=self.settings.query_maxlen,
+        )
+        self.encoder = await self._run(ColBERTEncoder, checkpoint, options)
+        await self._run(load_extensions)
+        await self._run(self.encoder.encode_queries, ["warm up"])
+        self.writer = IndexWriter(self.settings, self.encoder)
+        self.writer.start()
+        self.ready = True
+
+    async def astop(self) -> None:
+        self.ready = False
+        if self.writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+        await self.store.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _require_ready(self) -> ColBERTEncoder:
+        if not self.ready or self.encoder is None:
+            raise NotReady("models are still loading")
+        return self.encoder
+
+    # -- collections -------------------------------------------------------
+
+    async def create_collection(self, name: str, description: str | None) -> CollectionRow:
+        return await self.store.create_collection(check_collection_name(name), description)
+
+    async def get_collection(self, name: str) -> CollectionRow:
+        return await self.store.get_collection(check_collection_name(name))
+
+    async def describe_collection(self, row: CollectionRow) -> dict:
+        counts = await self.store.collection_counts(row.id)
+        return {
+            "name": row.name,
+            "description": row.description,
+            "created_at": row.created_at,
+            "generation": row.generation,
+            **counts,
+        }
+
+    async def list_collections(self) -> list[dict]:
+        return [await self.describe_collection(row) for row in await self.store.list_collections()]
+
+    async def delete_collection(self, name: str) -> None:
+        collection_id = await self.store.delete_collection(check_collection_name(name))
+        self._cache.pop(collection_id, None)
+        import shutil
+
+        await self._run(shutil.rmtree, self.settings.index_root / str(collection_id), True)
+
+    # -- documents ---------------------------------------------------------
+
+    def _prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
+        encoder = self._require_ready()
+        prepared = []
+        for doc in docs:
+            title = doc.title.strip() if doc.title and doc.title.strip() else None
+            budget = encoder.passage_token_budget
+            if title:
+                budget -= len(encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
+            budget = max(budget, 32)
+            passages = split_by_tokens(doc.text, encoder.tokenizer, budget)
+            digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
+            prepared.append(NewDocument(doc.id, title, doc.metadata or {}, digest, passages))
+        return prepared
+
+    async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
+        self._require_ready()
+        collection = await self.get_collection(name)
+        if not docs:
+            raise InvalidInput("documents must not be empty")
+        if len(docs) > self.settings.max_batch_documents:
+            raise InvalidInput(f"at most {self.settings.max_batch_documents} documents per request")
+        seen: set[str] = set()
+        for i, doc in enumerate(docs):
+            if not doc.text or not doc.text.strip():
+                raise InvalidInput(f"documents[{i}].text is empty")
+            if len(doc.text) > self.settings.max_document_chars:
+                raise InvalidInput(
+                    f"documents[{i}].text has {len(doc.text)} characters; the limit is {self.settings.max_document_chars}"
+                )
+            if doc.id is None:
+                doc.id = uuid.uuid4().hex
+            if doc.id in seen:
+                raise InvalidInput(f"duplicate document id {doc.id!r} in one batch")
+            seen.add(doc.id)
+        prepared = await self._run(self._prepare, docs)
+        inserted = await self.store.insert_pending(collection.id, prepared)
+        if self.writer is not None:
+            self.writer.notify()
+        results = [
+            {"id": ext, "status": "unchanged" if row is None else "pending", "row": row} for ext, row in inserted
+        ]
+        if wait:
+            await self._wait_indexed(results)
+        for r in results:
+            r.pop("row")
+        return results
+
+    async def _wait_indexed(self, results: list[dict]) -> None:
+        waiting = {r["row"]: r for r in results if r["row"] is not None}
+        deadline = time.monotonic() + self.settings.upsert_wait_timeout_s
+        delay = 0.01
+        while waiting and time.monotonic() < deadline:
+            states = await self.store.document_states(list(waiting))
+            for row_id, (state, error) in states.items():
+                if state == "pending":
+                    continue
+                result = waiting.pop(row_id)
+                result["status"] = {"live": "indexed", "deleted": "superseded"}.get(state, state)
+                if error:
+                    result["error"] = error
+            if waiting:
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 0.1)
+        if any(r.get("status") == "failed" for r in results):
+            failed = [r["id"] for r in results if r.get("status") == "failed"]
+            raise IndexingFailed(f"indexing failed for {len(failed)} document(s)", details={"ids": failed[:20]})
+
+    async def get_document(self, name: str, document_id: str) -> dict:
+        collection = await self.get_collection(name)
+        return await self.store.get_document(collection.id, document_id)
+
+    async def list_documents(self, name: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        collection = await self.get_collection(name)
+        return await self.store.list_documents(collection.id, limit, offset)
+
+    async def delete_document(self, name: str, document_id: str) -> None:
+        collection = await self.get_collection(name)
+        await self.store.delete_document(collection.id, document_id)
+
+    # -- search ------------------------------------------------------------
+
+    async def _snapshot(self, name: str) -> tuple[int, _Cached]:
+        collection_id, generation, manifest, version = await self.store.index_state(check_collection_name(name))
+        cached = self._cache.get(collection_id)
+        if cached is None or cached.snapshot.generation != generation:
+            lock = self._load_locks.setdefault(collection_id, asyncio.Lock())
+            async with lock:
+                cached = self._cache.get(collection_id)
+                if cached is None or cached.snapshot.generation != generation:
+                    files = IndexFiles(self.settings.index_root / str(collection_id))
+                    snapshot = await self._run(Snapshot.load, files, generation, manifest)
+                    cached = _Cached(snapshot)
+                    self._cache[collection_id] = cached
+        if cached.version != version:
+            dead = await self.store.dead_passage_ids(collection_id)
+            alive = cached.snapshot.alive_mask(torch.tensor(dead, dtype=torch.int64))
+            cached.alive, cached.version = alive, version
+        return collection_id, cached
+
+    def _score(self, query: str, k: int, cached: _Cached):
+        encoder = self._require_ready()
+        Q = encoder.encode_queries([query])
+        params = search_params(
+            k,
+            encoder.query_maxlen,
+            ncells=self.settings.ncells,
+            centroid_score_threshold=self.settings.centroid_score_threshold,
+            ndocs=self.settings.ndocs,
+        )
+        return cached.snapshot.search(Q, k, params, cached.alive)
+
+    async def search(self, name: str, query: str, k: int) -> list[SearchHit]:
+        self._require_ready()
+        if not query or not query.strip():
+            raise InvalidInput("query is empty")
+        collection_id, cached = await self._snapshot(name)
+        result = await self._run(self._score, query, k, cached)
+        hits = await self.store.fetch_hits(collection_id, result.passage_ids)
+        out: list[SearchHit] = []
+        for pid, score in zip(result.passage_ids, result.scores):
+            hit = hits.get(pid)
+            if hit is not None:  # deleted between scoring and the join
+                out.append(SearchHit(hit, float(score), len(out) + 1))
+        return out
+
+    async def rerank(self, query: str, texts: list[str]) -> list[float]:
+        encoder = self._require_ready()
+        return await self._run(encoder.maxsim, query, texts)
+
+    def writer_state(self) -> dict:
+        w = self.writer
+        return {
+            "role": "writer" if w and w.lease.held else "reader",
+            "alive": bool(w and w.alive),
+            "busy": bool(w and w.busy),
+            "last_error": w.last_error if w else None,
+        }

@@ -1,0 +1,51 @@
+"""The project's own errors; one HTTP handler maps them to status codes."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, details=None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidInput(ServerError):
+    status_code = 422
+    code = "invalid_input"
+
+
+class NotFound(ServerError):
+    status_code = 404
+    code = "not_found"
+
+
+class CollectionNotFound(NotFound):
+    code = "collection_not_found"
+
+
+class DocumentNotFound(NotFound):
+    code = "document_not_found"
+
+
+class CollectionExists(ServerError):
+    status_code = 409
+    code = "collection_exists"
+
+
+class PayloadTooLarge(ServerError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class NotReady(ServerError):
+    status_code = 503
+    code = "not_ready"
+
+
+class IndexingFailed(ServerError):
+    status_code = 500
+    code = "indexing_failed"

@@ -1,0 +1,47 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.routes import collections, documents, health, search
+from app.engine.service import SearchService
+from app.settings import Settings
+
+
+def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        svc = service or SearchService(settings)
+        app.state.service = svc
+        # Load models in the background: /health answers at once, /ready
+        # says 503 until the models are loaded.
+        app.state.startup = asyncio.create_task(svc.astart())
+        try:
+            yield
+        finally:
+            if not app.state.startup.done():
+                app.state.startup.cancel()
+            await asyncio.gather(app.state.startup, return_exceptions=True)
+            await svc.astop()
+
+    app = FastAPI(
+        title="ColBERT search server",
+        version=__version__,
+        description="Late-interaction (ColBERT/PLAID) search over your documents.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    for module in (health, collections, documents, search):
+        app.include_router(module.router)
+    return app

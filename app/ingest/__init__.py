@@ -1,0 +1,1 @@
+"""Turning user documents into passages."""

@@ -1,0 +1,62 @@
+"""Server settings, read from ``COLBERT_SERVER_*`` environment variables or ``.env``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLBERT_SERVER_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    data_dir: Path = Path("data")
+
+    # Model: empty means the default MiniLM checkpoint built under data_dir on
+    # first start. Otherwise a local directory or a hub name (e.g.
+    # colbert-ir/colbertv2.0), which needs the hub or a local cache.
+    checkpoint: str = ""
+    query_augmentation: bool | None = None  # None: what the checkpoint says
+    marker_tokens: bool | None = None
+    doc_maxlen: int | None = None
+    query_maxlen: int | None = None
+    torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
+
+    # Index lifecycle.
+    exact_search_max_passages: int = Field(default=1024, ge=0)
+    rebuild_growth_factor: float = Field(default=4.0, gt=0)
+    rebuild_deleted_share: float = Field(default=0.3, gt=0, le=1)
+    commit_max_chunks: int = Field(default=4096, ge=1)
+    writer_poll_interval_s: float = Field(default=0.1, gt=0)
+    kmeans_niters: int = Field(default=4, ge=1)
+    ncells: int | None = None
+    ndocs: int | None = None
+    centroid_score_threshold: float | None = None
+
+    # Requests.
+    max_document_chars: int = Field(default=1_000_000, ge=1)
+    max_batch_documents: int = Field(default=10_000, ge=1)
+    upsert_wait_timeout_s: float = Field(default=600.0, gt=0)
+    default_collection: str = "default"
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        return self
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "server.sqlite3"
+
+    @property
+    def default_checkpoint_dir(self) -> Path:
+        return self.data_dir / "models" / "colbert-minilm-l6"
+
+    @property
+    def index_root(self) -> Path:
+        return self.data_dir / "indexes"

@@ -1,0 +1,1 @@
+"""SQLite storage: collections, documents, chunks and the index generation."""

@@ -1,0 +1,79 @@
+"""The SQLite schema and connection settings shared by every process.
+
+Documents are versioned rows: an upsert inserts a ``pending`` row; the index
+writer's commit turns it ``live`` and the previous live row of the same
+external id ``deleted`` in one transaction. Passage ids are assigned at that
+commit, per collection, from a counter that never goes back, so a passage id
+always names the same chunk text.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS collections (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT NOT NULL UNIQUE,
+    description  TEXT,
+    created_at   REAL NOT NULL,
+    generation   INTEGER NOT NULL DEFAULT 0,   -- index generation committed
+    manifest     TEXT,                         -- manifest file of that generation
+    version      INTEGER NOT NULL DEFAULT 0,   -- bumps on every visible change
+    next_pid     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS documents (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    external_id   TEXT NOT NULL,
+    title         TEXT,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    content_hash  TEXT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'live', 'deleted', 'failed')),
+    error         TEXT,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS documents_live
+    ON documents(collection_id, external_id) WHERE state = 'live';
+CREATE INDEX IF NOT EXISTS documents_by_state ON documents(collection_id, state, id);
+CREATE INDEX IF NOT EXISTS documents_by_external ON documents(collection_id, external_id);
+CREATE TABLE IF NOT EXISTS chunks (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    document_id   INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    collection_id INTEGER NOT NULL,
+    ord           INTEGER NOT NULL,
+    text          TEXT NOT NULL,
+    char_start    INTEGER NOT NULL,
+    char_end      INTEGER NOT NULL,
+    passage_id    INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS chunks_by_pid ON chunks(collection_id, passage_id);
+CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, ord);
+"""
+
+PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",  # an acknowledged commit survives power loss
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=30000",
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A synchronous connection (the writer thread's)."""
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    for pragma in PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+def initialise(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        conn.executescript(SCHEMA)
+    finally:
+        conn.close()

@@ -1,0 +1,275 @@
+"""Async access to the SQLite store for the request path (aiosqlite)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.store.schema import PRAGMAS, initialise
+
+
+@dataclass(frozen=True)
+class CollectionRow:
+    id: int
+    name: str
+    description: str | None
+    created_at: float
+    generation: int
+    manifest: str | None
+    version: int
+
+
+@dataclass
+class NewDocument:
+    external_id: str
+    title: str | None
+    metadata: dict
+    content_hash: str
+    chunks: list  # list[app.ingest.chunking.Passage]
+
+
+@dataclass(frozen=True)
+class Hit:
+    passage_id: int
+    chunk_id: int
+    chunk_index: int
+    text: str
+    char_start: int
+    char_end: int
+    document_id: str
+    title: str | None
+    metadata: dict
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        initialise(self.path)
+        self._db = await aiosqlite.connect(str(self.path), timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        for pragma in PRAGMAS:
+            await self._db.execute(pragma)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        assert self._db is not None, "store is not open"
+        return self._db
+
+    async def _one(self, sql: str, params=()):
+        async with self.db.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params=()):
+        async with self.db.execute(sql, params) as cur:
+            return await cur.fetchall()
+
+    # -- collections -------------------------------------------------------
+
+    async def create_collection(self, name: str, description: str | None) -> CollectionRow:
+        try:
+            await self.db.execute(
+                "INSERT INTO collections(name, description, created_at) VALUES (?, ?, ?)",
+                (name, description, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise CollectionExists(f"collection {name!r} already exists") from None
+        return await self.get_collection(name)
+
+    async def get_collection(self, name: str) -> CollectionRow:
+        row = await self._one(
+            "SELECT id, name, description, created_at, generation, manifest, version FROM collections WHERE name = ?",
+            (name,),
+        )
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return CollectionRow(**dict(row))
+
+    async def collection_counts(self, collection_id: int) -> dict:
+        row = await self._one(
+            """SELECT
+                 (SELECT COUNT(*) FROM documents WHERE collection_id = ? AND state = 'live') AS documents,
+                 (SELECT COUNT(*) FROM documents WHERE collection_id = ? AND state = 'pending') AS pending_documents,
+                 (SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.document_id
+                   WHERE d.collection_id = ? AND d.state = 'live') AS chunks""",
+            (collection_id, collection_id, collection_id),
+        )
+        return dict(row)
+
+    async def list_collections(self) -> list[CollectionRow]:
+        rows = await self._all(
+            "SELECT id, name, description, created_at, generation, manifest, version FROM collections ORDER BY name"
+        )
+        return [CollectionRow(**dict(r)) for r in rows]
+
+    async def delete_collection(self, name: str) -> int:
+        row = await self.get_collection(name)
+        await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
+        return row.id
+
+    # -- documents ---------------------------------------------------------
+
+    async def insert_pending(self, collection_id: int, docs: list[NewDocument]) -> list[tuple[str, int | None]]:
+        """Insert the batch in one transaction.
+
+        Returns (external_id, row id) per document; row id None means the
+        live version already has this exact content (nothing to do).
+        """
+        now = time.time()
+        out: list[tuple[str, int | None]] = []
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for doc in docs:
+                metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False)
+                async with self.db.execute(
+                    """SELECT id, state, content_hash, title, metadata FROM documents
+                       WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
+                       ORDER BY id DESC LIMIT 1""",
+                    (collection_id, doc.external_id),
+                ) as cur:
+                    latest = await cur.fetchone()
+                if (
+                    latest is not None
+                    and latest["state"] == "live"
+                    and latest["content_hash"] == doc.content_hash
+                    and latest["title"] == doc.title
+                    and latest["metadata"] == metadata
+                ):
+                    out.append((doc.external_id, None))
+                    continue
+                cur = await self.db.execute(
+                    """INSERT INTO documents(collection_id, external_id, title, metadata, content_hash, state,
+                                             created_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)""",
+                    (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now),
+                )
+                doc_id = cur.lastrowid
+                await self.db.executemany(
+                    """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end)
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    [(doc_id, collection_id, i, p.text, p.char_start, p.char_end) for i, p in enumerate(doc.chunks)],
+                )
+                out.append((doc.external_id, doc_id))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return out
+
+    async def document_states(self, doc_ids: list[int]) -> dict[int, tuple[str, str | None]]:
+        states: dict[int, tuple[str, str | None]] = {}
+        for i in range(0, len(doc_ids), 500):
+            part = doc_ids[i : i + 500]
+            rows = await self._all(
+                f"SELECT id, state, error FROM documents WHERE id IN ({','.join('?' * len(part))})", part
+            )
+            states.update({r["id"]: (r["state"], r["error"]) for r in rows})
+        return states
+
+    async def get_document(self, collection_id: int, external_id: str) -> dict:
+        row = await self._one(
+            """SELECT id, external_id, title, metadata, content_hash, state, created_at, updated_at
+               FROM documents WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
+               ORDER BY (state = 'live') DESC, id DESC LIMIT 1""",
+            (collection_id, external_id),
+        )
+        if row is None:
+            raise DocumentNotFound(f"document {external_id!r} does not exist")
+        chunks = await self._all(
+            "SELECT id, ord, text, char_start, char_end FROM chunks WHERE document_id = ? ORDER BY ord", (row["id"],)
+        )
+        doc = dict(row)
+        doc["metadata"] = json.loads(doc["metadata"])
+        doc["chunks"] = [dict(c) for c in chunks]
+        return doc
+
+    async def list_documents(self, collection_id: int, limit: int, offset: int) -> tuple[list[dict], int]:
+        rows = await self._all(
+            """SELECT d.external_id, d.title, d.metadata, d.state, d.created_at, d.updated_at,
+                      (SELECT COUNT(*) FROM chunks c WHERE c.document_id = d.id) AS chunks
+               FROM documents d WHERE d.collection_id = ? AND d.state = 'live'
+               ORDER BY d.external_id LIMIT ? OFFSET ?""",
+            (collection_id, limit, offset),
+        )
+        total = await self._one(
+            "SELECT COUNT(*) AS n FROM documents WHERE collection_id = ? AND state = 'live'", (collection_id,)
+        )
+        docs = []
+        for r in rows:
+            d = dict(r)
+            d["metadata"] = json.loads(d["metadata"])
+            docs.append(d)
+        return docs, total["n"]
+
+    async def delete_document(self, collection_id: int, external_id: str) -> None:
+        """Tombstone every live or pending version; visible to search at once."""
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = await self.db.execute(
+                """UPDATE documents SET state = 'deleted', updated_at = ?
+                   WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')""",
+                (time.time(), collection_id, external_id),
+            )
+            if cur.rowcount == 0:
+                raise DocumentNotFound(f"document {external_id!r} does not exist")
+            await self.db.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    # -- search support ----------------------------------------------------
+
+    async def index_state(self, name: str) -> tuple[int, int, str | None, int]:
+        """(collection id, generation, manifest, version) in one read."""
+        row = await self._one("SELECT id, generation, manifest, version FROM collections WHERE name = ?", (name,))
+        if row is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return row["id"], row["generation"], row["manifest"], row["version"]
+
+    async def dead_passage_ids(self, collection_id: int) -> list[int]:
+        rows = await self._all(
+            """SELECT c.passage_id FROM documents d JOIN chunks c ON c.document_id = d.id
+               WHERE d.collection_id = ? AND d.state = 'deleted' AND c.passage_id IS NOT NULL""",
+            (collection_id,),
+        )
+        return [r[0] for r in rows]
+
+    async def fetch_hits(self, collection_id: int, passage_ids: list[int]) -> dict[int, Hit]:
+        if not passage_ids:
+            return {}
+        rows = await self._all(
+            f"""SELECT c.passage_id, c.id AS chunk_id, c.ord, c.text, c.char_start, c.char_end,
+                       d.external_id, d.title, d.metadata
+                FROM chunks c JOIN documents d ON d.id = c.document_id
+                WHERE c.collection_id = ? AND d.state = 'live'
+                  AND c.passage_id IN ({','.join('?' * len(passage_ids))})""",
+            (collection_id, *passage_ids),
+        )
+        return {
+            r["passage_id"]: Hit(
+                passage_id=r["passage_id"],
+                chunk_id=r["chunk_id"],
+                chunk_index=r["ord"],
+                text=r["text"],
+                char_start=r["char_start"],
+                char_end=r["char_end"],
+                document_id=r["external_id"],
+                title=r["title"],
+                metadata=json.loads(r["metadata"]),
+            )
+            for r in rows
+        }

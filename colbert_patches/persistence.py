@@ -1,0 +1,46 @@
+"""Atomic, durable file writes for index files.
+
+Upstream writes every index file in place (``torch.save`` straight to the
+final name, ``metadata.json`` rewritten in place): a crash mid-write leaves a
+truncated file that the next load trips over. Here every file is written to a
+temporary name in the same directory, fsynced, renamed over the final name,
+and the directory is fsynced, so a reader sees the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())

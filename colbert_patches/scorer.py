@@ -1,0 +1,109 @@
+"""PLAID search over an index assembled in memory, with per-call parameters.
+
+Fixes:
+- upstream ``Searcher`` needs ``index_root`` + ``index`` name + experiment
+  config; :class:`SnapshotScorer` is built from one manifest path's tensors;
+- upstream ``IndexLoader`` reads a fixed set of chunk files once; it never
+  sees passages added or removed later without a restart. A snapshot is
+  assembled from immutable segments, so a new one can be built next to the
+  old one and swapped in (hot reload);
+- upstream ``Searcher.dense_search`` writes ``ncells``/``ndocs``/
+  ``centroid_score_threshold`` into its shared config the first time it runs,
+  so the first query's k silently fixes them for every later query, and
+  concurrent queries race on the config. :func:`search_params` builds a fresh
+  parameter object per call;
+- the passage id space may have holes (deleted passages, purged at rebuild):
+  the scorer works on dense slots and maps them back to passage ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
+from colbert.search.index_storage import IndexScorer
+from colbert.search.strided_tensor import StridedTensor
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The fields of ColBERTConfig that IndexScorer.rank reads."""
+
+    ncells: int
+    centroid_score_threshold: float
+    ndocs: int
+    query_maxlen: int = 32
+    interaction: str = "colbert"
+    total_visible_gpus: int = 0
+
+
+def search_params(k: int, query_maxlen: int, ncells=None, centroid_score_threshold=None, ndocs=None) -> SearchParams:
+    """Upstream's k-dependent defaults, computed per call, overridable."""
+    if k <= 10:
+        defaults = (1, 0.5, 256)
+    elif k <= 100:
+        defaults = (2, 0.45, 1024)
+    else:
+        defaults = (4, 0.4, max(k * 4, 4096))
+    return SearchParams(
+        ncells=ncells or defaults[0],
+        centroid_score_threshold=centroid_score_threshold if centroid_score_threshold is not None else defaults[1],
+        ndocs=max(ndocs or defaults[2], k),
+        query_maxlen=query_maxlen,
+    )
+
+
+def build_ivf(codes: torch.Tensor, doclens: torch.Tensor, num_centroids: int):
+    """Centroid -> slots inverted list (each slot once per centroid)."""
+    num_slots = doclens.numel()
+    emb2slot = torch.repeat_interleave(torch.arange(num_slots, dtype=torch.int64), doclens)
+    keys = codes.long() * max(num_slots, 1) + emb2slot
+    keys = torch.unique(keys)
+    centroid_of = keys // max(num_slots, 1)
+    ivf = (keys % max(num_slots, 1)).to(torch.int32)
+    lengths = torch.bincount(centroid_of, minlength=num_centroids)
+    return ivf, lengths
+
+
+class SnapshotScorer(IndexScorer):
+    """IndexScorer over tensors handed in, not files read from a directory."""
+
+    def __init__(self, codec, codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.Tensor):
+        # IndexLoader.__init__ would read files: set what it would have set.
+        self.index_path = None
+        self.use_gpu = False
+        self.load_index_with_mmap = False
+        self.codec = codec
+        self.doclens = doclens.to(torch.int64)
+        ivf, ivf_lengths = build_ivf(codes, self.doclens, codec.centroids.size(0))
+        self.ivf = StridedTensor(ivf, ivf_lengths, use_gpu=False)
+        pad = 512  # upstream pads for strided access past the last passage
+        codes = torch.cat([codes.to(torch.int32), torch.zeros(pad, dtype=torch.int32)])
+        residuals = torch.cat([residuals, torch.zeros(pad, residuals.size(1), dtype=torch.uint8)])
+        self.embeddings = ResidualEmbeddings(codes, residuals)
+        IndexScorer.try_load_torch_extensions(False)
+        self.set_embeddings_strided()
+
+    def search(self, Q: torch.Tensor, params: SearchParams, alive=None):
+        """Top ``params.ndocs`` slots for one query ``Q`` (1 x L x dim).
+
+        ``alive`` is a bool tensor over slots; dead slots are dropped before
+        scoring, so tombstones never take a place in the result.
+        """
+        filter_fn = None
+        if alive is not None:
+
+            def filter_fn(slots):
+                return slots[alive[slots.long()]]
+
+        return self.rank(params, Q, filter_fn=filter_fn)
+
+
+def load_extensions() -> None:
+    """Compile (first time, cached) and load colbert's C++ search kernels."""
+    from colbert.modeling.colbert import ColBERT
+
+    IndexScorer.try_load_torch_extensions(False)
+    ColBERT.try_load_torch_extensions(False)
+    StridedTensor.try_load_torch_extensions(False)
