@@ -87,7 +87,12 @@ def load_checkpoint(path_or_name: str, options: EncoderOptions, device: str = "c
 
     from .tokenization import ServerDocTokenizer, ServerQueryTokenizer
 
+    import warnings
+
+    import transformers
+
     apply()
+    transformers.utils.logging.disable_progress_bar()
     extra = {}
     if options.doc_maxlen:
         extra["doc_maxlen"] = options.doc_maxlen
@@ -96,7 +101,10 @@ def load_checkpoint(path_or_name: str, options: EncoderOptions, device: str = "c
     config = ColBERTConfig.from_existing(
         ColBERTConfig.load_from_checkpoint(path_or_name), ColBERTConfig(checkpoint=path_or_name, **extra)
     )
-    checkpoint = Checkpoint(path_or_name, colbert_config=config, verbose=0)
+    with warnings.catch_warnings():
+        # Upstream builds a CUDA GradScaler even on CPU; replaced just below.
+        warnings.simplefilter("ignore")
+        checkpoint = Checkpoint(path_or_name, colbert_config=config, verbose=0)
     checkpoint.amp_manager = MixedPrecisionManager(device != "cpu" and torch.cuda.is_available())
     checkpoint.query_tokenizer = ServerQueryTokenizer(checkpoint.colbert_config, options)
     checkpoint.doc_tokenizer = ServerDocTokenizer(checkpoint.colbert_config, options)

@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.factory import create_app
+from app.settings import Settings
+from models.build_default_checkpoint import ensure_default_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    return ensure_default_checkpoint(tmp_path_factory.mktemp("models") / "colbert-minilm-l6")
+
+
+def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
+    return Settings(
+        _env_file=None, environment="test", data_dir=data_dir, checkpoint=str(checkpoint), log_level="WARNING",
+        **overrides,
+    )
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await client.get("/ready")).status_code == 200:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("app did not become ready")
+
+
+class RunningApp:
+    """The real app in-process (ASGI transport), started and stopped on demand."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.app = None
+        self.manager = None
+        self.client: httpx.AsyncClient | None = None
+
+    async def start(self) -> httpx.AsyncClient:
+        self.app = create_app(self.settings)
+        self.manager = LifespanManager(self.app, startup_timeout=600, shutdown_timeout=120)
+        await self.manager.__aenter__()
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.manager.app), base_url="http://test")
+        await wait_ready(self.client)
+        return self.client
+
+    async def stop(self) -> None:
+        await self.client.aclose()
+        await self.manager.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+async def app_env(tmp_path_factory, checkpoint_dir):
+    """One running app per test module; tests use their own collections."""
+    running = RunningApp(make_settings(tmp_path_factory.mktemp("data"), checkpoint_dir, exact_search_max_passages=16))
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def client(app_env) -> httpx.AsyncClient:
+    return app_env.client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A real uvicorn server process on a data directory."""
+
+    def __init__(self, data_dir: Path, checkpoint: Path, extra_env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "COLBERT_SERVER_DATA_DIR": str(data_dir),
+            "COLBERT_SERVER_CHECKPOINT": str(checkpoint),
+            "COLBERT_SERVER_LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
+        }
+        self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()

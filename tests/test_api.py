@@ -1,0 +1,276 @@
+"""The HTTP API with the real app and the real default model."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import RunningApp, make_settings
+
+pytestmark = pytest.mark.slow
+
+DOCS = [
+    {"id": "paris", "text": "Paris is the capital and largest city of France, on the Seine."},
+    {"id": "bananas", "text": "Bananas are yellow tropical fruits rich in potassium.", "metadata": {"team": "fruit"}},
+    {"id": "python", "text": "Python is a programming language created by Guido van Rossum."},
+    {"id": "volcano", "text": "A volcano is a rupture in the crust of a planet where lava escapes."},
+    {"id": "tea", "text": "Green tea is made from unoxidised leaves of Camellia sinensis.", "title": "Tea"},
+]
+
+
+async def create(client, name: str):
+    r = await client.post("/v1/collections", json={"name": name})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def upsert(client, name: str, docs, **extra):
+    r = await client.post(f"/v1/collections/{name}/documents", json={"documents": docs, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+async def search(client, name: str, query: str, k: int = 10):
+    r = await client.post(f"/v1/collections/{name}/search", json={"query": query, "k": k})
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def assert_error(r, status: int):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+async def test_health_ready_and_docs(client):
+    assert (await client.get("/health")).json()["status"] == "ok"
+    assert (await client.get("/ready")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
+    assert "/v1/collections/{collection}/search" in spec["paths"]
+    assert (await client.get("/docs")).status_code == 200
+
+
+async def test_collections_lifecycle(client):
+    created = await create(client, "life")
+    assert created["documents"] == 0
+    assert_error(await client.post("/v1/collections", json={"name": "life"}), 409)
+    names = [c["name"] for c in (await client.get("/v1/collections")).json()["collections"]]
+    assert "life" in names
+    await upsert(client, "life", DOCS[:2])
+    got = (await client.get("/v1/collections/life")).json()
+    assert got["documents"] == 2 and got["chunks"] == 2
+    assert (await client.delete("/v1/collections/life")).status_code == 204
+    assert_error(await client.get("/v1/collections/life"), 404)
+    # A new collection of the same name starts empty.
+    await create(client, "life")
+    assert await search(client, "life", "bananas") == []
+
+
+async def test_search_of_empty_collection_and_one_document(client):
+    await create(client, "tiny")
+    assert await search(client, "tiny", "anything at all") == []
+    await upsert(client, "tiny", DOCS[:1])
+    hits = await search(client, "tiny", "capital of France", k=5)
+    assert [h["document_id"] for h in hits] == ["paris"]
+    hit = hits[0]
+    for field in ("document_id", "chunk_id", "chunk_index", "text", "score", "rank", "title", "metadata"):
+        assert field in hit
+    assert hit["rank"] == 1 and hit["text"].startswith("Paris")
+
+
+async def test_upsert_search_delete_replace(client):
+    await create(client, "flow")
+    results = await upsert(client, "flow", DOCS)
+    assert [r["status"] for r in results] == ["indexed"] * len(DOCS)
+    top = {q: (await search(client, "flow", q, k=1))[0]["document_id"] for q in (
+        "capital city of France", "yellow fruit potassium", "programming language Guido", "lava from the crust",
+    )}
+    assert top == {
+        "capital city of France": "paris",
+        "yellow fruit potassium": "bananas",
+        "programming language Guido": "python",
+        "lava from the crust": "volcano",
+    }
+    # Delete: gone from the very next search, at any k.
+    assert (await client.delete("/v1/collections/flow/documents/bananas")).status_code == 204
+    hits = await search(client, "flow", "yellow fruit potassium", k=10)
+    assert "bananas" not in [h["document_id"] for h in hits]
+    assert len(hits) == len(DOCS) - 1
+    assert_error(await client.get("/v1/collections/flow/documents/bananas"), 404)
+    assert_error(await client.delete("/v1/collections/flow/documents/bananas"), 404)
+    # Replace: only the new text is found.
+    await upsert(client, "flow", [{"id": "paris", "text": "Octopuses have three hearts and blue blood."}])
+    hits = await search(client, "flow", "capital city of France", k=10)
+    assert all("Paris is the capital" not in h["text"] for h in hits)
+    top = (await search(client, "flow", "how many hearts does an octopus have", k=1))[0]
+    assert top["document_id"] == "paris" and "Octopuses" in top["text"]
+    doc = (await client.get("/v1/collections/flow/documents/paris")).json()
+    assert [c["text"] for c in doc["chunks"]] == ["Octopuses have three hearts and blue blood."]
+    # Same content again: nothing to do.
+    again = await upsert(client, "flow", [{"id": "paris", "text": "Octopuses have three hearts and blue blood."}])
+    assert again[0]["status"] == "unchanged"
+
+
+@pytest.mark.parametrize(
+    "doc_id", ["with space", "a/b/c", "what?", "<tag>", "ünïcødé 文字", "100%", "/leading", "trailing/", "a#b&c=d"]
+)
+async def test_arbitrary_document_ids(client, doc_id):
+    name = "ids"
+    if (await client.get(f"/v1/collections/{name}")).status_code == 404:
+        await create(client, name)
+    text = f"A note about the identifier {doc_id} and mountain goats."
+    await upsert(client, name, [{"id": doc_id, "text": text}])
+    url = f"/v1/collections/{name}/documents/{quote(doc_id, safe='')}"
+    r = await client.get(url)
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == doc_id and r.json()["chunks"][0]["text"] == text
+    hits = await search(client, name, f"identifier {doc_id}", k=50)
+    assert doc_id in [h["document_id"] for h in hits]
+    assert (await client.delete(url)).status_code == 204
+    assert (await client.get(url)).status_code == 404
+
+
+async def test_long_text_split_into_passages(client, app_env):
+    await create(client, "long")
+    sentences = [f"Sentence number {i} talks about topic {i % 7} in some detail." for i in range(200)]
+    sentences[150] = "The hidden treasure is buried under the old lighthouse."
+    text = " ".join(sentences)
+    await upsert(client, "long", [{"id": "book", "text": text}])
+    doc = (await client.get("/v1/collections/long/documents/book")).json()
+    assert len(doc["chunks"]) > 3
+    service = app_env.app.state.service
+    budget = service.encoder.passage_token_budget
+    for chunk in doc["chunks"]:
+        assert text[chunk["char_start"] : chunk["char_end"]] == chunk["text"]
+        assert len(service.encoder.tokenizer(chunk["text"], add_special_tokens=False)["input_ids"]) <= budget
+    top = (await search(client, "long", "where is the treasure buried", k=1))[0]
+    assert "lighthouse" in top["text"]
+
+
+async def test_reference_server_format(client):
+    await create(client, "default")
+    await upsert(client, "default", DOCS)
+    r = await client.get("/api/search", params={"query": "capital of France", "k": 3})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["query"] == "capital of France"
+    assert [t["rank"] for t in body["topk"]] == [1, 2, 3]
+    assert body["topk"][0]["text"].startswith("Paris")
+    assert abs(sum(t["prob"] for t in body["topk"]) - 1) < 1e-6
+    assert {"text", "pid", "rank", "score", "prob"} <= set(body["topk"][0])
+
+
+async def test_rerank(client):
+    texts = ["Bananas are yellow.", "Paris is the capital of France.", "Tea is a drink."]
+    r = await client.post("/v1/rerank", json={"query": "capital of France", "documents": texts})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert results[0]["index"] == 1
+    assert sorted(x["index"] for x in results) == [0, 1, 2]
+    assert results[0]["score"] >= results[1]["score"] >= results[2]["score"]
+
+
+async def test_bad_input_changes_nothing(client):
+    await create(client, "guard")
+    await upsert(client, "guard", DOCS[:2])
+    before = await search(client, "guard", "yellow fruit", k=10)
+    coll = "/v1/collections/guard"
+    bad_upserts = [
+        {"documents": [{"id": "x", "text": ""}]},
+        {"documents": [{"id": "x", "text": "   \n\t "}]},
+        {"documents": [{"id": "x", "text": "a" * 1_000_001}]},
+        {"documents": [{"id": "d", "text": "one"}, {"id": "d", "text": "two"}]},
+        {"documents": [{"id": 5, "text": "numeric id"}]},
+        {"documents": [{"id": "x", "text": ["not", "a", "string"]}]},
+        {"documents": [{"id": "x", "text": "ok", "metadata": "not an object"}]},
+        {"documents": []},
+        {"documents": "nope"},
+        {"docs": [{"text": "typo in field"}]},
+        {"documents": [{"id": "", "text": "empty id"}]},
+    ]
+    for body in bad_upserts:
+        r = await client.post(f"{coll}/documents", json=body)
+        assert r.status_code in (400, 413, 422), (body if len(str(body)) < 200 else "big", r.text)
+        assert_error(r, r.status_code)
+    r = await client.post(f"{coll}/documents", content=b'{"documents": [', headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    for k in (0, -1, 1001, "10", 2.5):
+        assert_error(await client.post(f"{coll}/search", json={"query": "x", "k": k}), 422)
+    assert_error(await client.post(f"{coll}/search", json={"query": ""}), 422)
+    assert_error(await client.post(f"{coll}/search", json={"query": 7}), 422)
+    assert_error(await client.post(f"{coll}/search", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    for name in ("Upper", "-dash", "a" * 65, "sp ace", "dot.name", ""):
+        assert_error(await client.post("/v1/collections", json={"name": name}), 422)
+    assert_error(await client.post("/v1/collections/nope/search", json={"query": "x"}), 404)
+    assert_error(await client.post("/v1/collections/nope/documents", json={"documents": [{"text": "x"}]}), 404)
+    assert_error(await client.post("/v1/collections/BAD!/search", json={"query": "x"}), 422)
+    assert_error(await client.get("/v1/no/such/route"), 404)
+    # Nothing stored changed.
+    info = (await client.get(coll)).json()
+    assert info["documents"] == 2 and info["pending_documents"] == 0
+    assert await search(client, "guard", "yellow fruit", k=10) == before
+    ids = {d["id"] for d in (await client.get(f"{coll}/documents")).json()["documents"]}
+    assert ids == {"paris", "bananas"}
+
+
+async def test_generated_ids_and_listing(client):
+    await create(client, "gen")
+    results = await upsert(client, "gen", [{"text": "no id given here"}, {"text": "nor here"}])
+    assert len({r["id"] for r in results}) == 2 and all(r["id"] for r in results)
+    page = (await client.get("/v1/collections/gen/documents", params={"limit": 1})).json()
+    assert page["total"] == 2 and len(page["documents"]) == 1
+
+
+async def test_no_wait_upsert_is_acknowledged_then_indexed(client):
+    await create(client, "nowait")
+    r = await client.post(
+        "/v1/collections/nowait/documents", json={"documents": [{"id": "n", "text": "Zebras have stripes."}], "wait": False}
+    )
+    assert r.status_code in (200, 202)
+    import asyncio
+
+    for _ in range(200):
+        if await search(client, "nowait", "striped animal", k=1):
+            break
+        await asyncio.sleep(0.05)
+    assert (await search(client, "nowait", "striped animal", k=1))[0]["document_id"] == "n"
+
+
+async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
+    """Past exact_search_max_passages the index is PLAID; a restart changes no result."""
+    settings = make_settings(tmp_path / "data", checkpoint_dir, exact_search_max_passages=20, rebuild_growth_factor=1.0)
+    topics = ["astronomy", "cooking", "football", "chemistry", "music", "geology", "sailing", "poetry"]
+    docs = [
+        {"id": f"doc-{i}", "text": f"Document {i} is about {topics[i % 8]}; it mentions item {i} and the {topics[(i * 3) % 8]} club."}
+        for i in range(60)
+    ]
+    queries = [f"{t} club" for t in topics] + ["item 17", "document about sailing"]
+    running = RunningApp(settings)
+    client = await running.start()
+    try:
+        await create(client, "plaid")
+        for i in range(0, 60, 15):
+            await upsert(client, "plaid", docs[i : i + 15])
+        await client.delete("/v1/collections/plaid/documents/doc-3")
+        service = running.app.state.service
+        while service.writer.busy:  # a growth rebuild may be running
+            import asyncio
+
+            await asyncio.sleep(0.1)
+        before = {q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries}
+        collection_id = (await service.store.get_collection("plaid")).id
+        assert service._cache[collection_id].snapshot.kind == "plaid"
+        assert all(len(v) == 10 for v in before.values())
+        assert all("doc-3" not in [d for d, _ in v] for v in before.values())
+    finally:
+        await running.stop()
+    running = RunningApp(settings)
+    client = await running.start()
+    try:
+        after = {q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries}
+        assert after == before
+    finally:
+        await running.stop()
