@@ -31,7 +31,8 @@ def num_partitions_for(num_embeddings: int) -> int:
 def train_codec(embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: int = 4, seed: int = 123, sample_limit: int = 1 << 20):
     """Return a ``ResidualCodec`` trained on ``embeddings`` (n x dim, any float)."""
     from colbert.indexing.codecs.residual import ResidualCodec
-    from colbert.indexing.collection_indexer import CollectionIndexer, compute_faiss_kmeans
+    import faiss
+    from colbert.indexing.collection_indexer import CollectionIndexer
     from colbert.infra import ColBERTConfig
 
     embeddings = embeddings.to(torch.float16)
@@ -49,8 +50,10 @@ def train_codec(embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: i
     partitions = num_partitions_for(sample.size(0))
     config = ColBERTConfig(dim=dim, nbits=nbits, kmeans_niters=kmeans_niters, gpus=0)
     with contextlib.redirect_stdout(io.StringIO()):
-        centroids = compute_faiss_kmeans(dim, partitions, kmeans_niters, [[sample]])
-        centroids = torch.nn.functional.normalize(centroids, dim=-1).float()
+        # Upstream's compute_faiss_kmeans, minus verbose=True (faiss prints from C++).
+        kmeans = faiss.Kmeans(dim, partitions, niter=kmeans_niters, gpu=False, verbose=False, seed=seed)
+        kmeans.train(sample.float().numpy())
+        centroids = torch.nn.functional.normalize(torch.from_numpy(kmeans.centroids), dim=-1).float()
         helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)
         cutoffs, weights, avg_residual = CollectionIndexer._compute_avg_residual(helper, centroids, heldout)
     return ResidualCodec(config=config, centroids=centroids, avg_residual=avg_residual, bucket_cutoffs=cutoffs, bucket_weights=weights)

@@ -91,7 +91,9 @@ def load_checkpoint(path_or_name: str, options: EncoderOptions, device: str = "c
 
     import transformers
 
-    apply()
+    import colbert_patches
+
+    colbert_patches.apply()
     transformers.utils.logging.disable_progress_bar()
     extra = {}
     if options.doc_maxlen:

@@ -18,7 +18,7 @@ Fixes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
@@ -85,11 +85,14 @@ class SnapshotScorer(IndexScorer):
         IndexScorer.try_load_torch_extensions(False)
         self.set_embeddings_strided()
 
-    def search(self, Q: torch.Tensor, params: SearchParams, alive=None):
-        """Top ``params.ndocs`` slots for one query ``Q`` (1 x L x dim).
+    def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
+        """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).
 
         ``alive`` is a bool tensor over slots; dead slots are dropped before
-        scoring, so tombstones never take a place in the result.
+        scoring, so tombstones never take a place in the result. When the
+        probed cells hold fewer than ``k`` live passages (tiny collections,
+        or cells emptied by deletes), more cells are probed: upstream would
+        just return fewer results.
         """
         filter_fn = None
         if alive is not None:
@@ -97,7 +100,14 @@ class SnapshotScorer(IndexScorer):
             def filter_fn(slots):
                 return slots[alive[slots.long()]]
 
-        return self.rank(params, Q, filter_fn=filter_fn)
+        wanted = k or 1
+        available = int(alive.sum()) if alive is not None else self.doclens.numel()
+        num_centroids = self.codec.centroids.size(0)
+        while True:
+            slots, scores = self.rank(params, Q, filter_fn=filter_fn)
+            if len(slots) >= min(wanted, available) or params.ncells >= num_centroids:
+                return slots, scores
+            params = replace(params, ncells=min(params.ncells * 4, num_centroids), centroid_score_threshold=-1.0)
 
 
 def load_extensions() -> None:

@@ -167,6 +167,6 @@ class Snapshot:
                 return SearchResult([], [])
             top = scores.topk(n)
             return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
-        slots, scores = self._scorer.search(Q, params, alive)
+        slots, scores = self._scorer.search(Q, params, alive, k)
         slots, scores = slots[:k], scores[:k]
         return SearchResult(self.slot_to_pid[torch.tensor(slots, dtype=torch.int64)].tolist(), list(scores))

@@ -26,7 +26,7 @@ def split_by_tokens(text: str, tokenizer, budget: int, overlap: int | None = Non
     """
     if budget < 8:
         raise ValueError("passage budget must be at least 8 tokens")
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     offsets = encoding["offset_mapping"]
     if len(offsets) <= budget:
         stripped = text.strip()

@@ -1,0 +1,143 @@
+"""Each colbert_patches fix, tested on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import colbert_patches
+from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
+from colbert_patches.model_loading import EncoderOptions, load_checkpoint
+from colbert_patches.persistence import atomic_torch_save, atomic_write_json
+from colbert_patches.scorer import SnapshotScorer, search_params
+from models.build_default_checkpoint import bundled_minilm_dir, orthogonal_projection
+
+
+def test_projection_is_orthogonal_and_reproducible():
+    a = orthogonal_projection(384, 128, seed=7)
+    b = orthogonal_projection(384, 128, seed=7)
+    assert torch.equal(a, b)
+    assert torch.allclose(a @ a.T, torch.eye(128), atol=1e-5)
+    assert not torch.equal(a, orthogonal_projection(384, 128, seed=8))
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_bundled_weights_with_current_transformers(checkpoint_dir, capsys):
+    from safetensors.torch import load_file
+
+    checkpoint = load_checkpoint(str(checkpoint_dir), EncoderOptions.for_checkpoint(str(checkpoint_dir)))
+    assert capsys.readouterr().out == ""  # upstream prints on load; the patch routes it to logging
+    saved = load_file(str(checkpoint_dir / "model.safetensors"))
+    assert torch.equal(checkpoint.model.linear.weight.detach(), saved["linear.weight"])
+    minilm = load_file(str(bundled_minilm_dir() / "model.safetensors"))
+    key = next(k for k in minilm if k.endswith("word_embeddings.weight"))
+    assert torch.equal(checkpoint.bert.embeddings.word_embeddings.weight.detach(), minilm[key])
+    assert not checkpoint.amp_manager.activated  # no CUDA autocast on a CPU machine
+
+
+@pytest.mark.slow
+def test_tokenizer_options(checkpoint_dir):
+    from colbert_patches.tokenization import ServerDocTokenizer, ServerQueryTokenizer
+
+    checkpoint = load_checkpoint(str(checkpoint_dir), EncoderOptions(query_augmentation=False, marker_tokens=False))
+    config = checkpoint.colbert_config
+    tok = checkpoint.raw_tokenizer
+    mask_id, q_marker = tok.mask_token_id, tok.convert_tokens_to_ids("[unused0]")
+
+    plain = ServerQueryTokenizer(config, EncoderOptions(query_augmentation=False, marker_tokens=False))
+    ids, _ = plain.tensorize(["short query"])
+    assert ids.shape[1] == config.query_maxlen
+    assert (ids == mask_id).sum() == 0 and (ids == q_marker).sum() == 0
+
+    upstream_like = ServerQueryTokenizer(config, EncoderOptions(query_augmentation=True, marker_tokens=True))
+    ids, _ = upstream_like.tensorize(["short query"])
+    assert ids[0, 1] == q_marker and (ids == mask_id).sum() > 20
+
+    doc = ServerDocTokenizer(config, EncoderOptions(marker_tokens=False))
+    ids, _ = doc.tensorize(["word " * 1000])
+    assert ids.shape[1] == config.doc_maxlen
+    assert doc.content_token_budget() == config.doc_maxlen - 2
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 100, 10_000, 1_000_000])
+def test_partitions_never_exceed_training_points(n):
+    p = num_partitions_for(n)
+    assert 1 <= p <= max(n, 1) and p & (p - 1) == 0
+
+
+def _clustered(num_docs: int, tokens: int, dim: int = 128, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.nn.functional.normalize(torch.randn(num_docs, dim, generator=gen), dim=-1)
+    embs = centers.repeat_interleave(tokens, 0) + 0.05 * torch.randn(num_docs * tokens, dim, generator=gen)
+    return torch.nn.functional.normalize(embs, dim=-1), torch.full((num_docs,), tokens, dtype=torch.int64)
+
+
+def test_codec_on_a_single_tiny_document_and_round_trip(tmp_path):
+    colbert_patches.apply()
+    embs, _ = _clustered(1, 5)
+    codec = train_codec(embs, dim=128, nbits=2)
+    atomic_torch_save(codec_state(codec), tmp_path / "codec.pt")
+    loaded = codec_from_state(torch.load(tmp_path / "codec.pt", weights_only=True))
+    assert torch.equal(loaded.centroids, codec.centroids.half().float())
+    restored = loaded.decompress(loaded.compress(embs))
+    assert (restored * embs).sum(-1).min() > 0.8
+
+
+@pytest.mark.slow
+def test_snapshot_scorer_finds_documents_and_skips_dead_ones():
+    colbert_patches.apply()
+    embs, doclens = _clustered(300, 12)
+    codec = train_codec(embs, dim=128, nbits=2)
+    compressed = codec.compress(embs)
+    scorer = SnapshotScorer(codec, compressed.codes, compressed.residuals, doclens)
+    params = search_params(10, query_maxlen=12)
+    for target in (0, 17, 299):
+        Q = embs[target * 12 : (target + 1) * 12].unsqueeze(0)
+        slots, scores = scorer.search(Q, params)
+        assert slots[0] == target
+        alive = torch.ones(300, dtype=torch.bool)
+        alive[target] = False
+        slots, _ = scorer.search(Q, params, alive, k=10)
+        assert target not in slots and len(slots) > 0
+
+
+def test_search_params_are_per_call():
+    small, large = search_params(5, 32), search_params(500, 32)
+    assert (small.ncells, small.ndocs) == (1, 256)
+    assert large.ncells == 4 and large.ndocs >= 2000
+    again = search_params(5, 32)
+    assert again == small  # the k=500 call changed nothing shared
+    assert search_params(5, 32, ncells=8).ncells == 8
+
+
+def test_atomic_writes_keep_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    atomic_write_json({"generation": 1}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_write_json({"generation": 2}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"generation": 1}
+
+
+def test_no_multiprocessing_or_stray_bars_in_indexing(monkeypatch, capsys):
+    """Training a codec must not spawn processes nor print progress bars."""
+    import multiprocessing
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("indexing must stay in-process")
+
+    monkeypatch.setattr(multiprocessing, "Manager", forbidden)
+    monkeypatch.setattr(multiprocessing.Process, "start", forbidden)
+    colbert_patches.apply()
+    embs, _ = _clustered(50, 8)
+    train_codec(embs, dim=128, nbits=2)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "it/s" not in captured.err

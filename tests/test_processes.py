@@ -1,0 +1,138 @@
+"""Real server processes: two on one data directory, and kill -9 mid-upsert."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def search_ids(url: str, collection: str, query: str, k: int = 10) -> list[str]:
+    r = httpx.post(f"{url}/v1/collections/{collection}/search", json={"query": query, "k": k}, timeout=60)
+    r.raise_for_status()
+    return [h["document_id"] for h in r.json()["results"]]
+
+
+def test_two_processes_share_one_data_directory(tmp_path, checkpoint_dir):
+    data = tmp_path / "data"
+    a = ServerProcess(data, checkpoint_dir)
+    b = ServerProcess(data, checkpoint_dir)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        roles = {httpx.get(s.url + "/ready").json()["writer"]["role"] for s in (a, b)}
+        assert roles == {"writer", "reader"}
+        httpx.post(a.url + "/v1/collections", json={"name": "shared"}).raise_for_status()
+        assert search_ids(b.url, "shared", "anything") == []
+        for src, dst, doc_id, text, query in (
+            (a, b, "otter", "Sea otters hold hands while they sleep.", "otters sleeping"),
+            (b, a, "comet", "A comet's tail always points away from the sun.", "comet tail direction"),
+        ):
+            r = httpx.post(
+                f"{src.url}/v1/collections/shared/documents",
+                json={"documents": [{"id": doc_id, "text": text}]},
+                timeout=60,
+            )
+            assert r.status_code == 200 and r.json()["results"][0]["status"] == "indexed", r.text
+            acknowledged = time.monotonic()
+            while doc_id not in search_ids(dst.url, "shared", query, k=1):
+                assert time.monotonic() - acknowledged < 2.0, f"{doc_id} not visible through the other process"
+                time.sleep(0.05)
+        # Deletes through one are seen by the other.
+        assert httpx.delete(f"{b.url}/v1/collections/shared/documents/otter").status_code == 204
+        assert "otter" not in search_ids(a.url, "shared", "otters sleeping")
+        # When the writer process dies, the other takes over writing.
+        writer = a if httpx.get(a.url + "/ready").json()["writer"]["role"] == "writer" else b
+        survivor = b if writer is a else a
+        writer.kill9()
+        r = httpx.post(
+            f"{survivor.url}/v1/collections/shared/documents",
+            json={"documents": [{"id": "lynx", "text": "The lynx has tufted ears."}]},
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "indexed", r.text
+        assert search_ids(survivor.url, "shared", "tufted ears", k=1) == ["lynx"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_kill_9_during_large_upserts_loses_no_acknowledged_write(tmp_path, checkpoint_dir):
+    data = tmp_path / "data"
+    # Small exact tier so the run crosses into PLAID and commits many segments.
+    env = {"COLBERT_SERVER_EXACT_SEARCH_MAX_PASSAGES": "64"}
+    server = ServerProcess(data, checkpoint_dir, env)
+    server.wait_ready()
+    httpx.post(server.url + "/v1/collections", json={"name": "crash"}).raise_for_status()
+    words = ["amber", "basalt", "cobalt", "dahlia", "ember", "fjord", "garnet", "harbor", "indigo", "juniper"]
+
+    def make_doc(n: int) -> dict:
+        # Long enough for several passages each, so "half there" is observable.
+        body = " ".join(f"Part {p} of record {n} mentions {words[(n + p) % 10]} and marker{n}x{p}." for p in range(60))
+        return {"id": f"rec-{n}", "text": body}
+
+    acknowledged: list[str] = []
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def writer_loop():
+        n = 0
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            while not stop.is_set():
+                batch = [make_doc(n + i) for i in range(4)]
+                sent.extend(d["id"] for d in batch)
+                n += 4
+                try:
+                    r = client.post("/v1/collections/crash/documents", json={"documents": batch})
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    acknowledged.extend(d["id"] for d in batch)
+
+    thread = threading.Thread(target=writer_loop)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < 24 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # land the kill inside a later request
+    server.kill9()
+    stop.set()
+    thread.join(30)
+    server.log.close()
+    assert len(acknowledged) >= 24
+
+    restarted = ServerProcess(data, checkpoint_dir, env)
+    try:
+        restarted.wait_ready()
+        with httpx.Client(base_url=restarted.url, timeout=120) as client:
+            deadline = time.monotonic() + 300
+            while client.get("/v1/collections/crash").json()["pending_documents"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            info = client.get("/v1/collections/crash").json()
+            assert info["pending_documents"] == 0
+            expected_chunks = None
+            for doc_id in sent:
+                r = client.get(f"/v1/collections/crash/documents/{doc_id}")
+                if doc_id in acknowledged:
+                    assert r.status_code == 200, f"acknowledged {doc_id} lost"
+                if r.status_code != 200:
+                    continue
+                doc = r.json()
+                assert doc["state"] == "live"
+                expected_chunks = expected_chunks or len(doc["chunks"])
+                assert len(doc["chunks"]) == expected_chunks > 1, f"{doc_id} is half there"
+            for doc_id in acknowledged[::5]:
+                n = int(doc_id.split("-")[1])
+                hits = client.post(
+                    "/v1/collections/crash/search", json={"query": f"record {n} marker{n}x7", "k": 100}
+                ).json()["results"]
+                found = [h for h in hits if h["document_id"] == doc_id]
+                assert found, f"acknowledged {doc_id} is not searchable"
+    finally:
+        restarted.stop()
