@@ -52,7 +52,9 @@ def bm25_runs(corpus, queries) -> dict[str, list[str]]:
 
     ids = [d["_id"] for d in corpus]
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([passage_text(d) for d in corpus], stopwords="en", show_progress=False), show_progress=False)
+    retriever.index(
+        bm25s.tokenize([passage_text(d) for d in corpus], stopwords="en", show_progress=False), show_progress=False
+    )
     qids = list(queries)
     results, _ = retriever.retrieve(
         bm25s.tokenize([queries[q] for q in qids], stopwords="en", show_progress=False), k=10, show_progress=False
@@ -110,7 +112,8 @@ def main() -> None:
     env = {**os.environ, "COLBERT_SERVER_DATA_DIR": str(data_dir), "COLBERT_SERVER_LOG_LEVEL": "WARNING"}
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(args.port)],
-        cwd=ROOT, env=env,
+        cwd=ROOT,
+        env=env,
     )
     results: dict = {}
     base = f"http://127.0.0.1:{args.port}"
@@ -168,8 +171,12 @@ def main() -> None:
         index_dirs = list((data_dir / "indexes").iterdir())
         manifest_files = sorted(index_dirs[0].glob("manifest-*.json"))
         manifest = json.loads(manifest_files[-1].read_text())
-        tokens = sum(int(torch.load(index_dirs[0] / s, weights_only=True)["doclens"].sum()) for s in manifest["segments"])
-        size = sum((index_dirs[0] / name).stat().st_size for name in [*manifest["segments"], manifest["codec"] or ""] if name)
+        tokens = sum(
+            int(torch.load(index_dirs[0] / s, weights_only=True)["doclens"].sum()) for s in manifest["segments"]
+        )
+        size = sum(
+            (index_dirs[0] / name).stat().st_size for name in [*manifest["segments"], manifest["codec"] or ""] if name
+        )
         results["index_tokens"] = tokens
         results["index_bytes_per_token"] = size / tokens
         results["index_kind"] = "plaid" if manifest["codec"] else "exact"

@@ -28,10 +28,12 @@ def num_partitions_for(num_embeddings: int) -> int:
     return max(1, min(upstream, cap))
 
 
-def train_codec(embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: int = 4, seed: int = 123, sample_limit: int = 1 << 20):
+def train_codec(
+    embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: int = 4, seed: int = 123, sample_limit: int = 1 << 20
+):
     """Return a ``ResidualCodec`` trained on ``embeddings`` (n x dim, any float)."""
-    from colbert.indexing.codecs.residual import ResidualCodec
     import faiss
+    from colbert.indexing.codecs.residual import ResidualCodec
     from colbert.indexing.collection_indexer import CollectionIndexer
     from colbert.infra import ColBERTConfig
 
@@ -56,7 +58,9 @@ def train_codec(embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: i
         centroids = torch.nn.functional.normalize(torch.from_numpy(kmeans.centroids), dim=-1).float()
         helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)
         cutoffs, weights, avg_residual = CollectionIndexer._compute_avg_residual(helper, centroids, heldout)
-    return ResidualCodec(config=config, centroids=centroids, avg_residual=avg_residual, bucket_cutoffs=cutoffs, bucket_weights=weights)
+    return ResidualCodec(
+        config=config, centroids=centroids, avg_residual=avg_residual, bucket_cutoffs=cutoffs, bucket_weights=weights
+    )
 
 
 def codec_state(codec) -> dict:

@@ -80,18 +80,17 @@ class EncoderOptions:
 
 def load_checkpoint(path_or_name: str, options: EncoderOptions, device: str = "cpu"):
     """Build one ``Checkpoint`` (model + tokenizers) for indexing and search."""
+    import warnings
+
     import torch
+    import transformers
     from colbert.infra import ColBERTConfig
     from colbert.modeling.checkpoint import Checkpoint
     from colbert.utils.amp import MixedPrecisionManager
 
-    from .tokenization import ServerDocTokenizer, ServerQueryTokenizer
-
-    import warnings
-
-    import transformers
-
     import colbert_patches
+
+    from .tokenization import ServerDocTokenizer, ServerQueryTokenizer
 
     colbert_patches.apply()
     transformers.utils.logging.disable_progress_bar()

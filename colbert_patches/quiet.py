@@ -44,10 +44,10 @@ def apply() -> None:
     import colbert.utils.utils as utils
 
     utils.print_message = _print_message
+    import colbert.indexing.codecs.residual  # noqa: F401
     import colbert.modeling.checkpoint  # noqa: F401  (load before walking modules)
     import colbert.search.index_loader  # noqa: F401
     import colbert.search.index_storage  # noqa: F401
-    import colbert.indexing.codecs.residual  # noqa: F401
 
     for name, module in list(sys.modules.items()):
         if not name.startswith("colbert.") or module is None:

@@ -54,7 +54,6 @@ def orthogonal_projection(in_dim: int, out_dim: int, seed: int):
 
 
 def build_checkpoint(dest: Path) -> Path:
-    import torch
     from safetensors.torch import load_file, save_file
 
     src = bundled_minilm_dir()
@@ -65,7 +64,7 @@ def build_checkpoint(dest: Path) -> Path:
         bert_state = load_file(str(src / "model.safetensors"))
         state = {}
         for key, tensor in bert_state.items():
-            key = key[len("bert."):] if key.startswith("bert.") else key
+            key = key[len("bert.") :] if key.startswith("bert.") else key
             state[f"bert.{key}"] = tensor.contiguous()
         hidden = bert_state[next(k for k in bert_state if k.endswith("word_embeddings.weight"))].shape[1]
         state["linear.weight"] = orthogonal_projection(hidden, COLBERT_DIM, PROJECTION_SEED)

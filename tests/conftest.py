@@ -27,7 +27,11 @@ def checkpoint_dir(tmp_path_factory) -> Path:
 
 def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
     return Settings(
-        _env_file=None, environment="test", data_dir=data_dir, checkpoint=str(checkpoint), log_level="WARNING",
+        _env_file=None,
+        environment="test",
+        data_dir=data_dir,
+        checkpoint=str(checkpoint),
+        log_level="WARNING",
         **overrides,
     )
 
@@ -99,7 +103,10 @@ class ServerProcess:
         self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 300) -> None:

@@ -85,9 +85,15 @@ async def test_upsert_search_delete_replace(client):
     await create(client, "flow")
     results = await upsert(client, "flow", DOCS)
     assert [r["status"] for r in results] == ["indexed"] * len(DOCS)
-    top = {q: (await search(client, "flow", q, k=1))[0]["document_id"] for q in (
-        "capital city of France", "yellow fruit potassium", "programming language Guido", "lava from the crust",
-    )}
+    top = {
+        q: (await search(client, "flow", q, k=1))[0]["document_id"]
+        for q in (
+            "capital city of France",
+            "yellow fruit potassium",
+            "programming language Guido",
+            "lava from the crust",
+        )
+    }
     assert top == {
         "capital city of France": "paris",
         "yellow fruit potassium": "bananas",
@@ -201,7 +207,9 @@ async def test_bad_input_changes_nothing(client):
         assert_error(await client.post(f"{coll}/search", json={"query": "x", "k": k}), 422)
     assert_error(await client.post(f"{coll}/search", json={"query": ""}), 422)
     assert_error(await client.post(f"{coll}/search", json={"query": 7}), 422)
-    assert_error(await client.post(f"{coll}/search", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    assert_error(
+        await client.post(f"{coll}/search", content=b"{oops", headers={"content-type": "application/json"}), 400
+    )
     for name in ("Upper", "-dash", "a" * 65, "sp ace", "dot.name", ""):
         assert_error(await client.post("/v1/collections", json={"name": name}), 422)
     assert_error(await client.post("/v1/collections/nope/search", json={"query": "x"}), 404)
@@ -227,7 +235,8 @@ async def test_generated_ids_and_listing(client):
 async def test_no_wait_upsert_is_acknowledged_then_indexed(client):
     await create(client, "nowait")
     r = await client.post(
-        "/v1/collections/nowait/documents", json={"documents": [{"id": "n", "text": "Zebras have stripes."}], "wait": False}
+        "/v1/collections/nowait/documents",
+        json={"documents": [{"id": "n", "text": "Zebras have stripes."}], "wait": False},
     )
     assert r.status_code in (200, 202)
     import asyncio
@@ -244,7 +253,10 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
     settings = make_settings(tmp_path / "data", checkpoint_dir, exact_search_max_passages=20, rebuild_growth_factor=1.0)
     topics = ["astronomy", "cooking", "football", "chemistry", "music", "geology", "sailing", "poetry"]
     docs = [
-        {"id": f"doc-{i}", "text": f"Document {i} is about {topics[i % 8]}; it mentions item {i} and the {topics[(i * 3) % 8]} club."}
+        {
+            "id": f"doc-{i}",
+            "text": f"Document {i} is about {topics[i % 8]}; it mentions item {i} and the {topics[(i * 3) % 8]} club.",
+        }
         for i in range(60)
     ]
     queries = [f"{t} club" for t in topics] + ["item 17", "document about sailing"]
@@ -260,7 +272,9 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
             import asyncio
 
             await asyncio.sleep(0.1)
-        before = {q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries}
+        before = {
+            q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries
+        }
         collection_id = (await service.store.get_collection("plaid")).id
         assert service._cache[collection_id].snapshot.kind == "plaid"
         assert all(len(v) == 10 for v in before.values())
@@ -270,7 +284,9 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
     running = RunningApp(settings)
     client = await running.start()
     try:
-        after = {q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries}
+        after = {
+            q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries
+        }
         assert after == before
     finally:
         await running.stop()

@@ -34,7 +34,11 @@ class ColBERTEncoder:
         self._doc_lock = threading.Lock()
         logger.info(
             "loaded checkpoint %s (dim=%d, doc_maxlen=%d, augmentation=%s, markers=%s) in %.1fs",
-            checkpoint, self.dim, self.doc_maxlen, options.query_augmentation, options.marker_tokens,
+            checkpoint,
+            self.dim,
+            self.doc_maxlen,
+            options.query_augmentation,
+            options.marker_tokens,
             time.perf_counter() - started,
         )
 

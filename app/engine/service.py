@@ -22,7 +22,7 @@ import torch
 from app.engine.encoder import ColBERTEncoder
 from app.engine.index import IndexFiles, Snapshot
 from app.engine.writer import IndexWriter
-from app.errors import CollectionNotFound, IndexingFailed, InvalidInput, NotReady
+from app.errors import IndexingFailed, InvalidInput, NotReady
 from app.ingest.chunking import split_by_tokens
 from app.settings import Settings
 from app.store.store import CollectionRow, Hit, NewDocument, Store

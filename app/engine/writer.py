@@ -166,10 +166,17 @@ class IndexWriter:
 
     def _compress_segment(self, codec, pids, embs, doclens) -> dict:
         compressed = codec.compress(embs.float())
-        return {"pids": pids, "doclens": doclens, "codes": compressed.codes.to(torch.int32), "residuals": compressed.residuals}
+        return {
+            "pids": pids,
+            "doclens": doclens,
+            "codes": compressed.codes.to(torch.int32),
+            "residuals": compressed.residuals,
+        }
 
     def _train(self, embs: torch.Tensor):
-        return train_codec(embs, dim=self.encoder.dim, nbits=self.encoder.nbits, kmeans_niters=self.settings.kmeans_niters)
+        return train_codec(
+            embs, dim=self.encoder.dim, nbits=self.encoder.nbits, kmeans_niters=self.settings.kmeans_niters
+        )
 
     def commit_pending(self, conn: sqlite3.Connection, collection_id: int) -> None:
         started = time.perf_counter()
@@ -194,9 +201,7 @@ class IndexWriter:
 
         batch, chunk_rows, budget = [], [], self.settings.commit_max_chunks
         for d in docs:
-            rows = conn.execute(
-                "SELECT id, text FROM chunks WHERE document_id = ? ORDER BY ord", (d["id"],)
-            ).fetchall()
+            rows = conn.execute("SELECT id, text FROM chunks WHERE document_id = ? ORDER BY ord", (d["id"],)).fetchall()
             if batch and len(chunk_rows) + len(rows) > budget:
                 break
             batch.append(d)
@@ -242,7 +247,9 @@ class IndexWriter:
                 }
             manifest["generation"] = generation
             manifest_name = files.write_manifest(generation, manifest)
-            self._commit(conn, collection_id, col["generation"], generation, manifest_name, first_pid, chunk_rows, batch)
+            self._commit(
+                conn, collection_id, col["generation"], generation, manifest_name, first_pid, chunk_rows, batch
+            )
         except Exception as exc:
             logger.exception("indexing %d documents of collection %d failed", len(batch), collection_id)
             conn.executemany(
@@ -252,7 +259,12 @@ class IndexWriter:
             return
         logger.info(
             "collection %d generation %d: %d documents, %d passages (encode %.2fs, total %.2fs)",
-            collection_id, generation, len(batch), len(chunk_rows), encoded - started, time.perf_counter() - started,
+            collection_id,
+            generation,
+            len(batch),
+            len(chunk_rows),
+            encoded - started,
+            time.perf_counter() - started,
         )
 
     def _commit(self, conn, collection_id, old_generation, generation, manifest_name, first_pid, chunk_rows, batch):
@@ -333,7 +345,9 @@ class IndexWriter:
         else:
             embs, doclens = torch.empty(0, self.encoder.dim, dtype=torch.float16), torch.empty(0, dtype=torch.int64)
         if len(rows) <= self.settings.exact_search_max_passages:
-            segments = [files.write_segment(generation, {"pids": pids, "doclens": doclens, "embs": embs})] if rows else []
+            segments = (
+                [files.write_segment(generation, {"pids": pids, "doclens": doclens, "embs": embs})] if rows else []
+            )
             manifest = {"codec": None, "segments": segments, "built_passages": 0, "appended_passages": len(rows)}
         else:
             codec = self._train(embs)
@@ -364,5 +378,8 @@ class IndexWriter:
         files.remove_unreferenced(files.files_of(manifest_name) | files.files_of(col["manifest"]))
         logger.info(
             "collection %d rebuilt at generation %d: %d passages in %.1fs",
-            collection_id, generation, len(rows), time.time() - started,
+            collection_id,
+            generation,
+            len(rows),
+            time.time() - started,
         )

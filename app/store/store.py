@@ -256,7 +256,7 @@ class Store:
                        d.external_id, d.title, d.metadata
                 FROM chunks c JOIN documents d ON d.id = c.document_id
                 WHERE c.collection_id = ? AND d.state = 'live'
-                  AND c.passage_id IN ({','.join('?' * len(passage_ids))})""",
+                  AND c.passage_id IN ({",".join("?" * len(passage_ids))})""",
             (collection_id, *passage_ids),
         )
         return {

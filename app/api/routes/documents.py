@@ -42,7 +42,13 @@ async def get_document(collection: str, document_id: str, service: ServiceDep):
     doc = await service.get_document(collection, document_id)
     doc["id"] = doc.pop("external_id")
     doc["chunks"] = [
-        {"chunk_id": c["id"], "chunk_index": c["ord"], "text": c["text"], "char_start": c["char_start"], "char_end": c["char_end"]}
+        {
+            "chunk_id": c["id"],
+            "chunk_index": c["ord"],
+            "text": c["text"],
+            "char_start": c["char_start"],
+            "char_end": c["char_end"],
+        }
         for c in doc["chunks"]
     ]
     return doc
