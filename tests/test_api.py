@@ -290,3 +290,22 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
         assert after == before
     finally:
         await running.stop()
+
+
+async def test_many_small_commits_keep_segment_count_bounded(client, app_env):
+    from app.engine.index import IndexFiles
+    from app.engine.writer import MAX_SEGMENTS
+
+    await create(client, "small-commits")
+    animals = ["aardvark", "bison", "camel", "dingo", "eland", "ferret", "gecko", "heron", "ibis", "jackal"]
+    for i in range(40):
+        await upsert(client, "small-commits", [{"id": f"n{i}", "text": f"Note {i}: the {animals[i % 10]} number {i}."}])
+    service = app_env.app.state.service
+    row = await service.store.get_collection("small-commits")
+    manifest = IndexFiles(service.settings.index_root / str(row.id)).read_manifest(row.manifest)
+    assert row.generation >= 40
+    assert len(manifest["segments"]) <= MAX_SEGMENTS
+    for i in (0, 13, 39):
+        hits = await search(client, "small-commits", f"the {animals[i % 10]} number {i}", k=5)
+        assert f"n{i}" in [h["document_id"] for h in hits]
+    assert len(await search(client, "small-commits", "note", k=40)) == 40

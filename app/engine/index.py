@@ -12,15 +12,14 @@ Layout under ``indexes/<collection id>/``:
   points at (removed at the next start).
 
 Every file is written once, atomically, and never changed; a snapshot reads a
-manifest and the files it names, so a searcher never sees half a commit.
+manifest and the files it names, so a searcher never sees half a commit. A new
+snapshot reuses the segments the previous one already holds in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +36,6 @@ _GENERATION_FILE = re.compile(r"^(seg|codec|manifest)-(\d+)\.(pt|json)$")
 
 class IndexFiles:
     """Reads and writes the files of one collection's index directory."""
-
-    _cache_lock = threading.Lock()
-    _cache: OrderedDict[str, dict] = OrderedDict()  # immutable files, shared by snapshots
-    _cache_limit = 256
 
     def __init__(self, root: Path):
         self.root = root
@@ -69,17 +64,7 @@ class IndexFiles:
         return json.loads((self.root / name).read_text())
 
     def load(self, name: str) -> dict:
-        key = str(self.root / name)
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        state = torch.load(self.root / name, map_location="cpu", weights_only=True)
-        with self._cache_lock:
-            self._cache[key] = state
-            while len(self._cache) > self._cache_limit:
-                self._cache.popitem(last=False)
-        return state
+        return torch.load(self.root / name, map_location="cpu", weights_only=True)
 
     def files_of(self, manifest_name: str | None) -> set[str]:
         if not manifest_name:
@@ -99,8 +84,6 @@ class IndexFiles:
                 continue
             if _GENERATION_FILE.match(path.name) or path.name.startswith("."):
                 path.unlink(missing_ok=True)
-                with self._cache_lock:
-                    self._cache.pop(str(path), None)
 
 
 @dataclass
@@ -112,8 +95,9 @@ class SearchResult:
 class Snapshot:
     """An immutable, searchable view of one committed generation."""
 
-    def __init__(self, generation: int, slot_to_pid: torch.Tensor, kind: str, scorer=None, exact=None):
+    def __init__(self, generation: int, slot_to_pid: torch.Tensor, kind: str, scorer=None, exact=None, files=None):
         self.generation = generation
+        self.files = files or {}  # file name -> loaded state; reused by the next snapshot
         self.slot_to_pid = slot_to_pid  # int64, ascending
         self.kind = kind  # "empty" | "exact" | "plaid"
         self._scorer = scorer
@@ -128,11 +112,19 @@ class Snapshot:
         return cls(0, torch.empty(0, dtype=torch.int64), "empty")
 
     @classmethod
-    def load(cls, files: IndexFiles, generation: int, manifest_name: str | None) -> Snapshot:
+    def load(
+        cls, files: IndexFiles, generation: int, manifest_name: str | None, previous: Snapshot | None = None
+    ) -> Snapshot:
+        """Load a generation, reading only files the previous snapshot lacks."""
         if not manifest_name:
             return cls.empty()
         manifest = files.read_manifest(manifest_name)
-        segments = [files.load(name) for name in manifest["segments"]]
+        known = previous.files if previous is not None else {}
+        loaded = {name: known[name] if name in known else files.load(name) for name in manifest["segments"]}
+        if manifest.get("codec"):
+            name = manifest["codec"]
+            loaded[name] = known[name] if name in known else files.load(name)
+        segments = [loaded[name] for name in manifest["segments"]]
         if not segments:
             return cls(generation, torch.empty(0, dtype=torch.int64), "empty")
         pids = torch.cat([s["pids"] for s in segments])
@@ -140,12 +132,13 @@ class Snapshot:
         if pids.numel() > 1 and not bool((pids[1:] > pids[:-1]).all()):
             raise RuntimeError(f"{manifest_name}: passage ids are not ascending across segments")
         if manifest.get("codec"):
-            codec = codec_from_state(files.load(manifest["codec"]))
+            codec = codec_from_state(loaded[manifest["codec"]])
             codes = torch.cat([s["codes"] for s in segments])
             residuals = torch.cat([s["residuals"] for s in segments])
-            return cls(generation, pids, "plaid", scorer=SnapshotScorer(codec, codes, residuals, doclens))
+            scorer = SnapshotScorer(codec, codes, residuals, doclens)
+            return cls(generation, pids, "plaid", scorer=scorer, files=loaded)
         embs = torch.cat([s["embs"] for s in segments]).float()
-        return cls(generation, pids, "exact", exact=(embs, doclens))
+        return cls(generation, pids, "exact", exact=(embs, doclens), files=loaded)
 
     def alive_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
         if dead_pids.numel() == 0:

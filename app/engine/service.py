@@ -241,7 +241,8 @@ class SearchService:
                 cached = self._cache.get(collection_id)
                 if cached is None or cached.snapshot.generation != generation:
                     files = IndexFiles(self.settings.index_root / str(collection_id))
-                    snapshot = await self._run(Snapshot.load, files, generation, manifest)
+                    previous = cached.snapshot if cached is not None else None
+                    snapshot = await self._run(Snapshot.load, files, generation, manifest, previous)
                     cached = _Cached(snapshot)
                     self._cache[collection_id] = cached
         if cached.version != version:

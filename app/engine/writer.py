@@ -25,9 +25,11 @@ from app.engine.encoder import ColBERTEncoder
 from app.engine.index import IndexFiles
 from app.settings import Settings
 from app.store.schema import connect
-from colbert_patches.codec import codec_state, train_codec
+from colbert_patches.codec import codec_from_state, codec_state, train_codec
 
 logger = logging.getLogger("app.engine")
+
+MAX_SEGMENTS = 16
 
 
 class WriterLease:
@@ -221,13 +223,14 @@ class IndexWriter:
                 if col["manifest"]
                 else {"codec": None, "segments": [], "built_passages": 0, "appended_passages": 0}
             )
-            existing = [files.load(name) for name in manifest["segments"]]
-            total = sum(int(s["pids"].numel()) for s in existing) + len(chunk_rows)
+            total = manifest["built_passages"] + manifest["appended_passages"] + len(chunk_rows)
             if manifest["codec"] is None and total <= self.settings.exact_search_max_passages:
-                seg = files.write_segment(generation, {"pids": pids, "doclens": doclens, "embs": embs})
-                manifest = {**manifest, "segments": [*manifest["segments"], seg], "appended_passages": total}
+                new_state = {"pids": pids, "doclens": doclens, "embs": embs}
+                manifest = self._append(files, generation, manifest, new_state)
+                manifest["appended_passages"] = total
             elif manifest["codec"] is None:
                 # First PLAID build: train on every vector we have, no re-encoding.
+                existing = [files.load(name) for name in manifest["segments"]]
                 all_pids = torch.cat([*(s["pids"] for s in existing), pids])
                 all_doclens = torch.cat([*(s["doclens"] for s in existing), doclens])
                 all_embs = torch.cat([*(s["embs"] for s in existing), embs])
@@ -236,15 +239,10 @@ class IndexWriter:
                 seg = files.write_segment(generation, self._compress_segment(codec, all_pids, all_embs, all_doclens))
                 manifest = {"codec": codec_name, "segments": [seg], "built_passages": total, "appended_passages": 0}
             else:
-                from colbert_patches.codec import codec_from_state
-
                 codec = codec_from_state(files.load(manifest["codec"]))
-                seg = files.write_segment(generation, self._compress_segment(codec, pids, embs, doclens))
-                manifest = {
-                    **manifest,
-                    "segments": [*manifest["segments"], seg],
-                    "appended_passages": manifest["appended_passages"] + len(chunk_rows),
-                }
+                new_state = self._compress_segment(codec, pids, embs, doclens)
+                manifest = self._append(files, generation, manifest, new_state)
+                manifest["appended_passages"] += len(chunk_rows)
             manifest["generation"] = generation
             manifest_name = files.write_manifest(generation, manifest)
             self._commit(
@@ -266,6 +264,19 @@ class IndexWriter:
             encoded - started,
             time.perf_counter() - started,
         )
+
+    def _append(self, files: IndexFiles, generation: int, manifest: dict, new_state: dict) -> dict:
+        """Add a segment; past MAX_SEGMENTS, merge the newest ones into it.
+
+        Merging the tail keeps segment counts (files a snapshot opens) bounded
+        while big old segments are rewritten rarely, as in an LSM tree.
+        """
+        names = list(manifest["segments"])
+        if len(names) + 1 > MAX_SEGMENTS:
+            tail, names = names[-(MAX_SEGMENTS // 2) :], names[: -(MAX_SEGMENTS // 2)]
+            states = [files.load(name) for name in tail] + [new_state]
+            new_state = {key: torch.cat([s[key] for s in states]) for key in new_state}
+        return {**manifest, "segments": [*names, files.write_segment(generation, new_state)]}
 
     def _commit(self, conn, collection_id, old_generation, generation, manifest_name, first_pid, chunk_rows, batch):
         files = self._files(collection_id)
