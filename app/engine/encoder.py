@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -32,6 +33,8 @@ class ColBERTEncoder:
         # borrowed"); queries and documents have their own instance and lock.
         self._query_lock = threading.Lock()
         self._doc_lock = threading.Lock()
+        self.chunk_lock = threading.Lock()
+        self._chunk_tokenizer = copy.deepcopy(self.checkpoint.doc_tokenizer.tok)
         logger.info(
             "loaded checkpoint %s (dim=%d, doc_maxlen=%d, augmentation=%s, markers=%s) in %.1fs",
             checkpoint,
@@ -44,8 +47,9 @@ class ColBERTEncoder:
 
     @property
     def tokenizer(self):
-        """The raw Hugging Face tokenizer (for splitting text into passages)."""
-        return self.checkpoint.doc_tokenizer.tok
+        """A tokenizer for splitting text into passages; hold ``chunk_lock``
+        while using it (the encoding threads use their own instances)."""
+        return self._chunk_tokenizer
 
     @property
     def passage_token_budget(self) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from colbert_patches.codec import codec_from_state
-from colbert_patches.persistence import atomic_torch_save, atomic_write_json
+from colbert_patches.persistence import atomic_torch_save, atomic_write_json, fsync_dir
 from colbert_patches.scorer import SearchParams, SnapshotScorer
 
 logger = logging.getLogger("app.engine")
@@ -41,7 +41,9 @@ class IndexFiles:
         self.root = root
 
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root.parent)  # the new directory entry survives power loss
 
     def write_segment(self, generation: int, state: dict) -> str:
         name = f"seg-{generation:09d}.pt"

@@ -153,6 +153,10 @@ class SearchService:
 
     def _prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
         encoder = self._require_ready()
+        with encoder.chunk_lock:
+            return self._prepare_locked(encoder, docs)
+
+    def _prepare_locked(self, encoder: ColBERTEncoder, docs: list[DocumentInput]) -> list[NewDocument]:
         prepared = []
         for doc in docs:
             title = doc.title.strip() if doc.title and doc.title.strip() else None
@@ -204,7 +208,8 @@ class SearchService:
         delay = 0.01
         while waiting and time.monotonic() < deadline:
             states = await self.store.document_states(list(waiting))
-            for row_id, (state, error) in states.items():
+            for row_id in list(waiting):
+                state, error = states.get(row_id, ("deleted", None))  # purged: superseded or deleted
                 if state == "pending":
                     continue
                 result = waiting.pop(row_id)
@@ -233,6 +238,24 @@ class SearchService:
     # -- search ------------------------------------------------------------
 
     async def _snapshot(self, name: str) -> tuple[int, _Cached]:
+        for attempt in range(5):
+            try:
+                return await self._current_snapshot(name)
+            except FileNotFoundError:
+                # The writer moved on two generations while this process was
+                # loading an older one, and removed its files: read again.
+                if attempt == 4:
+                    collection_id = (await self.store.index_state(name))[0]
+                    if collection_id in self._cache:  # serve the last good snapshot
+                        logger.warning(
+                            "serving generation %d of %s", self._cache[collection_id].snapshot.generation, name
+                        )
+                        return collection_id, self._cache[collection_id]
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _current_snapshot(self, name: str) -> tuple[int, _Cached]:
         collection_id, generation, manifest, version = await self.store.index_state(check_collection_name(name))
         cached = self._cache.get(collection_id)
         if cached is None or cached.snapshot.generation != generation:

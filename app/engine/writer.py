@@ -30,6 +30,7 @@ from colbert_patches.codec import codec_from_state, codec_state, train_codec
 logger = logging.getLogger("app.engine")
 
 MAX_SEGMENTS = 16
+MAX_ATTEMPTS = 3  # tries of one batch before its documents are marked failed
 
 
 class WriterLease:
@@ -75,6 +76,7 @@ class IndexWriter:
         self._thread: threading.Thread | None = None
         self.busy = False
         self.last_error: str | None = None
+        self._failures: dict[int, int] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -83,11 +85,15 @@ class IndexWriter:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Ask the writer to stop after its current step. The lease is given
+        up by the thread itself when it exits (never while a commit may still
+        be running); at process exit the OS drops it anyway."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self.lease.release()
+            if self._thread.is_alive():
+                logger.warning("index writer still busy after %.0fs; its work stays pending", timeout)
 
     def notify(self) -> None:
         self._wake.set()
@@ -98,16 +104,20 @@ class IndexWriter:
 
     def _run(self) -> None:
         conn = connect(self.settings.database_path)
+        recovered = False
         try:
             while not self._stop.is_set():
                 if not self.lease.held:
                     if self.lease.try_acquire():
                         logger.info("this process (pid %d) is the index writer", os.getpid())
-                        self._recover(conn)
+                        recovered = False
                     else:
                         self._stop.wait(1.0)
                         continue
                 try:
+                    if not recovered:
+                        self._recover(conn)
+                        recovered = True
                     did_work = self.step(conn)
                     self.last_error = None
                 except Exception as exc:  # keep the writer alive; the work stays pending
@@ -120,6 +130,7 @@ class IndexWriter:
                     self._wake.clear()
         finally:
             conn.close()
+            self.lease.release()
 
     def _recover(self, conn: sqlite3.Connection) -> None:
         """Drop files of commits that never reached SQLite, and orphan dirs."""
@@ -127,8 +138,10 @@ class IndexWriter:
         known = {str(r["id"]) for r in rows}
         for r in rows:
             files = self._files(r["id"])
-            if files.root.exists():
+            try:
                 files.remove_unreferenced(files.files_of(r["manifest"]))
+            except FileNotFoundError:
+                pass  # collection deleted meanwhile
         if self.settings.index_root.exists():
             for path in self.settings.index_root.iterdir():
                 if path.is_dir() and path.name not in known:
@@ -250,9 +263,15 @@ class IndexWriter:
             )
         except Exception as exc:
             logger.exception("indexing %d documents of collection %d failed", len(batch), collection_id)
+            key = batch[0]["id"]  # the oldest pending document heads every retry
+            self._failures[key] = self._failures.get(key, 0) + 1
+            if self._failures[key] < MAX_ATTEMPTS:
+                self._stop.wait(min(2 ** self._failures[key], 30))  # back off; the work stays pending
+                return
+            self._failures.pop(key, None)
             conn.executemany(
                 "UPDATE documents SET state = 'failed', error = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
-                [(f"indexing failed: {type(exc).__name__}", time.time(), d["id"]) for d in batch],
+                [(f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}", time.time(), d["id"]) for d in batch],
             )
             return
         logger.info(
@@ -342,6 +361,15 @@ class IndexWriter:
         """Fresh centroids from re-encoded live passages, swapped in at commit."""
         started = time.time()
         col = conn.execute("SELECT generation, manifest FROM collections WHERE id = ?", (collection_id,)).fetchone()
+        if col is None:
+            return
+        # Tombstones that exist now are in no index after this rebuild.
+        purge = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM documents WHERE collection_id = ? AND state = 'deleted'", (collection_id,)
+            ).fetchall()
+        ]
         rows = conn.execute(
             """SELECT c.passage_id, c.text, d.title FROM chunks c JOIN documents d ON d.id = c.document_id
                WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL
@@ -372,16 +400,14 @@ class IndexWriter:
             now = conn.execute("SELECT generation FROM collections WHERE id = ?", (collection_id,)).fetchone()
             if now is None or now["generation"] != col["generation"]:
                 conn.execute("ROLLBACK")
+                if now is None:
+                    shutil.rmtree(files.root, ignore_errors=True)
                 return
             conn.execute(
                 "UPDATE collections SET generation = ?, manifest = ?, version = version + 1 WHERE id = ?",
                 (generation, manifest_name, collection_id),
             )
-            # Tombstones older than the rebuild are in no index any more.
-            conn.execute(
-                "DELETE FROM documents WHERE collection_id = ? AND state = 'deleted' AND updated_at < ?",
-                (collection_id, started),
-            )
+            conn.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in purge])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -51,6 +52,9 @@ class Store:
     def __init__(self, path: Path):
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # One connection serves every request: writes (and their explicit
+        # transactions) must not interleave on it.
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         initialise(self.path)
@@ -81,10 +85,11 @@ class Store:
 
     async def create_collection(self, name: str, description: str | None) -> CollectionRow:
         try:
-            await self.db.execute(
-                "INSERT INTO collections(name, description, created_at) VALUES (?, ?, ?)",
-                (name, description, time.time()),
-            )
+            async with self._write_lock:
+                await self.db.execute(
+                    "INSERT INTO collections(name, description, created_at) VALUES (?, ?, ?)",
+                    (name, description, time.time()),
+                )
         except sqlite3.IntegrityError:
             raise CollectionExists(f"collection {name!r} already exists") from None
         return await self.get_collection(name)
@@ -117,7 +122,8 @@ class Store:
 
     async def delete_collection(self, name: str) -> int:
         row = await self.get_collection(name)
-        await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
+        async with self._write_lock:
+            await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
         return row.id
 
     # -- documents ---------------------------------------------------------
@@ -128,10 +134,17 @@ class Store:
         Returns (external_id, row id) per document; row id None means the
         live version already has this exact content (nothing to do).
         """
+        async with self._write_lock:
+            return await self._insert_pending(collection_id, docs)
+
+    async def _insert_pending(self, collection_id: int, docs: list[NewDocument]) -> list[tuple[str, int | None]]:
         now = time.time()
         out: list[tuple[str, int | None]] = []
         await self.db.execute("BEGIN IMMEDIATE")
         try:
+            async with self.db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)) as cur:
+                if await cur.fetchone() is None:
+                    raise CollectionNotFound("the collection was deleted")
             for doc in docs:
                 metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False)
                 async with self.db.execute(
@@ -216,6 +229,10 @@ class Store:
 
     async def delete_document(self, collection_id: int, external_id: str) -> None:
         """Tombstone every live or pending version; visible to search at once."""
+        async with self._write_lock:
+            await self._delete_document(collection_id, external_id)
+
+    async def _delete_document(self, collection_id: int, external_id: str) -> None:
         await self.db.execute("BEGIN IMMEDIATE")
         try:
             cur = await self.db.execute(
