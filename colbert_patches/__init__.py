@@ -19,10 +19,11 @@ def apply() -> None:
     with _lock:
         if _applied:
             return
-        from . import model_loading, quiet
+        from . import codec, model_loading, quiet
 
         quiet.apply()
         model_loading.apply()
+        codec.apply()
         _applied = True
 
 

@@ -18,6 +18,32 @@ from types import SimpleNamespace
 
 import torch
 
+# Scores materialised per centroid-assignment batch: 2^24 fp32 = 64 MiB.
+ASSIGN_BATCH_SCORES = 1 << 24
+
+
+def compress_into_codes(self, embs, out_device):
+    """Nearest centroid per vector, in batches sized for CPU memory.
+
+    Upstream materialises 2^29 scores per batch (2 GiB in fp32 on CPU, the
+    server's peak memory during every commit).
+    """
+    codes = []
+    bsize = max(1, ASSIGN_BATCH_SCORES // self.centroids.size(0))
+    for batch in embs.split(bsize):
+        if self.use_gpu:
+            scores = self.centroids @ batch.T.cuda().half()
+        else:
+            scores = self.centroids @ batch.T.cpu().float()
+        codes.append(scores.max(dim=0).indices.to(device=out_device))
+    return torch.cat(codes) if codes else torch.empty(0, dtype=torch.int64)
+
+
+def apply() -> None:
+    from colbert.indexing.codecs.residual import ResidualCodec
+
+    ResidualCodec.compress_into_codes = compress_into_codes
+
 
 def num_partitions_for(num_embeddings: int) -> int:
     """Upstream's rule (2^floor(log2(16 sqrt(n)))), capped for small n."""

@@ -28,9 +28,11 @@ class ServerQueryTokenizer(QueryTokenizer):
             raise ValueError("context and full_length_search are not supported by the server tokenizer")
         markers = self.options.marker_tokens
         max_length = self.query_maxlen - (1 if markers else 0)
-        obj = self.tok(
-            list(batch_text), padding="max_length", truncation=True, return_tensors="pt", max_length=max_length
-        )
+        # Without augmentation, padding only adds zero vectors: pad to the
+        # longest query of the batch instead of query_maxlen (a 3-4x cheaper
+        # encode for short queries, same scores).
+        padding = "max_length" if self.options.query_augmentation else "longest"
+        obj = self.tok(list(batch_text), padding=padding, truncation=True, return_tensors="pt", max_length=max_length)
         ids, mask = obj["input_ids"], obj["attention_mask"]
         if markers:
             ids = _insert_prefix_token(ids, self.Q_marker_token_id)

@@ -48,9 +48,10 @@ def test_tokenizer_options(checkpoint_dir):
     mask_id, q_marker = tok.mask_token_id, tok.convert_tokens_to_ids("[unused0]")
 
     plain = ServerQueryTokenizer(config, EncoderOptions(query_augmentation=False, marker_tokens=False))
-    ids, _ = plain.tensorize(["short query"])
-    assert ids.shape[1] == config.query_maxlen
+    ids, _ = plain.tensorize(["short query", "a somewhat longer query than the other"])
+    assert ids.shape[1] < config.query_maxlen  # padded to the longest, not to query_maxlen
     assert (ids == mask_id).sum() == 0 and (ids == q_marker).sum() == 0
+    assert (ids[0] == tok.pad_token_id).sum() > 0  # [PAD], whose vectors ColBERT zeroes
 
     upstream_like = ServerQueryTokenizer(config, EncoderOptions(query_augmentation=True, marker_tokens=True))
     ids, _ = upstream_like.tensorize(["short query"])
@@ -141,3 +142,18 @@ def test_no_multiprocessing_or_stray_bars_in_indexing(monkeypatch, capsys):
     train_codec(embs, dim=128, nbits=2)
     captured = capsys.readouterr()
     assert captured.out == "" and "it/s" not in captured.err
+
+
+def test_centroid_assignment_is_batched_for_cpu_memory():
+    colbert_patches.apply()
+    from colbert_patches import codec as codec_patch
+
+    embs, _ = _clustered(40, 10)
+    codec = train_codec(embs, dim=128, nbits=2)
+    expected = (codec.centroids @ embs.T).max(dim=0).indices
+    original = codec_patch.ASSIGN_BATCH_SCORES
+    try:
+        codec_patch.ASSIGN_BATCH_SCORES = codec.centroids.size(0) * 7  # force many small batches
+        assert torch.equal(codec.compress_into_codes(embs, out_device="cpu"), expected)
+    finally:
+        codec_patch.ASSIGN_BATCH_SCORES = original

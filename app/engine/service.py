@@ -80,7 +80,10 @@ class SearchService:
         self.encoder: ColBERTEncoder | None = None
         self.writer: IndexWriter | None = None
         self.ready = False
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="search")
+        # One thread runs every model call and index search: torch's OpenMP
+        # pool is per calling thread, and hopping between threads measured
+        # 40% slower per search (see BENCHMARKS.md).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self._cache: dict[int, _Cached] = {}
         self._load_locks: dict[int, asyncio.Lock] = {}
 
@@ -147,7 +150,7 @@ class SearchService:
         self._cache.pop(collection_id, None)
         import shutil
 
-        await self._run(shutil.rmtree, self.settings.index_root / str(collection_id), True)
+        await asyncio.to_thread(shutil.rmtree, self.settings.index_root / str(collection_id), True)
 
     # -- documents ---------------------------------------------------------
 
@@ -189,7 +192,7 @@ class SearchService:
             if doc.id in seen:
                 raise InvalidInput(f"duplicate document id {doc.id!r} in one batch")
             seen.add(doc.id)
-        prepared = await self._run(self._prepare, docs)
+        prepared = await asyncio.to_thread(self._prepare, docs)  # tokenizer only: not the model thread
         inserted = await self.store.insert_pending(collection.id, prepared)
         if self.writer is not None:
             self.writer.notify()
