@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from app.ingest.chunking import split_by_tokens
+from app.ingest.chunking import SentenceChunker
 from models.build_default_checkpoint import bundled_minilm_dir
 
 
@@ -12,26 +12,32 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
 
 
+def count(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def test_short_text_is_one_passage(tokenizer):
-    passages = split_by_tokens("  Hello there, world.  ", tokenizer, budget=64)
+    passages = SentenceChunker(tokenizer, 64).split("  Hello there, world.  ")
     assert len(passages) == 1
     p = passages[0]
     assert p.text == "Hello there, world." and "  Hello there, world.  "[p.char_start : p.char_end] == p.text
 
 
-def test_long_text_windows_fit_and_cover(tokenizer):
+def test_long_text_sentence_windows_fit_and_cover(tokenizer):
     text = " ".join(f"Sentence {i} has a few words in it." for i in range(300))
-    passages = split_by_tokens(text, tokenizer, budget=50)
+    passages = SentenceChunker(tokenizer, 50).split(text)
     assert len(passages) > 10
     for p in passages:
         assert text[p.char_start : p.char_end] == p.text
-        assert len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) <= 50
+        assert count(tokenizer, p.text) <= 50
+        assert p.text.endswith(".")  # cut between sentences
     assert passages[0].char_start == 0 and passages[-1].char_end == len(text)
-    assert all(b.char_start <= a.char_end for a, b in zip(passages, passages[1:]))  # no gaps
-    assert sum(p.text.endswith(".") for p in passages) >= len(passages) - 1  # cut at sentence ends
+    # Nothing lost between passages but whitespace.
+    assert all(not text[a.char_end : b.char_start].strip() for a, b in zip(passages, passages[1:]))
 
 
-def test_text_without_sentence_ends(tokenizer):
+def test_text_without_sentence_ends_still_fits(tokenizer):
     text = "word " * 500
-    passages = split_by_tokens(text, tokenizer, budget=40)
-    assert all(len(tokenizer(p.text, add_special_tokens=False)["input_ids"]) <= 40 for p in passages)
+    passages = SentenceChunker(tokenizer, 40).split(text)
+    assert len(passages) > 5
+    assert all(count(tokenizer, p.text) <= 40 for p in passages)

@@ -23,7 +23,7 @@ from app.engine.encoder import ColBERTEncoder
 from app.engine.index import IndexFiles, Snapshot
 from app.engine.writer import IndexWriter
 from app.errors import IndexingFailed, InvalidInput, NotReady
-from app.ingest.chunking import split_by_tokens
+from app.ingest.chunking import SentenceChunker
 from app.settings import Settings
 from app.store.store import CollectionRow, Hit, NewDocument, Store
 from colbert_patches.model_loading import EncoderOptions
@@ -166,8 +166,7 @@ class SearchService:
             budget = encoder.passage_token_budget
             if title:
                 budget -= len(encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
-            budget = max(budget, 32)
-            passages = split_by_tokens(doc.text, encoder.tokenizer, budget)
+            passages = SentenceChunker(encoder.tokenizer, max(budget, 32)).split(doc.text)
             digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
             prepared.append(NewDocument(doc.id, title, doc.metadata or {}, digest, passages))
         return prepared

@@ -1,13 +1,17 @@
 """Split a document into passages that fit the model's document length.
 
-A seam for richer splitters: anything that returns :class:`Passage` objects
-with character offsets into the original text can replace
-:func:`split_by_tokens`.
+The default is llama-index's SentenceSplitter, sized in the ColBERT
+tokenizer's own word-pieces so that no passage is truncated by the model.
+Every passage keeps its character offsets into the original text.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+
+logger = logging.getLogger("app.ingest")
 
 
 @dataclass(frozen=True)
@@ -17,35 +21,43 @@ class Passage:
     char_end: int
 
 
-def split_by_tokens(text: str, tokenizer, budget: int, overlap: int | None = None) -> list[Passage]:
-    """Windows of at most ``budget`` word-pieces, overlapping by ``overlap``.
+class SentenceChunker:
+    """Sentence-aware windows of at most ``budget`` tokens of ``tokenizer``."""
 
-    A window ends at the last sentence end (``.!?`` followed by a space)
-    inside it when there is one in its second half, so passages rarely cut a
-    sentence in two.
-    """
-    if budget < 8:
-        raise ValueError("passage budget must be at least 8 tokens")
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = encoding["offset_mapping"]
-    if len(offsets) <= budget:
+    def __init__(self, tokenizer, budget: int, overlap: int | None = None):
+        if budget < 8:
+            raise ValueError("passage budget must be at least 8 tokens")
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")  # never fetch tiktoken files: we pass our tokenizer
+        from llama_index.core.node_parser import SentenceSplitter
+
+        self.tokenizer = tokenizer
+        self.budget = budget
+        self._count = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        self._splitter = SentenceSplitter(
+            chunk_size=budget,
+            chunk_overlap=budget // 8 if overlap is None else overlap,
+            tokenizer=self._count,
+            include_metadata=False,
+            include_prev_next_rel=False,
+        )
+
+    def split(self, text: str) -> list[Passage]:
+        from llama_index.core import Document
+
         stripped = text.strip()
-        start = text.find(stripped) if stripped else 0
-        return [Passage(stripped, start, start + len(stripped))]
-    overlap = budget // 8 if overlap is None else overlap
-    passages: list[Passage] = []
-    first = 0
-    while first < len(offsets):
-        last = min(first + budget, len(offsets))  # exclusive
-        if last < len(offsets):
-            for i in range(last - 1, first + budget // 2, -1):
-                piece = text[offsets[i][0] : offsets[i][1]]
-                if piece in {".", "!", "?"}:
-                    last = i + 1
-                    break
-        start, end = offsets[first][0], offsets[last - 1][1]
-        passages.append(Passage(text[start:end], start, end))
-        if last >= len(offsets):
-            break
-        first = max(last - overlap, first + 1)
-    return passages
+        if len(self._count(stripped)) <= self.budget:
+            start = text.find(stripped)
+            return [Passage(stripped, start, start + len(stripped))]
+        nodes = self._splitter.get_nodes_from_documents([Document(text=text)])
+        passages = []
+        for node in nodes:
+            start, end = node.start_char_idx, node.end_char_idx
+            if start is None or end is None or text[start:end] != node.text:
+                # The splitter normalised whitespace: locate the text ourselves.
+                start = text.find(node.text, passages[-1].char_start if passages else 0)
+                end = start + len(node.text) if start >= 0 else -1
+            if start < 0:
+                logger.warning("a chunk could not be located in its document; offsets left empty")
+                start = end = 0
+            passages.append(Passage(node.text, start, end))
+        return [p for p in passages if p.text.strip()]
