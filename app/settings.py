@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     ncells: int | None = None
     ndocs: int | None = None
     centroid_score_threshold: float | None = None
+    hybrid_fusion: Literal["rrf", "normalized"] = "rrf"
 
     # Requests.
     max_document_chars: int = Field(default=1_000_000, ge=1)

@@ -59,6 +59,8 @@ class ChunkOut(BaseModel):
     text: str
     char_start: int
     char_end: int
+    page: int | None = None
+    heading: str | None = None
 
 
 class DocumentOut(BaseModel):
@@ -90,8 +92,9 @@ class DocumentPage(BaseModel):
 class SearchRequest(Strict):
     query: StrictStr = Field(min_length=1, max_length=10_000)
     k: StrictInt = Field(default=10, ge=1, le=1000)
-    mode: Literal["colbert"] = "colbert"
+    mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
     filter: dict[str, Any] | None = None
+    fusion: Literal["rrf", "normalized"] | None = None
 
 
 class SearchHitOut(BaseModel):
@@ -105,11 +108,14 @@ class SearchHitOut(BaseModel):
     metadata: dict[str, Any]
     char_start: int
     char_end: int
+    page: int | None = None
+    heading: str | None = None
 
 
 class SearchResponse(BaseModel):
     query: str
     k: int
+    mode: str
     results: list[SearchHitOut]
     took_ms: float
 

@@ -31,6 +31,10 @@ from colbert_patches.scorer import SearchParams, SnapshotScorer
 
 logger = logging.getLogger("app.engine")
 
+# Filtered PLAID searches score every allowed passage when there are at most
+# this many (decompressing ~100 vectors each costs about 1 ms per 1,000).
+EXHAUSTIVE_SUBSET_MAX = 8192
+
 _GENERATION_FILE = re.compile(r"^(seg|codec|manifest)-(\d+)\.(pt|json)$")
 
 
@@ -147,21 +151,46 @@ class Snapshot:
             return None
         return ~torch.isin(self.slot_to_pid, dead_pids)
 
-    def search(self, Q: torch.Tensor, k: int, params: SearchParams, alive: torch.Tensor | None) -> SearchResult:
+    def search(
+        self,
+        Q: torch.Tensor,
+        k: int,
+        params: SearchParams,
+        alive: torch.Tensor | None,
+        allowed_pids: torch.Tensor | None = None,
+    ) -> SearchResult:
+        """Top ``k`` live passages; with ``allowed_pids`` only among those.
+
+        A filter is applied before ranking: a small allowed set is scored
+        exhaustively (every allowed passage, exact MaxSim on its stored
+        vectors); a large one masks PLAID's candidates, probing more cells
+        until ``k`` are found. Either way k results come back whenever k
+        matching passages exist.
+        """
         if self.kind == "empty":
             return SearchResult([], [])
+        mask = alive
+        if allowed_pids is not None:
+            allowed = torch.isin(self.slot_to_pid, allowed_pids)
+            mask = allowed if mask is None else mask & allowed
         if self.kind == "exact":
             from colbert.modeling.colbert import colbert_score_packed
 
             embs, doclens = self._exact
             scores = colbert_score_packed(Q, embs, doclens)
-            if alive is not None:
-                scores = scores.masked_fill(~alive, float("-inf"))
-            n = min(k, int(alive.sum()) if alive is not None else scores.numel())
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            n = min(k, int(mask.sum()) if mask is not None else scores.numel())
             if n <= 0:
                 return SearchResult([], [])
             top = scores.topk(n)
             return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
-        slots, scores = self._scorer.search(Q, params, alive, k)
-        slots, scores = slots[:k], scores[:k]
-        return SearchResult(self.slot_to_pid[torch.tensor(slots, dtype=torch.int64)].tolist(), list(scores))
+        if allowed_pids is not None and int(mask.sum()) <= EXHAUSTIVE_SUBSET_MAX:
+            slots = mask.nonzero().flatten()
+            if slots.numel() == 0:
+                return SearchResult([], [])
+            ranked, scores = self._scorer.rank(params, Q, pids=slots.tolist())
+        else:
+            ranked, scores = self._scorer.search(Q, params, mask, k)
+        ranked, scores = ranked[:k], scores[:k]
+        return SearchResult(self.slot_to_pid[torch.tensor(ranked, dtype=torch.int64)].tolist(), list(scores))

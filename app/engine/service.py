@@ -25,6 +25,7 @@ from app.engine.writer import IndexWriter
 from app.errors import IndexingFailed, InvalidInput, NotReady
 from app.ingest.chunking import SentenceChunker
 from app.settings import Settings
+from app.store.filters import compile_filter
 from app.store.store import CollectionRow, Hit, NewDocument, Store
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import load_extensions, search_params
@@ -71,6 +72,32 @@ def resolve_checkpoint(settings: Settings) -> str:
     from models.build_default_checkpoint import ensure_default_checkpoint
 
     return str(ensure_default_checkpoint(settings.default_checkpoint_dir))
+
+
+HYBRID_DEPTH = 50  # candidates taken from each ranking before fusing
+RRF_K = 60
+
+
+def fuse(dense: list[tuple[int, float]], sparse: list[tuple[int, float]], method: str) -> list[tuple[int, float]]:
+    """Fuse two rankings of passage ids: reciprocal rank fusion, or the mean of
+    min-max normalised scores (a passage missing from one ranking gets 0 there)."""
+    fused: dict[int, float] = {}
+    if method == "rrf":
+        for ranking in (dense, sparse):
+            for rank, (pid, _) in enumerate(ranking):
+                fused[pid] = fused.get(pid, 0.0) + 1.0 / (RRF_K + rank + 1)
+    elif method == "normalized":
+        for ranking in (dense, sparse):
+            if not ranking:
+                continue
+            scores = [s for _, s in ranking]
+            low, high = min(scores), max(scores)
+            span = (high - low) or 1.0
+            for pid, s in ranking:
+                fused[pid] = fused.get(pid, 0.0) + 0.5 * (s - low) / span
+    else:
+        raise InvalidInput(f"unknown fusion {method!r}; use rrf or normalized")
+    return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
 
 
 class SearchService:
@@ -276,7 +303,7 @@ class SearchService:
             cached.alive, cached.version = alive, version
         return collection_id, cached
 
-    def _score(self, query: str, k: int, cached: _Cached):
+    def _score(self, query: str, k: int, cached: _Cached, allowed: torch.Tensor | None):
         encoder = self._require_ready()
         Q = encoder.encode_queries([query])
         params = search_params(
@@ -286,17 +313,43 @@ class SearchService:
             centroid_score_threshold=self.settings.centroid_score_threshold,
             ndocs=self.settings.ndocs,
         )
-        return cached.snapshot.search(Q, k, params, cached.alive)
+        return cached.snapshot.search(Q, k, params, cached.alive, allowed)
 
-    async def search(self, name: str, query: str, k: int) -> list[SearchHit]:
+    async def search(
+        self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
+    ) -> list[SearchHit]:
+        """Ranked chunks. ``mode``: colbert | keyword | hybrid; ``where``: a
+        metadata filter applied before ranking; ``fusion`` (hybrid): rrf |
+        normalized."""
         self._require_ready()
         if not query or not query.strip():
             raise InvalidInput("query is empty")
+        fusion = fusion or self.settings.hybrid_fusion
         collection_id, cached = await self._snapshot(name)
-        result = await self._run(self._score, query, k, cached)
-        hits = await self.store.fetch_hits(collection_id, result.passage_ids)
+        if where is not None:
+            compile_filter(where)  # refuse a bad filter before any work
+        depth = k if mode != "hybrid" else max(2 * k, HYBRID_DEPTH)
+        dense: list[tuple[int, float]] = []
+        sparse: list[tuple[int, float]] = []
+        if mode in ("colbert", "hybrid"):
+            allowed = None
+            if where is not None:
+                allowed = torch.tensor(await self.store.allowed_passage_ids(collection_id, where), dtype=torch.int64)
+            result = await self._run(self._score, query, depth, cached, allowed)
+            dense = list(zip(result.passage_ids, result.scores))
+        if mode in ("keyword", "hybrid"):
+            sparse = await self.store.keyword_search(collection_id, query, depth, where)
+        if mode == "colbert":
+            ranked = dense
+        elif mode == "keyword":
+            ranked = sparse
+        elif mode == "hybrid":
+            ranked = fuse(dense, sparse, fusion)[:k]
+        else:
+            raise InvalidInput(f"unknown search mode {mode!r}")
+        hits = await self.store.fetch_hits(collection_id, [pid for pid, _ in ranked])
         out: list[SearchHit] = []
-        for pid, score in zip(result.passage_ids, result.scores):
+        for pid, score in ranked:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))

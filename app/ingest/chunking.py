@@ -19,6 +19,8 @@ class Passage:
     text: str
     char_start: int
     char_end: int
+    page: int | None = None
+    heading: str | None = None
 
 
 class SentenceChunker:

@@ -235,14 +235,16 @@ def _markdown_sections(text: str) -> list[Section]:
 # --- HTML ---------------------------------------------------------------------
 
 # Elements whose content is never text for a reader.
-_HTML_SKIP = frozenset({"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "embed", "canvas"})
+_HTML_SKIP = frozenset(
+    {"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "embed", "canvas"}
+)
 _HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
 _HTML_BLOCKS = frozenset(
     {
         "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "dialog", "div",
         "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "header", "hgroup", "hr", "html",
         "legend", "li", "main", "menu", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody",
-        "td", "tfoot", "th", "thead", "title", "tr", "ul",
+        "tfoot", "thead", "title", "tr", "ul",
     }
 )  # fmt: skip
 
@@ -355,7 +357,7 @@ def _extract_html(data: bytes) -> tuple[str, list[Section]]:
             continue
         if name in _HTML_BLOCKS or name in _HTML_HEADINGS:
             out.separate("\n")
-        elif name in {"td", "th"}:
+        elif name in {"td", "th"}:  # cells of a row stay on one line
             out.separate(" ")
         if name in _HTML_HEADINGS:
             title = " ".join(node.get_text(" ").split())

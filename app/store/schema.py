@@ -47,10 +47,45 @@ CREATE TABLE IF NOT EXISTS chunks (
     text          TEXT NOT NULL,
     char_start    INTEGER NOT NULL,
     char_end      INTEGER NOT NULL,
+    page          INTEGER,                     -- 1-based PDF page where the chunk starts
+    heading       TEXT,                        -- nearest Markdown/HTML heading above it
     passage_id    INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS chunks_by_pid ON chunks(collection_id, passage_id);
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, ord);
+-- Keyword search (BM25) over chunk text; rows follow chunks through triggers.
+CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
+    text, content='chunks', content_rowid='id', tokenize='porter unicode61'
+);
+CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
+END;
+CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+-- Background ingestion jobs: uploaded files are stored with the job, so an
+-- acknowledged upload survives a crash and is processed after a restart.
+CREATE TABLE IF NOT EXISTS jobs (
+    id            TEXT PRIMARY KEY,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS job_files (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id        TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    filename      TEXT NOT NULL,
+    document_id   TEXT NOT NULL,
+    metadata      TEXT NOT NULL DEFAULT '{}',
+    data          BLOB,                        -- dropped once the file is processed
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'added', 'unchanged', 'failed')),
+    error         TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    doc_row       INTEGER,                     -- documents.id of the version it added
+    chunks        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files(state, id);
+CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id, id);
 """
 
 PRAGMAS = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 import aiosqlite
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.store.filters import compile_filter
 from app.store.schema import PRAGMAS, initialise
 
 
@@ -43,6 +45,8 @@ class Hit:
     text: str
     char_start: int
     char_end: int
+    page: int | None
+    heading: str | None
     document_id: str
     title: str | None
     metadata: dict
@@ -171,9 +175,12 @@ class Store:
                 )
                 doc_id = cur.lastrowid
                 await self.db.executemany(
-                    """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end)
-                       VALUES (?, ?, ?, ?, ?, ?)""",
-                    [(doc_id, collection_id, i, p.text, p.char_start, p.char_end) for i, p in enumerate(doc.chunks)],
+                    """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end, page, heading)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                    [
+                        (doc_id, collection_id, i, p.text, p.char_start, p.char_end, p.page, p.heading)
+                        for i, p in enumerate(doc.chunks)
+                    ],
                 )
                 out.append((doc.external_id, doc_id))
             await self.db.execute("COMMIT")
@@ -202,7 +209,8 @@ class Store:
         if row is None:
             raise DocumentNotFound(f"document {external_id!r} does not exist")
         chunks = await self._all(
-            "SELECT id, ord, text, char_start, char_end FROM chunks WHERE document_id = ? ORDER BY ord", (row["id"],)
+            "SELECT id, ord, text, char_start, char_end, page, heading FROM chunks WHERE document_id = ? ORDER BY ord",
+            (row["id"],),
         )
         doc = dict(row)
         doc["metadata"] = json.loads(doc["metadata"])
@@ -269,7 +277,7 @@ class Store:
         if not passage_ids:
             return {}
         rows = await self._all(
-            f"""SELECT c.passage_id, c.id AS chunk_id, c.ord, c.text, c.char_start, c.char_end,
+            f"""SELECT c.passage_id, c.id AS chunk_id, c.ord, c.text, c.char_start, c.char_end, c.page, c.heading,
                        d.external_id, d.title, d.metadata
                 FROM chunks c JOIN documents d ON d.id = c.document_id
                 WHERE c.collection_id = ? AND d.state = 'live'
@@ -284,9 +292,40 @@ class Store:
                 text=r["text"],
                 char_start=r["char_start"],
                 char_end=r["char_end"],
+                page=r["page"],
+                heading=r["heading"],
                 document_id=r["external_id"],
                 title=r["title"],
                 metadata=json.loads(r["metadata"]),
             )
             for r in rows
         }
+
+    async def allowed_passage_ids(self, collection_id: int, where: dict) -> list[int]:
+        """Passage ids of live documents that match a metadata filter."""
+        condition, params = compile_filter(where)
+        rows = await self._all(
+            f"""SELECT c.passage_id FROM documents d JOIN chunks c ON c.document_id = d.id
+                WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL AND ({condition})""",
+            (collection_id, *params),
+        )
+        return [r[0] for r in rows]
+
+    async def keyword_search(
+        self, collection_id: int, query: str, k: int, where: dict | None
+    ) -> list[tuple[int, float]]:
+        """(passage id, BM25 score) of live chunks, best first (SQLite FTS5)."""
+        terms = [t for t in re.findall(r"\w+", query.lower()) if t]
+        if not terms:
+            return []
+        match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
+        condition, params = compile_filter(where)
+        rows = await self._all(
+            f"""SELECT c.passage_id, -bm25(chunks_fts) AS score
+                FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id
+                WHERE chunks_fts MATCH ? AND c.collection_id = ? AND d.state = 'live'
+                  AND c.passage_id IS NOT NULL AND ({condition})
+                ORDER BY bm25(chunks_fts) LIMIT ?""",
+            (match, collection_id, *params, k),
+        )
+        return [(r[0], float(r[1])) for r in rows]

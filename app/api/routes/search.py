@@ -7,7 +7,6 @@ from fastapi import APIRouter, Query
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.schemas import RerankRequest, RerankResponse, SearchRequest, SearchResponse
-from app.errors import InvalidInput
 
 router = APIRouter(tags=["search"])
 
@@ -24,18 +23,19 @@ def _hit_out(h) -> dict:
         "metadata": h.hit.metadata,
         "char_start": h.hit.char_start,
         "char_end": h.hit.char_end,
+        "page": h.hit.page,
+        "heading": h.hit.heading,
     }
 
 
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
 async def search(collection: str, body: SearchRequest, service: ServiceDep):
-    if body.filter is not None:
-        raise InvalidInput("filters are not supported yet")
     started = time.perf_counter()
-    hits = await service.search(collection, body.query, body.k)
+    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion)
     return {
         "query": body.query,
         "k": body.k,
+        "mode": body.mode,
         "results": [_hit_out(h) for h in hits],
         "took_ms": round((time.perf_counter() - started) * 1000, 3),
     }

@@ -1,0 +1,95 @@
+"""Metadata filters in the where-clause convention of Chroma-style stores,
+compiled to SQL over ``documents`` (alias ``d``).
+
+- ``{"team": "alpha"}``: equality;
+- ``{"year": {"$gte": 2020, "$lt": 2024}}``: ``$eq $ne $gt $gte $lt $lte``;
+- ``{"lang": {"$in": ["en", "de"]}}``, ``$nin``;
+- ``{"$and": [...]}``, ``{"$or": [...]}``;
+- ``{"$document_id": ...}``: the same operators on the document id (a list
+  is shorthand for ``$in``).
+
+Several keys in one object are joined with AND.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from app.errors import InvalidInput
+
+_COMPARISONS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+# Metadata keys go into a JSON path literal: no quotes, backslashes or controls.
+_KEY = re.compile(r"^[^$\"'\\\x00-\x1f][^\"'\\\x00-\x1f]{0,255}$")
+MAX_DEPTH = 8
+MAX_LIST = 10_000
+
+
+def _scalar(value: Any, where: str):
+    if isinstance(value, bool):
+        return int(value)  # JSON true/false come back from json_extract as 1/0
+    if isinstance(value, (int, float, str)):
+        return value
+    raise InvalidInput(f"filter {where}: values must be strings, numbers or booleans, not {type(value).__name__}")
+
+
+def _field(key: str) -> str:
+    if key == "$document_id":
+        return "d.external_id"
+    if not _KEY.match(key):
+        raise InvalidInput(f"filter key {key!r} is not a metadata field or a known operator")
+    return f"""json_extract(d.metadata, '$."{key}"')"""
+
+
+def _condition(key: str, spec: Any, params: list) -> str:
+    field = _field(key)
+    if key == "$document_id" and isinstance(spec, list):
+        spec = {"$in": spec}
+    if not isinstance(spec, dict):
+        params.append(_scalar(spec, key))
+        return f"{field} = ?"
+    if not spec:
+        raise InvalidInput(f"filter on {key!r} has no operator")
+    parts = []
+    for op, value in spec.items():
+        if op in _COMPARISONS:
+            params.append(_scalar(value, f"{key}.{op}"))
+            parts.append(f"{field} {_COMPARISONS[op]} ?")
+        elif op in ("$in", "$nin"):
+            if not isinstance(value, list) or not value or len(value) > MAX_LIST:
+                raise InvalidInput(f"filter {key}.{op} needs a non-empty list (at most {MAX_LIST} values)")
+            params.extend(_scalar(v, f"{key}.{op}") for v in value)
+            marks = ",".join("?" * len(value))
+            parts.append(f"{field} IN ({marks})" if op == "$in" else f"({field} IS NULL OR {field} NOT IN ({marks}))")
+        else:
+            raise InvalidInput(
+                f"unknown filter operator {op!r} on {key!r}; use one of {', '.join([*_COMPARISONS, '$in', '$nin'])}"
+            )
+    return " AND ".join(parts)
+
+
+def _compile(node: Any, params: list, depth: int) -> str:
+    if depth > MAX_DEPTH:
+        raise InvalidInput("filter is nested too deeply")
+    if not isinstance(node, dict) or not node:
+        raise InvalidInput("a filter must be a non-empty JSON object")
+    parts = []
+    for key, value in node.items():
+        if key in ("$and", "$or"):
+            if not isinstance(value, list) or not value:
+                raise InvalidInput(f"filter {key} needs a non-empty list of filters")
+            inner = [f"({_compile(v, params, depth + 1)})" for v in value]
+            parts.append(f" {key[1:].upper()} ".join(inner))
+        elif key.startswith("$") and key != "$document_id":
+            raise InvalidInput(f"unknown filter operator {key!r}; use $and, $or, $document_id or a metadata field")
+        else:
+            parts.append(_condition(key, value, params))
+    return " AND ".join(f"({p})" for p in parts)
+
+
+def compile_filter(where: dict | None) -> tuple[str, list]:
+    """SQL condition on ``d`` and its parameters ("1" when there is no filter)."""
+    if where is None:
+        return "1", []
+    params: list = []
+    return _compile(where, params, 0), params
