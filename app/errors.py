@@ -31,6 +31,10 @@ class DocumentNotFound(NotFound):
     code = "document_not_found"
 
 
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
 class CollectionExists(ServerError):
     status_code = 409
     code = "collection_exists"

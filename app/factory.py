@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.routes import collections, documents, health, search
+from app.api.routes import collections, documents, files, health, search
 from app.engine.service import SearchService
 from app.settings import Settings
 
@@ -42,6 +42,6 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for module in (health, collections, documents, search):
+    for module in (health, collections, documents, files, search):
         app.include_router(module.router)
     return app

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
 
     # Requests.
     max_document_chars: int = Field(default=1_000_000, ge=1)
+    max_file_bytes: int = Field(default=20_000_000, ge=1)
     max_batch_documents: int = Field(default=10_000, ge=1)
     upsert_wait_timeout_s: float = Field(default=600.0, gt=0)
     default_collection: str = "default"

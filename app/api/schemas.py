@@ -134,3 +134,24 @@ class RerankResult(BaseModel):
 class RerankResponse(BaseModel):
     query: str
     results: list[RerankResult]
+
+
+class JobFileOut(BaseModel):
+    filename: str
+    document_id: str
+    state: Literal["queued", "added", "unchanged", "failed"]
+    chunks: int
+    error: str | None
+
+
+class JobOut(BaseModel):
+    id: str
+    collection: str
+    state: Literal["queued", "running", "done", "failed"]
+    files_total: int
+    files_done: int
+    chunks_total: int
+    chunks_done: int
+    counts: dict[str, int]
+    created_at: float
+    files: list[JobFileOut]

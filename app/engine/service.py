@@ -8,7 +8,9 @@ runs in a thread pool; the event loop only awaits it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 import re
 import time
@@ -22,8 +24,9 @@ import torch
 from app.engine.encoder import ColBERTEncoder
 from app.engine.index import IndexFiles, Snapshot
 from app.engine.writer import IndexWriter
-from app.errors import IndexingFailed, InvalidInput, NotReady
+from app.errors import CollectionNotFound, IndexingFailed, InvalidInput, NotReady
 from app.ingest.chunking import SentenceChunker
+from app.ingest.extract import ExtractionError, extract, page_and_heading_at, safe_filename
 from app.settings import Settings
 from app.store.filters import compile_filter
 from app.store.store import CollectionRow, Hit, NewDocument, Store
@@ -41,6 +44,15 @@ class DocumentInput:
     text: str
     title: str | None = None
     metadata: dict | None = None
+    sections: list | None = None  # app.ingest.extract.Section spans (pages, headings)
+
+
+@dataclass
+class UploadedFile:
+    filename: str
+    data: bytes | None  # None when refused before reading (too large)
+    document_id: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -74,6 +86,7 @@ def resolve_checkpoint(settings: Settings) -> str:
     return str(ensure_default_checkpoint(settings.default_checkpoint_dir))
 
 
+MAX_FILE_ATTEMPTS = 3
 HYBRID_DEPTH = 50  # candidates taken from each ranking before fusing
 RRF_K = 60
 
@@ -113,6 +126,7 @@ class SearchService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self._cache: dict[int, _Cached] = {}
         self._load_locks: dict[int, asyncio.Lock] = {}
+        self._job_runner: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -134,10 +148,14 @@ class SearchService:
         await self._run(self.encoder.encode_queries, ["warm up"])
         self.writer = IndexWriter(self.settings, self.encoder)
         self.writer.start()
+        self._job_runner = asyncio.create_task(self._run_jobs())
         self.ready = True
 
     async def astop(self) -> None:
         self.ready = False
+        if self._job_runner is not None:
+            self._job_runner.cancel()
+            await asyncio.gather(self._job_runner, return_exceptions=True)
         if self.writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
         await self.store.close()
@@ -194,6 +212,12 @@ class SearchService:
             if title:
                 budget -= len(encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
             passages = SentenceChunker(encoder.tokenizer, max(budget, 32)).split(doc.text)
+            if doc.sections:
+                passages = [
+                    dataclasses.replace(p, page=page, heading=heading)
+                    for p in passages
+                    for page, heading in [page_and_heading_at(doc.sections, p.char_start)]
+                ]
             digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
             prepared.append(NewDocument(doc.id, title, doc.metadata or {}, digest, passages))
         return prepared
@@ -358,6 +382,128 @@ class SearchService:
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         encoder = self._require_ready()
         return await self._run(encoder.maxsim, query, texts)
+
+    # -- files and jobs ----------------------------------------------------
+
+    async def submit_files(self, name: str, files: list[UploadedFile], metadata: dict | None) -> str:
+        """Store an upload as a durable job; files refused up front are
+        recorded as failed with their reason, the rest are queued."""
+        collection = await self.get_collection(name)
+        if not files:
+            raise InvalidInput("no files in the upload")
+        rows, seen = [], set()
+        for f in files:
+            error = f.error
+            filename = f.filename
+            try:
+                filename = safe_filename(f.filename or "")
+            except ExtractionError as exc:
+                error = error or exc.reason
+            document_id = f.document_id or filename
+            if not error and document_id in seen:
+                error = f"another file of this upload has the document id {document_id!r}"
+            if not error and not f.data:
+                error = "the file is empty"
+            seen.add(document_id)
+            rows.append(
+                {
+                    "filename": filename or "(no name)",
+                    "document_id": document_id or "(no name)",
+                    "metadata": metadata or {},
+                    "data": f.data,
+                    "error": error,
+                }
+            )
+        job_id = await self.store.create_job(collection.id, rows)
+        return job_id
+
+    async def job_status(self, job_id: str) -> dict:
+        job = await self.store.get_job(job_id)
+        files = job["files"]
+        counts = {
+            state: sum(f["state"] == state for f in files) for state in ("queued", "added", "unchanged", "failed")
+        }
+        indexing = [f for f in files if f["state"] == "added" and f["doc_state"] == "pending"]
+        if counts["queued"] == len(files) and not any(f["attempts"] for f in files):
+            state = "queued"
+        elif counts["queued"] or indexing:
+            state = "running"
+        elif counts["failed"] == len(files):
+            state = "failed"
+        else:
+            state = "done"
+        chunks_total = sum(f["chunks"] for f in files if f["state"] in ("added", "unchanged"))
+        chunks_done = sum(
+            f["chunks"]
+            for f in files
+            if f["state"] == "unchanged" or (f["state"] == "added" and f["doc_state"] != "pending")
+        )
+        return {
+            "id": job["id"],
+            "collection": job["collection"],
+            "state": state,
+            "files_total": len(files),
+            "files_done": len(files) - counts["queued"] - len(indexing),
+            "chunks_total": chunks_total,
+            "chunks_done": chunks_done,
+            "counts": counts,
+            "created_at": job["created_at"],
+            "files": [
+                {
+                    "filename": f["filename"],
+                    "document_id": f["document_id"],
+                    "state": f["state"],
+                    "chunks": f["chunks"],
+                    "error": f["error"],
+                }
+                for f in files
+            ],
+        }
+
+    async def _run_jobs(self) -> None:
+        """Process queued upload files, one at a time, in the writer process
+        only (so two processes never add the same file)."""
+        while True:
+            try:
+                if self.writer is None or not self.writer.lease.held:
+                    await asyncio.sleep(0.5)
+                    continue
+                item = await self.store.next_queued_file()
+                if item is None:
+                    await asyncio.sleep(0.1)
+                    continue
+                await self._process_file(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("job runner step failed")
+                await asyncio.sleep(1.0)
+
+    async def _process_file(self, item: dict) -> None:
+        try:
+            extracted = await asyncio.to_thread(extract, item["filename"], item["data"], self.settings.max_file_bytes)
+            if len(extracted.text) > self.settings.max_document_chars:
+                raise ExtractionError(
+                    f"the extracted text has {len(extracted.text):,} characters; the limit is {self.settings.max_document_chars:,}"
+                )
+        except ExtractionError as exc:
+            await self.store.fail_job_file(item["id"], exc.reason, final=True)
+            return
+        except Exception as exc:  # an unexpected parser failure: retry a bounded number of times
+            final = item["attempts"] + 1 >= MAX_FILE_ATTEMPTS
+            logger.exception("processing %s failed (attempt %d)", item["filename"], item["attempts"] + 1)
+            await self.store.fail_job_file(item["id"], f"processing failed: {type(exc).__name__}", final=final)
+            await asyncio.sleep(min(2 ** item["attempts"], 10))
+            return
+        metadata = {**json.loads(item["metadata"]), "filename": item["filename"], "media_type": extracted.media_type}
+        doc = DocumentInput(item["document_id"], extracted.text, None, metadata, extracted.sections)
+        prepared = await asyncio.to_thread(self._prepare, [doc])
+        try:
+            await self.store.insert_pending(item["collection_id"], prepared, job_file=item["id"])
+        except CollectionNotFound:
+            await self.store.fail_job_file(item["id"], "the collection was deleted", final=True)
+            return
+        self.writer.notify()
 
     def writer_state(self) -> dict:
         w = self.writer

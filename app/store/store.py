@@ -7,12 +7,13 @@ import json
 import re
 import sqlite3
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
-from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, JobNotFound
 from app.store.filters import compile_filter
 from app.store.schema import PRAGMAS, initialise
 
@@ -132,16 +133,20 @@ class Store:
 
     # -- documents ---------------------------------------------------------
 
-    async def insert_pending(self, collection_id: int, docs: list[NewDocument]) -> list[tuple[str, int | None]]:
+    async def insert_pending(
+        self, collection_id: int, docs: list[NewDocument], job_file: int | None = None
+    ) -> list[tuple[str, int | None]]:
         """Insert the batch in one transaction.
 
         Returns (external_id, row id) per document; row id None means the
         live version already has this exact content (nothing to do).
         """
         async with self._write_lock:
-            return await self._insert_pending(collection_id, docs)
+            return await self._insert_pending(collection_id, docs, job_file)
 
-    async def _insert_pending(self, collection_id: int, docs: list[NewDocument]) -> list[tuple[str, int | None]]:
+    async def _insert_pending(
+        self, collection_id: int, docs: list[NewDocument], job_file: int | None
+    ) -> list[tuple[str, int | None]]:
         now = time.time()
         out: list[tuple[str, int | None]] = []
         await self.db.execute("BEGIN IMMEDIATE")
@@ -183,6 +188,13 @@ class Store:
                     ],
                 )
                 out.append((doc.external_id, doc_id))
+            if job_file is not None:
+                # Same transaction as the document: a file is added exactly once.
+                row = out[0][1]
+                await self.db.execute(
+                    "UPDATE job_files SET state = ?, doc_row = ?, chunks = ?, data = NULL WHERE id = ?",
+                    ("unchanged" if row is None else "added", row, len(docs[0].chunks), job_file),
+                )
             await self.db.execute("COMMIT")
         except BaseException:
             await self.db.execute("ROLLBACK")
@@ -329,3 +341,71 @@ class Store:
             (match, collection_id, *params, k),
         )
         return [(r[0], float(r[1])) for r in rows]
+
+    # -- jobs --------------------------------------------------------------
+
+    async def create_job(self, collection_id: int, files: list[dict]) -> str:
+        """Store an upload durably: each file dict has filename, document_id,
+        metadata, data, and optionally error (refused before processing)."""
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute(
+                    "INSERT INTO jobs(id, collection_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                    (job_id, collection_id, now, now),
+                )
+                await self.db.executemany(
+                    """INSERT INTO job_files(job_id, filename, document_id, metadata, data, state, error)
+                       VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    [
+                        (
+                            job_id,
+                            f["filename"],
+                            f["document_id"],
+                            json.dumps(f.get("metadata") or {}, sort_keys=True, ensure_ascii=False),
+                            None if f.get("error") else f["data"],
+                            "failed" if f.get("error") else "queued",
+                            f.get("error"),
+                        )
+                        for f in files
+                    ],
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return job_id
+
+    async def next_queued_file(self) -> dict | None:
+        row = await self._one(
+            """SELECT f.id, f.job_id, f.filename, f.document_id, f.metadata, f.data, f.attempts, j.collection_id
+               FROM job_files f JOIN jobs j ON j.id = f.job_id WHERE f.state = 'queued' ORDER BY f.id LIMIT 1"""
+        )
+        return dict(row) if row else None
+
+    async def fail_job_file(self, file_id: int, error: str | None, final: bool) -> None:
+        async with self._write_lock:
+            if final:
+                await self.db.execute(
+                    "UPDATE job_files SET state = 'failed', error = ?, data = NULL, attempts = attempts + 1 WHERE id = ?",
+                    (error, file_id),
+                )
+            else:
+                await self.db.execute("UPDATE job_files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
+
+    async def get_job(self, job_id: str) -> dict:
+        job = await self._one(
+            """SELECT j.id, j.created_at, c.name AS collection FROM jobs j JOIN collections c ON c.id = j.collection_id
+               WHERE j.id = ?""",
+            (job_id,),
+        )
+        if job is None:
+            raise JobNotFound(f"job {job_id!r} does not exist")
+        files = await self._all(
+            """SELECT f.filename, f.document_id, f.state, f.error, f.chunks, f.attempts, d.state AS doc_state
+               FROM job_files f LEFT JOIN documents d ON d.id = f.doc_row WHERE f.job_id = ? ORDER BY f.id""",
+            (job_id,),
+        )
+        return {**dict(job), "files": [dict(f) for f in files]}
