@@ -41,3 +41,12 @@ def test_text_without_sentence_ends_still_fits(tokenizer):
     passages = SentenceChunker(tokenizer, 40).split(text)
     assert len(passages) > 5
     assert all(count(tokenizer, p.text) <= 40 for p in passages)
+
+
+def test_repeated_text_gets_distinct_offsets(tokenizer):
+    text = "Install the tools first and check each version twice. " * 60
+    passages = SentenceChunker(tokenizer, 60).split(text)
+    starts = [p.char_start for p in passages]
+    assert starts == sorted(set(starts))
+    assert passages[-1].char_end >= len(text.rstrip())
+    assert all(text[p.char_start : p.char_end] == p.text for p in passages)

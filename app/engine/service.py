@@ -26,7 +26,7 @@ from app.engine.index import IndexFiles, Snapshot
 from app.engine.writer import IndexWriter
 from app.errors import CollectionNotFound, IndexingFailed, InvalidInput, NotReady
 from app.ingest.chunking import SentenceChunker
-from app.ingest.extract import ExtractionError, extract, page_and_heading_at, safe_filename
+from app.ingest.extract import ExtractionError, extract, safe_filename
 from app.settings import Settings
 from app.store.filters import compile_filter
 from app.store.store import CollectionRow, Hit, NewDocument, Store
@@ -211,13 +211,24 @@ class SearchService:
             budget = encoder.passage_token_budget
             if title:
                 budget -= len(encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
-            passages = SentenceChunker(encoder.tokenizer, max(budget, 32)).split(doc.text)
+            chunker = SentenceChunker(encoder.tokenizer, max(budget, 32))
             if doc.sections:
+                # Split each page / heading section on its own: every chunk
+                # then has exactly one page and one heading.
                 passages = [
-                    dataclasses.replace(p, page=page, heading=heading)
-                    for p in passages
-                    for page, heading in [page_and_heading_at(doc.sections, p.char_start)]
+                    dataclasses.replace(
+                        p,
+                        char_start=p.char_start + sec.char_start,
+                        char_end=p.char_end + sec.char_start,
+                        page=sec.page,
+                        heading=sec.heading,
+                    )
+                    for sec in doc.sections
+                    if doc.text[sec.char_start : sec.char_end].strip()
+                    for p in chunker.split(doc.text[sec.char_start : sec.char_end])
                 ]
+            else:
+                passages = chunker.split(doc.text)
             digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
             prepared.append(NewDocument(doc.id, title, doc.metadata or {}, digest, passages))
         return prepared

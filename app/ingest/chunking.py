@@ -35,31 +35,39 @@ class SentenceChunker:
         self.tokenizer = tokenizer
         self.budget = budget
         self._count = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        self.overlap = budget // 8 if overlap is None else overlap
         self._splitter = SentenceSplitter(
             chunk_size=budget,
-            chunk_overlap=budget // 8 if overlap is None else overlap,
+            chunk_overlap=self.overlap,
             tokenizer=self._count,
             include_metadata=False,
             include_prev_next_rel=False,
         )
 
-    def split(self, text: str) -> list[Passage]:
-        from llama_index.core import Document
+    def _overlap_start(self, chunk: str) -> int:
+        """Earliest offset in ``chunk`` where the next chunk can begin: the
+        next one repeats at most ``overlap`` tokens of this one's tail."""
+        offsets = self.tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
+        if len(offsets) <= self.overlap + 1:
+            return 1
+        return offsets[len(offsets) - self.overlap - 1][0]
 
+    def split(self, text: str) -> list[Passage]:
         stripped = text.strip()
         if len(self._count(stripped)) <= self.budget:
             start = text.find(stripped)
             return [Passage(stripped, start, start + len(stripped))]
-        nodes = self._splitter.get_nodes_from_documents([Document(text=text)])
-        passages = []
-        for node in nodes:
-            start, end = node.start_char_idx, node.end_char_idx
-            if start is None or end is None or text[start:end] != node.text:
-                # The splitter normalised whitespace: locate the text ourselves.
-                start = text.find(node.text, passages[-1].char_start if passages else 0)
-                end = start + len(node.text) if start >= 0 else -1
+        passages: list[Passage] = []
+        search_from = 0
+        for chunk in self._splitter.split_text(text):
+            # Locate each chunk after the previous one's start (chunks overlap,
+            # and repeated text must not map two chunks to one place).
+            start = text.find(chunk, search_from)
             if start < 0:
-                logger.warning("a chunk could not be located in its document; offsets left empty")
-                start = end = 0
-            passages.append(Passage(node.text, start, end))
+                logger.warning("a chunk could not be located in its document; offsets approximate")
+                start = search_from
+            passages.append(Passage(chunk, start, start + len(chunk)))
+            search_from = start + max(1, self._overlap_start(chunk))
         return [p for p in passages if p.text.strip()]
