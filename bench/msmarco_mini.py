@@ -158,6 +158,14 @@ def main() -> None:
 
             runs = {qid: run_search(text) for qid, text in queries.items()}  # also the warm-up
             results["ndcg@10_server"] = mean_ndcg(runs, qrels)
+            for mode, fusion in (("keyword", None), ("hybrid", "rrf"), ("hybrid", "normalized")):
+                body = {"k": 10, "mode": mode, **({"fusion": fusion} if fusion else {})}
+                mode_runs = {}
+                for qid, text in queries.items():
+                    r = client.post("/v1/collections/msmarco/search", json={"query": text, **body})
+                    r.raise_for_status()
+                    mode_runs[qid] = [h["document_id"] for h in r.json()["results"]]
+                results[f"ndcg@10_{mode}{'_' + fusion if fusion else ''}"] = mean_ndcg(mode_runs, qrels)
             latencies = []
             for _ in range(args.latency_passes):
                 for text in queries.values():
