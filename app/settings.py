@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     ncells: int | None = None
     ndocs: int | None = None
     centroid_score_threshold: float | None = None
-    hybrid_fusion: Literal["rrf", "normalized"] = "rrf"
+    hybrid_fusion: Literal["rrf", "normalized", "rescore"] = "rescore"
+    chunker: Literal["sentence", "semantic"] = "sentence"
 
     # Requests.
     max_document_chars: int = Field(default=1_000_000, ge=1)

@@ -158,7 +158,7 @@ def main() -> None:
 
             runs = {qid: run_search(text) for qid, text in queries.items()}  # also the warm-up
             results["ndcg@10_server"] = mean_ndcg(runs, qrels)
-            for mode, fusion in (("keyword", None), ("hybrid", "rrf"), ("hybrid", "normalized")):
+            for mode, fusion in (("keyword", None), ("hybrid", "rescore"), ("hybrid", "rrf"), ("hybrid", "normalized")):
                 body = {"k": 10, "mode": mode, **({"fusion": fusion} if fusion else {})}
                 mode_runs = {}
                 for qid, text in queries.items():

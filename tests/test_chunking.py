@@ -50,3 +50,19 @@ def test_repeated_text_gets_distinct_offsets(tokenizer):
     assert starts == sorted(set(starts))
     assert passages[-1].char_end >= len(text.rstrip())
     assert all(text[p.char_start : p.char_end] == p.text for p in passages)
+
+
+def test_semantic_chunker_splits_at_topic_changes_within_budget(tokenizer):
+    from app.ingest.semantic import SemanticChunker
+
+    volcano = " ".join(
+        ["Volcanoes erupt molten lava from the mantle.", "Magma chambers build pressure under the crust."] * 6
+    )
+    cooking = " ".join(["Bake the bread at a high oven temperature.", "Knead the dough until it becomes elastic."] * 6)
+    text = f"{volcano} {cooking}"
+    passages = SemanticChunker(tokenizer, 60).split(text)
+    assert len(passages) >= 2
+    for p in passages:
+        assert text[p.char_start : p.char_end] == p.text
+        assert count(tokenizer, p.text) <= 60
+        assert not ("lava" in p.text and "dough" in p.text)  # the topic change is a boundary

@@ -88,7 +88,7 @@ async def test_keyword_and_hybrid_modes(client, filtered_collection):
     hits = await run(client, query="Report 123", k=5, mode="keyword")
     assert hits[0]["document_id"] == "doc-123"
     assert [h["rank"] for h in hits] == list(range(1, len(hits) + 1))
-    for fusion in ("rrf", "normalized"):
+    for fusion in ("rrf", "normalized", "rescore"):
         hybrid = await run(client, query="Report 123 chemistry", k=5, mode="hybrid", fusion=fusion)
         assert len(hybrid) == 5 and "doc-123" in [h["document_id"] for h in hybrid[:2]]
         assert hybrid[0]["score"] >= hybrid[-1]["score"]

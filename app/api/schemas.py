@@ -94,7 +94,7 @@ class SearchRequest(Strict):
     k: StrictInt = Field(default=10, ge=1, le=1000)
     mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
     filter: dict[str, Any] | None = None
-    fusion: Literal["rrf", "normalized"] | None = None
+    fusion: Literal["rrf", "normalized", "rescore"] | None = None
 
 
 class SearchHitOut(BaseModel):

@@ -211,7 +211,7 @@ class SearchService:
             budget = encoder.passage_token_budget
             if title:
                 budget -= len(encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
-            chunker = SentenceChunker(encoder.tokenizer, max(budget, 32))
+            chunker = self._chunker(encoder, max(budget, 32))
             if doc.sections:
                 # Split each page / heading section on its own: every chunk
                 # then has exactly one page and one heading.
@@ -232,6 +232,13 @@ class SearchService:
             digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
             prepared.append(NewDocument(doc.id, title, doc.metadata or {}, digest, passages))
         return prepared
+
+    def _chunker(self, encoder: ColBERTEncoder, budget: int):
+        if self.settings.chunker == "semantic":
+            from app.ingest.semantic import SemanticChunker
+
+            return SemanticChunker(encoder.tokenizer, budget)
+        return SentenceChunker(encoder.tokenizer, budget)
 
     async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
         self._require_ready()
@@ -354,8 +361,9 @@ class SearchService:
         self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
     ) -> list[SearchHit]:
         """Ranked chunks. ``mode``: colbert | keyword | hybrid; ``where``: a
-        metadata filter applied before ranking; ``fusion`` (hybrid): rrf |
-        normalized."""
+        metadata filter applied before ranking; ``fusion`` (hybrid): rrf,
+        normalized, or rescore (ColBERT ranks the union of both candidate
+        lists)."""
         self._require_ready()
         if not query or not query.strip():
             raise InvalidInput("query is empty")
@@ -378,6 +386,12 @@ class SearchService:
             ranked = dense
         elif mode == "keyword":
             ranked = sparse
+        elif mode == "hybrid" and fusion == "rescore":
+            # Keyword candidates join ColBERT's, and ColBERT's exact MaxSim
+            # ranks the union: keyword recall, late-interaction precision.
+            union = torch.tensor(sorted({pid for pid, _ in dense} | {pid for pid, _ in sparse}), dtype=torch.int64)
+            result = await self._run(self._score, query, k, cached, union) if union.numel() else None
+            ranked = list(zip(result.passage_ids, result.scores)) if result else []
         elif mode == "hybrid":
             ranked = fuse(dense, sparse, fusion)[:k]
         else:
