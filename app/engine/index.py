@@ -18,6 +18,7 @@ snapshot reuses the segments the previous one already holds in memory.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -64,10 +65,17 @@ class IndexFiles:
         atomic_write_json(manifest, self.root / name)
         return name
 
-    def read_manifest(self, name: str) -> dict:
-        import json
+    _manifests: dict[str, dict] = {}  # manifests never change once written: cache by path
 
-        return json.loads((self.root / name).read_text())
+    def read_manifest(self, name: str) -> dict:
+        key = str(self.root / name)
+        manifest = self._manifests.get(key)
+        if manifest is None:
+            manifest = json.loads((self.root / name).read_text())
+            if len(self._manifests) > 1024:
+                self._manifests.clear()
+            self._manifests[key] = manifest
+        return dict(manifest)
 
     def load(self, name: str) -> dict:
         return torch.load(self.root / name, map_location="cpu", weights_only=True)

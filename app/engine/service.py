@@ -127,6 +127,7 @@ class SearchService:
         self._cache: dict[int, _Cached] = {}
         self._load_locks: dict[int, asyncio.Lock] = {}
         self._job_runner: asyncio.Task | None = None
+        self._chunkers: dict[int, object] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -234,11 +235,19 @@ class SearchService:
         return prepared
 
     def _chunker(self, encoder: ColBERTEncoder, budget: int):
-        if self.settings.chunker == "semantic":
-            from app.ingest.semantic import SemanticChunker
+        """One chunker per token budget (budgets differ only by title length);
+        building llama-index's splitter for every document is wasted work.
+        Called under ``encoder.chunk_lock``."""
+        chunker = self._chunkers.get(budget)
+        if chunker is None:
+            if self.settings.chunker == "semantic":
+                from app.ingest.semantic import SemanticChunker
 
-            return SemanticChunker(encoder.tokenizer, budget)
-        return SentenceChunker(encoder.tokenizer, budget)
+                chunker = SemanticChunker(encoder.tokenizer, budget)
+            else:
+                chunker = SentenceChunker(encoder.tokenizer, budget)
+            self._chunkers[budget] = chunker
+        return chunker
 
     async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
         self._require_ready()
