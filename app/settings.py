@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     upsert_wait_timeout_s: float = Field(default=600.0, gt=0)
     default_collection: str = "default"
 
+    # Answers (app/answer): the LM and the hallucination check.
+
+    # Security (API keys, CORS, request limits).
+
+    # Operations (logs, metrics).
     log_level: str = "INFO"
 
     @model_validator(mode="after")

