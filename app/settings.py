@@ -14,6 +14,9 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production", "test"] = "development"
     data_dir: Path = Path("data")
+    # Where the default models are built or exported on first start; empty
+    # means data_dir/models. The Docker image bakes them into /opt/models.
+    models_dir: Path | None = None
 
     # Model: empty means the default MiniLM checkpoint built under data_dir on
     # first start. Otherwise a local directory or a hub name (e.g.
@@ -55,6 +58,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.models_dir = Path(self.models_dir or self.data_dir / "models").expanduser().resolve()
         return self
 
     @property
@@ -63,7 +67,7 @@ class Settings(BaseSettings):
 
     @property
     def default_checkpoint_dir(self) -> Path:
-        return self.data_dir / "models" / "colbert-minilm-l6"
+        return self.models_dir / "colbert-minilm-l6"
 
     @property
     def index_root(self) -> Path:
