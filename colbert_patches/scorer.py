@@ -18,7 +18,12 @@ Fixes:
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
@@ -110,10 +115,49 @@ class SnapshotScorer(IndexScorer):
             params = replace(params, ncells=min(params.ncells * 4, num_centroids), centroid_score_threshold=-1.0)
 
 
+def _load_prebuilt(name: str, source: Path) -> ModuleType | None:
+    """The kernel ``name`` from ``$TORCH_EXTENSIONS_DIR/name/name.so``, if it
+    was built there after its source and torch were installed.
+
+    Upstream's ``load`` always re-runs the JIT build path: it asks for a C++
+    compiler, rewrites ``build.ninja`` and takes a lock file in the build
+    directory. An image without a compiler, running as a user who cannot
+    write there, could not use kernels built in its builder stage.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        return None
+    library = Path(root) / name / f"{name}.so"
+    try:
+        built = library.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if built < max(source.stat().st_mtime, Path(torch.__file__).stat().st_mtime):
+        return None  # colbert-ai or torch changed since: let upstream rebuild
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_extensions() -> None:
-    """Compile (first time, cached) and load colbert's C++ search kernels."""
+    """Load colbert's C++ search kernels: prebuilt ones from
+    ``$TORCH_EXTENSIONS_DIR`` when current, else compiled (first time, cached)."""
     from colbert.modeling.colbert import ColBERT
 
-    IndexScorer.try_load_torch_extensions(False)
-    ColBERT.try_load_torch_extensions(False)
-    StridedTensor.try_load_torch_extensions(False)
+    kernels = {  # class: (attribute, extension, source next to the class's module)
+        IndexScorer: [("filter_pids", "filter_pids_cpp"), ("decompress_residuals", "decompress_residuals_cpp")],
+        ColBERT: [("segmented_maxsim", "segmented_maxsim_cpp")],
+        StridedTensor: [("segmented_lookup", "segmented_lookup_cpp")],
+    }
+    for cls, names in kernels.items():
+        if hasattr(cls, "loaded_extensions"):
+            continue
+        folder = Path(sys.modules[cls.__module__].__file__).parent
+        modules = [_load_prebuilt(ext, folder / f"{attr}.cpp") for attr, ext in names]
+        if all(modules):
+            for (attr, ext), module in zip(names, modules):
+                setattr(cls, attr, getattr(module, ext))
+            cls.loaded_extensions = True
+        else:
+            cls.try_load_torch_extensions(False)
