@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Build the image and push it to Amazon ECR as <version>-<build>, <version>
+# and latest, <version> being the VERSION file.
+#
+#   scripts/release.sh --build-number 42 --registry 123456789012.dkr.ecr.eu-west-1.amazonaws.com
+#   BUILD_NUMBER=42 ECR_REGISTRY=... scripts/release.sh --dry-run
+#
+# Options (each also from the environment):
+#   --build-number N   BUILD_NUMBER     required; letters, digits, '.' and '_'
+#   --registry HOST    ECR_REGISTRY     required; <account>.dkr.ecr.<region>.amazonaws.com
+#   --region R         AWS_REGION       default: the registry's region
+#   --repository NAME  ECR_REPOSITORY   default: colbert-server
+#   --dry-run                           print every command instead of running it
+set -euo pipefail
+cd "${0%/*}/.."
+
+die() {
+  echo "release: $*" >&2
+  exit 2
+}
+
+build_number=${BUILD_NUMBER:-}
+registry=${ECR_REGISTRY:-}
+region=${AWS_REGION:-}
+repository=${ECR_REPOSITORY:-colbert-server}
+dry_run=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --build-number) build_number=${2-}; shift 2 || die "--build-number needs a value" ;;
+    --registry) registry=${2-}; shift 2 || die "--registry needs a value" ;;
+    --region) region=${2-}; shift 2 || die "--region needs a value" ;;
+    --repository) repository=${2-}; shift 2 || die "--repository needs a value" ;;
+    --dry-run) dry_run=1; shift ;;
+    -h | --help) sed -n '2,14s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (see --help)" ;;
+  esac
+done
+
+version=$(tr -d '[:space:]' < VERSION)
+[[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+([.a-z0-9]*)$ ]] || die "VERSION holds '$version', not a version like 1.2.3"
+[ -n "$build_number" ] || die "no build number: pass --build-number N or set BUILD_NUMBER"
+[[ $build_number =~ ^[A-Za-z0-9._]+$ ]] || die "build number '$build_number' may hold only letters, digits, '.' and '_'"
+[ -n "$registry" ] || die "no registry: pass --registry <account>.dkr.ecr.<region>.amazonaws.com or set ECR_REGISTRY"
+[[ $registry =~ ^[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$ ]] ||
+  die "registry '$registry' is not an ECR registry (<account>.dkr.ecr.<region>.amazonaws.com)"
+region=${region:-${BASH_REMATCH[1]}}
+[[ $repository =~ ^[a-z0-9]+([._/-][a-z0-9]+)*$ ]] || die "repository '$repository' is not a valid ECR repository name"
+
+image=$registry/$repository
+tags=("$image:$version-$build_number" "$image:$version" "$image:latest")
+
+run() {
+  if [ "$dry_run" = 1 ]; then
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+  else
+    "$@"
+  fi
+}
+
+login() {
+  if [ "$dry_run" = 1 ]; then
+    echo "aws ecr get-login-password --region $region | docker login --username AWS --password-stdin $registry"
+  else
+    aws ecr get-login-password --region "$region" | docker login --username AWS --password-stdin "$registry"
+  fi
+}
+
+run docker build \
+  --label "org.opencontainers.image.version=$version-$build_number" \
+  -t "${tags[0]}" -t "${tags[1]}" -t "${tags[2]}" .
+login
+for tag in "${tags[@]}"; do
+  run docker push "$tag"
+done
