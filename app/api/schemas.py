@@ -155,3 +155,66 @@ class JobOut(BaseModel):
     counts: dict[str, int]
     created_at: float
     files: list[JobFileOut]
+
+
+class AnswerRequest(Strict):
+    question: StrictStr = Field(min_length=1, max_length=4_000)
+    k: StrictInt | None = Field(default=None, ge=1, le=50, description="passages to retrieve; default from settings")
+    mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
+    filter: dict[str, Any] | None = None
+    fusion: Literal["rrf", "normalized", "rescore"] | None = None
+    stream: StrictBool = Field(default=False, description="server-sent events: token, citations, hallucination, done")
+
+
+class CitationOut(BaseModel):
+    number: int = Field(description="1-based position in `context`, as in the prompt's [n]")
+    source: Literal["model", "attribution"] = Field(
+        description="model: marked by the LM and confirmed; attribution: matched by ColBERT MaxSim"
+    )
+    document_id: str
+    chunk_id: int
+    chunk_index: int
+    text: str
+    score: float
+    rank: int
+    title: str | None
+    metadata: dict[str, Any]
+    page: int | None = None
+    heading: str | None = None
+
+
+class ContextOut(BaseModel):
+    document_id: str
+    chunk_id: int
+    chunk_index: int
+    text: str
+    score: float
+    rank: int
+    title: str | None
+    metadata: dict[str, Any]
+    page: int | None = None
+    heading: str | None = None
+
+
+class SentenceSupportOut(BaseModel):
+    text: str
+    score: float
+    label: str
+
+
+class SupportOut(BaseModel):
+    score: float = Field(description="0..1, how well the retrieved passages support the answer")
+    label: Literal["supported", "unsupported"]
+    threshold: float
+    sentences: list[SentenceSupportOut]
+
+
+class AnswerResponse(BaseModel):
+    question: str
+    answer: str
+    citations: list[CitationOut]
+    hallucination: SupportOut | None
+    context: list[ContextOut]
+    model: str | None
+    took_ms: dict[str, float]
+    note: str | None = None

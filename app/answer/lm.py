@@ -1,0 +1,207 @@
+"""Language models for the answer program, chosen by settings.
+
+- default: the bundled SmolLM2-135M-Instruct (``models/convert_answer_lm.py``),
+  run with transformers behind :class:`LocalEngine`, a DSPy engine of the
+  project's own (``dspy.LM(engine=...)``): greedy decoding, capped new tokens;
+- ``COLBERT_SERVER_ANSWER_LM_PATH``: any local transformers causal LM
+  directory, or a ``.gguf`` file, through the same engine;
+- ``COLBERT_SERVER_ANSWER_LM``: any model LiteLLM speaks
+  (``openai/<name>`` with ``ANSWER_LM_BASE_URL`` for vLLM, llama.cpp or another
+  OpenAI-compatible server; ``ollama_chat/<name>``; a hosted API), with the
+  key from ``ANSWER_LM_API_KEY``, never logged or returned.
+
+Every :class:`AnswerLM` offers a blocking ``complete(messages)`` (through
+DSPy) and ``stream(messages)``, an iterator of text pieces for server-sent
+events. Callers run both off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dspy
+from dspy.lm15 import Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta, TextPart, Usage
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_PREFIX = "local/"
+
+
+class LocalEngine:
+    """A DSPy engine over a transformers causal LM on this machine.
+
+    One generation at a time (a lock); greedy decoding; ``max_tokens`` from the
+    request or the engine's cap, whichever is smaller.
+    """
+
+    def __init__(self, path: str | Path, max_new_tokens: int, name: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        source = path.parent if kwargs else path
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
+        self.lock = threading.Lock()
+
+    # -- plain text interface -------------------------------------------------
+
+    def _inputs(self, messages: list[dict]):
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    def _generate_kwargs(self, max_tokens: int | None) -> dict:
+        cap = min(max_tokens or self.max_new_tokens, self.max_new_tokens)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        return {"max_new_tokens": cap, "do_sample": False, "pad_token_id": pad}
+
+    def generate(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, int, int]:
+        """The completion text and the input and output token counts."""
+        import torch
+
+        inputs = self._inputs(messages)
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(**inputs, **self._generate_kwargs(max_tokens))
+        n_in = inputs["input_ids"].shape[1]
+        new = out[0, n_in:]
+        return self.tokenizer.decode(new, skip_special_tokens=True), n_in, int(new.shape[0])
+
+    def generate_stream(self, messages: list[dict], max_tokens: int | None = None) -> Iterator[str]:
+        """Text pieces as they are decoded (generation runs in a helper thread)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs = self._inputs(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.lock, torch.inference_mode():
+                    self.model.generate(**inputs, **self._generate_kwargs(max_tokens), streamer=streamer)
+            except BaseException as exc:  # surfaced to the reader below
+                failure.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="answer-lm-stream", daemon=True)
+        thread.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    # -- the DSPy engine contract ---------------------------------------------
+
+    @staticmethod
+    def _request_messages(request) -> list[dict]:
+        messages = []
+        if request.system is not None:
+            system = request.system if isinstance(request.system, str) else "".join(p.text for p in request.system)
+            messages.append({"role": "system", "content": system})
+        messages.extend({"role": m.role, "content": m.text or ""} for m in request.messages)
+        return messages
+
+    def complete(self, request) -> Response:
+        text, n_in, n_out = self.generate(self._request_messages(request), request.config.max_tokens)
+        return Response(
+            id=None,
+            model=self.name,
+            message=Message.assistant([TextPart(text)]),
+            finish_reason="stop",
+            usage=Usage(input_tokens=n_in, output_tokens=n_out, total_tokens=n_in + n_out),
+        )
+
+    def stream(self, request):
+        yield StreamStartEvent(model=self.name)
+        for piece in self.generate_stream(self._request_messages(request), request.config.max_tokens):
+            yield StreamDeltaEvent(TextDelta(piece))
+        yield StreamEndEvent(finish_reason="stop")
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class AnswerLM:
+    """The configured LM: a ``dspy.LM`` for the program, plus streaming."""
+
+    name: str
+    lm: dspy.LM
+    engine: LocalEngine | None = None  # set for local models
+    litellm_kwargs: dict | None = None  # set for LiteLLM models (holds the key; never log it)
+
+    def complete(self, messages: list[dict]) -> str:
+        """One completion through DSPy (history, callbacks) for ``messages``."""
+        outputs = self.lm(messages=messages)
+        first = outputs[0]
+        return first["text"] if isinstance(first, dict) else str(first)
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        if self.engine is not None:
+            yield from self.engine.generate_stream(messages)
+            return
+        import litellm
+
+        response = litellm.completion(messages=messages, stream=True, **self.litellm_kwargs)
+        for chunk in response:
+            choices = getattr(chunk, "choices", None) or []
+            piece = choices[0].delta.content if choices and choices[0].delta else None
+            if piece:
+                yield piece
+
+    def __repr__(self) -> str:  # keep keys out of reprs and logs
+        return f"AnswerLM(name={self.name!r})"
+
+
+def describe_lm(settings: Settings) -> str:
+    """The LM's public name (no URL, no key)."""
+    if settings.answer_lm:
+        return settings.answer_lm
+    if settings.answer_lm_path:
+        return LOCAL_PREFIX + Path(settings.answer_lm_path).name
+    return LOCAL_PREFIX + "smollm2-135m-instruct"
+
+
+def load_answer_lm(settings: Settings) -> AnswerLM:
+    """Build the configured LM (blocking: loads weights for a local model)."""
+    name = describe_lm(settings)
+    started = time.perf_counter()
+    if settings.answer_lm:
+        kwargs: dict = {
+            "model": settings.answer_lm,
+            "temperature": 0.0,
+            "max_tokens": settings.answer_max_new_tokens,
+        }
+        if settings.answer_lm_base_url:
+            kwargs["api_base"] = settings.answer_lm_base_url
+        if settings.answer_lm_api_key is not None:
+            kwargs["api_key"] = settings.answer_lm_api_key.get_secret_value()
+        elif settings.answer_lm_base_url:
+            kwargs["api_key"] = "none"  # local servers (vLLM, llama.cpp) take any key; clients insist on one
+        lm = dspy.LM(cache=False, num_retries=settings.answer_lm_retries, **kwargs)
+        log.info("answer LM: %s through LiteLLM", name)
+        return AnswerLM(name=name, lm=lm, litellm_kwargs={**kwargs, "num_retries": settings.answer_lm_retries})
+
+    if settings.answer_lm_path:
+        path = Path(settings.answer_lm_path).expanduser()
+    else:
+        from models.convert_answer_lm import ensure_answer_lm
+
+        path = ensure_answer_lm(settings.models_dir)
+    engine = LocalEngine(path, settings.answer_max_new_tokens, name)
+    lm = dspy.LM(name, engine=engine, cache=False, temperature=0.0, max_tokens=settings.answer_max_new_tokens)
+    log.info("answer LM: %s loaded in %.1f s", name, time.perf_counter() - started)
+    return AnswerLM(name=name, lm=lm, engine=engine)

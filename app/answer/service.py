@@ -1,0 +1,307 @@
+"""Answers: retrieve through the server's own search, generate, cite, check.
+
+The LM and the hallucination scorer load once, on their own thread (the
+"answer" executor), in the background at start-up or on the first request.
+Generation and scoring run on that thread too, never on the event loop;
+searches keep their own model thread, so a long generation does not hold
+them up. A missing or broken LM makes the answer endpoint say so (503
+``answer_unavailable``); search is unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+from app.answer.program import AnswerProgram, AnswerResult
+from app.engine.service import SearchHit, SearchService
+from app.errors import ServerError
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_LOAD_AFTER_S = 30.0
+
+
+class AnswerUnavailable(ServerError):
+    status_code = 503
+    code = "answer_unavailable"
+
+
+class AnswerLMFailed(ServerError):
+    status_code = 502
+    code = "answer_lm_error"
+
+
+class AnswerUnsupported(ServerError):
+    status_code = 422
+    code = "answer_unsupported"
+
+
+def hit_out(hit: SearchHit) -> dict:
+    h = hit.hit
+    return {
+        "document_id": h.document_id,
+        "chunk_id": h.chunk_id,
+        "chunk_index": h.chunk_index,
+        "text": h.text,
+        "score": hit.score,
+        "rank": hit.rank,
+        "title": h.title,
+        "metadata": h.metadata,
+        "page": h.page,
+        "heading": h.heading,
+    }
+
+
+class AnswerService:
+    def __init__(self, settings: Settings, search: SearchService):
+        self.settings = settings
+        self.search = search
+        self.lm = None
+        self.scorer = None
+        self.program: AnswerProgram | None = None
+        self.error: str | None = None
+        self._failed_at = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
+        self._load_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._preload: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def astart(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.settings.answer_preload:
+            self._preload = asyncio.create_task(self._preload_when_search_ready())
+
+    async def _preload_when_search_ready(self) -> None:
+        while not self.search.ready:  # search first: it is what /ready waits for
+            await asyncio.sleep(0.2)
+        try:
+            await self.ensure_loaded()
+        except AnswerUnavailable:
+            pass  # logged in ensure_loaded; the endpoint reports it
+
+    async def astop(self) -> None:
+        if self._preload is not None:
+            self._preload.cancel()
+            await asyncio.gather(self._preload, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def state(self) -> dict:
+        if self.program is not None:
+            state = "ready"
+        elif self.error is not None:
+            state = "failed"
+        elif self._load_lock.locked():
+            state = "loading"
+        else:
+            state = "not_loaded"
+        from app.answer.lm import describe_lm
+
+        out = {"state": state, "lm": describe_lm(self.settings)}
+        if self.scorer is not None:
+            out["hallucination_scorer"] = getattr(self.scorer, "name", type(self.scorer).__name__)
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _load(self):
+        from app.answer.hallucination import load_scorer
+        from app.answer.lm import load_answer_lm
+
+        lm = load_answer_lm(self.settings)
+        scorer = load_scorer(self.settings)
+        return lm, scorer
+
+    async def ensure_loaded(self) -> None:
+        if self.program is not None:
+            return
+        async with self._load_lock:
+            if self.program is not None:
+                return
+            if self.error is not None and time.monotonic() - self._failed_at < RETRY_LOAD_AFTER_S:
+                raise AnswerUnavailable(f"no answer model could be loaded: {self.error}")
+            try:
+                lm, scorer = await self._run(self._load)
+            except Exception as exc:  # any loader failure becomes a clear 503, not a 500
+                self.error = f"{type(exc).__name__}: {exc}"
+                self._failed_at = time.monotonic()
+                log.error("answer models failed to load: %s", self.error)
+                raise AnswerUnavailable(f"no answer model could be loaded: {self.error}") from exc
+            self.lm, self.scorer = lm, scorer
+            self.program = AnswerProgram(attribute=self._attribute)
+            self.error = None
+
+    def _attribute(self, answer: str, passages: list[str]) -> list[float]:
+        """ColBERT MaxSim of the answer against each passage (called on the answer thread)."""
+        future = asyncio.run_coroutine_threadsafe(self.search.rerank(answer, passages), self._loop)
+        return future.result(timeout=120)
+
+    # -- answering ---------------------------------------------------------
+
+    async def _retrieve(self, collection: str, question: str, k: int, mode: str, where, fusion) -> list[SearchHit]:
+        return await self.search.search(collection, question, k, mode, where, fusion)
+
+    def _passages(self, hits: list[SearchHit]) -> list[str]:
+        cut = self.settings.answer_passage_chars
+        out = []
+        for h in hits:
+            text = h.hit.text if len(h.hit.text) <= cut else h.hit.text[:cut].rsplit(" ", 1)[0] + " …"
+            out.append(f"{h.hit.title}: {text}" if h.hit.title else text)
+        return out
+
+    def _generate(self, question: str, passages: list[str]) -> AnswerResult:
+        import dspy
+
+        try:
+            with dspy.context(lm=self.lm.lm):
+                prediction = self.program(question=question, passages=passages)
+        except Exception as exc:
+            raise self._lm_failed(exc) from exc
+        return AnswerResult(answer=prediction.answer, citations=prediction.citations)
+
+    def _lm_failed(self, exc: Exception) -> AnswerLMFailed:
+        # The message names the failure, not its text: a provider's error
+        # text can echo request details.
+        log.error("answer LM %s failed: %s", self.lm.name, type(exc).__name__, exc_info=exc)
+        return AnswerLMFailed(f"the answer LM ({self.lm.name}) failed: {type(exc).__name__}")
+
+    def _check(self, answer: str, hits: list[SearchHit]):
+        return self.scorer.score(answer, [h.hit.text for h in hits])
+
+    def _response(self, question: str, hits, result: AnswerResult, report, timings: dict) -> dict:
+        citations = []
+        for c in result.citations:
+            out = hit_out(hits[c.index])
+            out.update({"number": c.index + 1, "source": c.source})
+            citations.append(out)
+        return {
+            "question": question,
+            "answer": result.answer,
+            "citations": citations,
+            "hallucination": asdict(report) if report is not None else None,
+            "context": [hit_out(h) for h in hits],
+            "model": self.lm.name if self.lm is not None else None,
+            "took_ms": {name: round(value * 1000, 1) for name, value in timings.items()},
+        }
+
+    def _refuse_if_unsupported(self, response: dict) -> None:
+        report = response["hallucination"]
+        if self.settings.answer_unsupported == "refuse" and report is not None and report["label"] != "supported":
+            raise AnswerUnsupported(
+                f"the answer scored {report['score']:.2f}, under the support threshold {report['threshold']:.2f}",
+                details={"hallucination": report, "citations": response["citations"]},
+            )
+
+    async def answer(
+        self, collection: str, question: str, k: int, mode: str = "colbert", where=None, fusion=None
+    ) -> dict:
+        started = time.perf_counter()
+        hits = await self._retrieve(collection, question, k, mode, where, fusion)
+        await self.ensure_loaded()
+        t_retrieved = time.perf_counter()
+        if not hits:
+            return self._empty(question, started)
+        result = await self._run(self._generate, question, self._passages(hits))
+        t_generated = time.perf_counter()
+        report = await self._run(self._check, result.answer, hits)
+        done = time.perf_counter()
+        timings = {
+            "retrieve": t_retrieved - started,
+            "generate": t_generated - t_retrieved,
+            "check": done - t_generated,
+            "total": done - started,
+        }
+        response = self._response(question, hits, result, report, timings)
+        self._refuse_if_unsupported(response)
+        return response
+
+    def _empty(self, question: str, started: float) -> dict:
+        return {
+            "question": question,
+            "answer": "",
+            "citations": [],
+            "hallucination": None,
+            "context": [],
+            "model": self.lm.name if self.lm is not None else None,
+            "took_ms": {"total": round((time.perf_counter() - started) * 1000, 1)},
+            "note": "no passage in the collection matched the question",
+        }
+
+    async def stream(
+        self, collection: str, question: str, k: int, mode: str = "colbert", where=None, fusion=None
+    ) -> AsyncIterator[tuple[str, object]]:
+        """(event, data) pairs: ``token`` pieces, then ``citations``,
+        ``hallucination`` and ``done`` (the full response). Under
+        ``answer_unsupported=refuse`` tokens are held back until the check
+        passes, since a refused answer must not have been sent already."""
+        started = time.perf_counter()
+        hits = await self._retrieve(collection, question, k, mode, where, fusion)
+        await self.ensure_loaded()
+        t_retrieved = time.perf_counter()
+        if not hits:
+            response = self._empty(question, started)
+            yield "citations", []
+            yield "done", response
+            return
+        passages = self._passages(hits)
+        messages = self.program.messages(question, passages)
+        hold = self.settings.answer_unsupported == "refuse"
+        pieces: list[str] = []
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        end = object()
+
+        def produce() -> None:
+            try:
+                for piece in self.lm.stream(messages):
+                    if stop.is_set():  # the client went away
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, end)
+
+        producer = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    break
+                if isinstance(item, BaseException):
+                    raise self._lm_failed(item) from item
+                pieces.append(item)
+                if not hold:
+                    yield "token", {"text": item}
+        finally:
+            stop.set()
+            await asyncio.shield(producer)
+        t_generated = time.perf_counter()
+        result = await self._run(self.program.finish_text, "".join(pieces), passages)
+        report = await self._run(self._check, result.answer, hits)
+        done = time.perf_counter()
+        timings = {
+            "retrieve": t_retrieved - started,
+            "generate": t_generated - t_retrieved,
+            "check": done - t_generated,
+            "total": done - started,
+        }
+        response = self._response(question, hits, result, report, timings)
+        self._refuse_if_unsupported(response)
+        if hold:
+            yield "token", {"text": response["answer"]}
+        yield "citations", response["citations"]
+        yield "hallucination", response["hallucination"]
+        yield "done", response

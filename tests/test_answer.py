@@ -1,0 +1,246 @@
+"""The answer endpoint: DSPy program, LiteLLM path (against a fake
+OpenAI-compatible server), streaming, refusal, and a missing LM.
+
+The default offline LM (SmolLM2) is exercised in test_answer_default_lm.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import dspy
+import pytest
+
+from app.answer.lm import load_answer_lm
+from app.answer.program import AnswerProgram, marked_citations, strip_markers
+from tests.conftest import RunningApp, make_settings
+from tests.fake_openai import FakeOpenAIServer
+
+SECRET = "sk-test-secret-7f3a9"
+
+DOCS = [
+    {
+        "id": "eiffel",
+        "title": "Eiffel Tower",
+        "text": "The Eiffel Tower is 330 metres tall. It stands in Paris on the Champ de Mars.",
+    },
+    {"id": "banana", "title": "Bananas", "text": "Bananas are rich in potassium. They grow in tropical climates."},
+    {
+        "id": "louvre",
+        "title": "Louvre",
+        "text": "The Louvre is the most visited art museum in the world. It is in Paris.",
+    },
+    {
+        "id": "volcano",
+        "title": "Volcanoes",
+        "text": "A volcano is a rupture in the crust of a planet where lava escapes.",
+    },
+]
+
+
+def parse_sse(text: str) -> list[tuple[str, object]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+# -- the program on its own ---------------------------------------------------
+
+
+def test_markers_are_parsed_and_removed():
+    assert marked_citations("Paris [1]. Also [2, 3] and [2].") == [1, 2, 3]
+    assert strip_markers("The answer to the question is: Paris [1] .") == "Paris."
+    assert strip_markers("No markers here.") == "No markers here."
+
+
+def test_program_through_litellm_against_a_fake_server(caplog):
+    passages = ["The Eiffel Tower is 330 metres tall. It is in Paris.", "Bananas are rich in potassium."]
+    with FakeOpenAIServer() as fake, caplog.at_level(logging.DEBUG):
+        settings = make_settings_for_lm(fake)
+        lm = load_answer_lm(settings)
+        program = AnswerProgram()
+        with dspy.context(lm=lm.lm):
+            out = program(question="How tall is the Eiffel Tower?", passages=passages)
+        streamed = list(lm.stream(program.messages("How tall is the Eiffel Tower?", passages)))
+    assert out.answer == "The Eiffel Tower is 330 metres tall."
+    assert [(c.index, c.source) for c in out.citations] == [(0, "model")]
+    assert "".join(streamed) == "The Eiffel Tower is 330 metres tall. [1]" and len(streamed) > 3
+    sent = fake.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert sent["body"]["model"] == "fake-model" and sent["body"]["temperature"] == 0.0
+    assert "[1] The Eiffel Tower" in sent["body"]["messages"][-1]["content"]
+    assert fake.requests[-1]["body"]["stream"] is True
+    assert SECRET not in caplog.text and SECRET not in repr(lm)
+
+
+def test_wrong_model_citations_are_replaced_by_attribution():
+    """A small LM marks the wrong passage: attribution (word overlap here,
+    ColBERT MaxSim in the server) overrules it."""
+    passages = ["Bananas are rich in potassium.", "The Eiffel Tower is in Paris."]
+
+    def overlap(answer, texts):
+        words = set(answer.lower().strip(".").split())
+        return [len(words & set(t.lower().strip(".").split())) for t in texts]
+
+    program = AnswerProgram(attribute=overlap)
+    result = program.finish("The Eiffel Tower is in Paris.", [1], passages)
+    assert [(c.index, c.source) for c in result.citations] == [(1, "attribution")]
+    result = program.finish("The Eiffel Tower is in Paris.", [2], passages)
+    assert [(c.index, c.source) for c in result.citations] == [(1, "model")]
+
+
+def make_settings_for_lm(fake, **overrides):
+    from app.settings import Settings
+
+    return Settings(
+        _env_file=None,
+        answer_lm="openai/fake-model",
+        answer_lm_base_url=fake.base_url,
+        answer_lm_api_key=SECRET,
+        **overrides,
+    )
+
+
+# -- the endpoint -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_lm():
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+async def answer_app(tmp_path_factory, checkpoint_dir, shared_models_dir, fake_lm):
+    running = RunningApp(
+        make_settings(
+            tmp_path_factory.mktemp("answer-data"),
+            checkpoint_dir,
+            models_dir=shared_models_dir,
+            answer_lm="openai/fake-model",
+            answer_lm_base_url=fake_lm.base_url,
+            answer_lm_api_key=SECRET,
+        )
+    )
+    client = await running.start()
+    assert (await client.post("/v1/collections", json={"name": "facts"})).status_code == 201
+    r = await client.post("/v1/collections/facts/documents", json={"documents": DOCS})
+    assert r.status_code == 200, r.text
+    yield running
+    await running.stop()
+
+
+async def test_answer_cites_the_passage_it_used(answer_app, fake_lm):
+    client = answer_app.client
+    r = await client.post("/v1/collections/facts/answer", json={"question": "How tall is the Eiffel Tower?", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["answer"] == "The Eiffel Tower is 330 metres tall."
+    assert [c["document_id"] for c in body["citations"]] == ["eiffel"]
+    assert body["citations"][0]["number"] == 1 and body["citations"][0]["source"] == "model"
+    assert len(body["context"]) == 3 and body["context"][0]["document_id"] == "eiffel"
+    report = body["hallucination"]
+    assert report["label"] == "supported" and report["score"] >= report["threshold"]
+    assert [s["text"] for s in report["sentences"]] == ["The Eiffel Tower is 330 metres tall."]
+    assert body["model"] == "openai/fake-model"
+    assert SECRET not in r.text
+    # The prompt carried the retrieved passages, numbered, best first.
+    prompt = fake_lm.requests[-1]["body"]["messages"][-1]["content"]
+    assert "[1] Eiffel Tower: The Eiffel Tower is 330 metres tall." in prompt
+
+
+async def test_answer_streams_tokens_then_citations_and_score(answer_app):
+    client = answer_app.client
+    r = await client.post(
+        "/v1/collections/facts/answer", json={"question": "What are bananas rich in?", "k": 2, "stream": True}
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(r.text)
+    kinds = [e for e, _ in events]
+    assert kinds[-3:] == ["citations", "hallucination", "done"]
+    tokens = [d["text"] for e, d in events if e == "token"]
+    assert len(tokens) > 3 and set(kinds[: len(tokens)]) == {"token"}
+    assert "".join(tokens) == "Bananas are rich in potassium. [1]"
+    done = events[-1][1]
+    assert done["answer"] == "Bananas are rich in potassium."
+    assert [c["document_id"] for c in done["citations"]] == ["banana"]
+    assert events[-2][1] == done["hallucination"] and done["hallucination"]["label"] == "supported"
+
+
+async def test_bad_answer_requests(answer_app):
+    client = answer_app.client
+    r = await client.post("/v1/collections/facts/answer", json={"question": ""})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+    r = await client.post("/v1/collections/facts/answer", json={"question": "x", "k": 0})
+    assert r.status_code == 422
+    r = await client.post("/v1/collections/nope/answer", json={"question": "anything"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
+    r = await client.post("/v1/collections/nope/answer", json={"question": "anything", "stream": True})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
+    r = await client.post("/v1/collections/facts/answer", json={"question": "x", "filter": {"a": {"$regex": "."}}})
+    assert r.status_code == 422
+
+
+async def test_unsupported_answers_are_flagged_or_refused(tmp_path, checkpoint_dir, shared_models_dir):
+    """An LM that answers off the passages: flagged by default, refused
+    (422, nothing streamed) when the setting says so."""
+
+    def off_topic(messages):
+        return "Quantum chromodynamics describes the strong interaction between quarks and gluons."
+
+    with FakeOpenAIServer(reply=off_topic) as fake:
+        for policy in ("flag", "refuse"):
+            running = RunningApp(
+                make_settings(
+                    tmp_path / policy,
+                    checkpoint_dir,
+                    models_dir=shared_models_dir,
+                    answer_lm="openai/fake-model",
+                    answer_lm_base_url=fake.base_url,
+                    answer_unsupported=policy,
+                )
+            )
+            client = await running.start()
+            try:
+                await client.post("/v1/collections", json={"name": "facts"})
+                await client.post("/v1/collections/facts/documents", json={"documents": DOCS})
+                question = {"question": "How tall is the Eiffel Tower?", "k": 2}
+                r = await client.post("/v1/collections/facts/answer", json=question)
+                if policy == "flag":
+                    assert r.status_code == 200, r.text
+                    assert r.json()["hallucination"]["label"] == "unsupported"
+                    assert r.json()["answer"].startswith("Quantum")
+                else:
+                    assert r.status_code == 422, r.text
+                    error = r.json()["error"]
+                    assert error["code"] == "answer_unsupported"
+                    assert error["details"]["hallucination"]["label"] == "unsupported"
+                    r = await client.post("/v1/collections/facts/answer", json={**question, "stream": True})
+                    assert r.status_code == 422 and "Quantum" not in r.text
+            finally:
+                await running.stop()
+
+
+async def test_no_lm_gives_a_clear_error_and_search_still_works(tmp_path, checkpoint_dir, shared_models_dir):
+    running = RunningApp(
+        make_settings(
+            tmp_path, checkpoint_dir, models_dir=shared_models_dir, answer_lm_path=str(tmp_path / "no-such-model")
+        )
+    )
+    client = await running.start()
+    try:
+        await client.post("/v1/collections", json={"name": "facts"})
+        await client.post("/v1/collections/facts/documents", json={"documents": DOCS})
+        r = await client.post("/v1/collections/facts/answer", json={"question": "How tall is the Eiffel Tower?"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "answer_unavailable"
+        assert "no-such-model" in r.json()["error"]["message"]
+        r = await client.post("/v1/collections/facts/search", json={"query": "Eiffel Tower height", "k": 2})
+        assert r.status_code == 200 and r.json()["results"][0]["document_id"] == "eiffel"
+    finally:
+        await running.stop()
