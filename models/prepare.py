@@ -20,6 +20,12 @@ def colbert_default_checkpoint(settings: Settings) -> Path:
     return ensure_default_checkpoint(settings.default_checkpoint_dir)
 
 
+def answer_lm(settings: Settings) -> Path:
+    from models.convert_answer_lm import ensure_answer_lm
+
+    return ensure_answer_lm(settings.models_dir)
+
+
 # ---------------------------------------------------------------------------
 # Preparation steps, run in this order. To add a model, append
 # ("name", function): the function takes the Settings (``settings.models_dir``
@@ -27,6 +33,7 @@ def colbert_default_checkpoint(settings: Settings) -> Path:
 # path, needs no network, and does nothing when its model is already complete.
 PREPARATION_STEPS: list[tuple[str, Callable[[Settings], Path]]] = [
     ("colbert-minilm-l6", colbert_default_checkpoint),
+    ("smollm2-135m-instruct", answer_lm),
 ]
 # ---------------------------------------------------------------------------
 
