@@ -11,6 +11,7 @@ dev: setup
 	.venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000 --reload --reload-dir app --reload-dir colbert_patches
 
 test: setup
+	./scripts/setup-browser.sh
 	.venv/bin/python -m pytest -q -rs
 
 lint: setup

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.routes import collections, documents, files, health, search
+from app.api.routes.web import install_web
 from app.engine.service import SearchService
 from app.settings import Settings
 
@@ -44,4 +45,5 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     install_error_handlers(app)
     for module in (health, collections, documents, files, search):
         app.include_router(module.router)
+    install_web(app)
     return app
