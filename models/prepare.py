@@ -26,6 +26,12 @@ def answer_lm(settings: Settings) -> Path:
     return ensure_answer_lm(settings.models_dir)
 
 
+def hallucination_model(settings: Settings) -> Path:
+    from models.export_hallucination_model import ensure_hallucination_model
+
+    return ensure_hallucination_model(settings.models_dir)
+
+
 # ---------------------------------------------------------------------------
 # Preparation steps, run in this order. To add a model, append
 # ("name", function): the function takes the Settings (``settings.models_dir``
@@ -34,6 +40,7 @@ def answer_lm(settings: Settings) -> Path:
 PREPARATION_STEPS: list[tuple[str, Callable[[Settings], Path]]] = [
     ("colbert-minilm-l6", colbert_default_checkpoint),
     ("smollm2-135m-instruct", answer_lm),
+    ("hallucination-minilm-l6", hallucination_model),
 ]
 # ---------------------------------------------------------------------------
 
