@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     default_collection: str = "default"
 
     # Answers (app/answer): the LM and the hallucination check.
+    # The hallucination check (app/answer/hallucination.py). Empty model = the
+    # bundled MiniLM token-alignment scorer; otherwise a local path or hub name
+    # of a sequence-classification model (NLI / cross-encoder / vectara's HHEM,
+    # which needs trust_remote_code), exported to ONNX int8 on first use.
+    hallucination_model: str = ""
+    hallucination_trust_remote_code: bool = False
+    # An existing .onnx file to load instead (its folder holds the tokenizer).
+    hallucination_onnx: str = ""
+    hallucination_threshold: float = Field(default=0.5, ge=0, le=1)
+    hallucination_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0: its default")
 
     # Security (API keys, CORS, request limits).
 
