@@ -10,23 +10,33 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.middleware import install_middleware
 from app.api.routes import collections, documents, files, health, search
 from app.api.routes.web import install_web
 from app.engine.service import SearchService
+from app.observability import Metrics, configure_logging
 from app.settings import Settings
+
+logger = logging.getLogger("app")
+
+
+def _log_startup_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("start-up failed; /ready stays 503", exc_info=task.exception())
 
 
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = service or SearchService(settings)
+        svc = service or SearchService(settings, app.state.metrics.engine)
         app.state.service = svc
         # Load models in the background: /health answers at once, /ready
         # says 503 until the models are loaded.
         app.state.startup = asyncio.create_task(svc.astart())
+        app.state.startup.add_done_callback(_log_startup_failure)
         try:
             yield
         finally:
@@ -42,8 +52,10 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = Metrics(app)
     install_error_handlers(app)
     for module in (health, collections, documents, files, search):
         app.include_router(module.router)
     install_web(app)
+    install_middleware(app, settings, app.state.metrics)
     return app

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -61,9 +62,36 @@ class Settings(BaseSettings):
     hallucination_threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0: its default")
 
     # Security (API keys, CORS, request limits).
+    # API keys (comma-separated or a JSON list). When any is set, every request
+    # needs "Authorization: Bearer <key>" except /health, /ready and the web
+    # page's shell (/ and /ui/*). Read-only keys may GET and search, answer and
+    # rerank; everything else needs a read-write key.
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    read_only_api_keys: Annotated[list[SecretStr], NoDecode] = []
+    # /docs, /redoc and /openapi.json hold no data; false puts them behind a key too.
+    public_docs: bool = True
+    # Origins allowed to call the API from a browser (CORS); empty: no CORS headers.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    # Request bodies over these sizes get 413 before they are read in full.
+    max_request_bytes: int = Field(default=100_000_000, ge=1, description="any body but a multipart upload")
+    max_upload_bytes: int = Field(default=200_000_000, ge=1, description="a multipart upload, all files together")
 
     # Operations (logs, metrics).
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True  # one line per request: method, route, status, duration
+
+    @field_validator("api_keys", "read_only_api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        """A JSON list or comma-separated values, as environment variables give them."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, (list, tuple)):
+            value = [v.strip() if isinstance(v, str) else v for v in value]
+            return [v for v in value if v != ""]
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

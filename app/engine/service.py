@@ -27,6 +27,7 @@ from app.engine.writer import IndexWriter
 from app.errors import CollectionNotFound, IndexingFailed, InvalidInput, NotReady
 from app.ingest.chunking import SentenceChunker
 from app.ingest.extract import ExtractionError, extract, safe_filename
+from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.filters import compile_filter
 from app.store.store import CollectionRow, Hit, NewDocument, Store
@@ -114,8 +115,9 @@ def fuse(dense: list[tuple[int, float]], sparse: list[tuple[int, float]], method
 
 
 class SearchService:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: EngineMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics or EngineMetrics()
         self.store = Store(settings.database_path)
         self.encoder: ColBERTEncoder | None = None
         self.writer: IndexWriter | None = None
@@ -356,7 +358,9 @@ class SearchService:
 
     def _score(self, query: str, k: int, cached: _Cached, allowed: torch.Tensor | None):
         encoder = self._require_ready()
+        started = time.perf_counter()
         Q = encoder.encode_queries([query])
+        self.metrics.query_encode_seconds.observe(time.perf_counter() - started)
         params = search_params(
             k,
             encoder.query_maxlen,
@@ -376,6 +380,7 @@ class SearchService:
         self._require_ready()
         if not query or not query.strip():
             raise InvalidInput("query is empty")
+        started = time.perf_counter()
         fusion = fusion or self.settings.hybrid_fusion
         collection_id, cached = await self._snapshot(name)
         if where is not None:
@@ -411,6 +416,7 @@ class SearchService:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
+        self.metrics.search_seconds.labels(mode).observe(time.perf_counter() - started)
         return out
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:

@@ -1,13 +1,18 @@
+"""Operations: liveness, readiness and Prometheus metrics."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+import asyncio
+import os
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.api.deps import ServiceDep
 from app.api.errors import error_body
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["operations"])
 
 
 @router.get("/health")
@@ -16,10 +21,64 @@ async def health() -> dict:
     return {"status": "ok", "version": __version__}
 
 
-@router.get("/ready", responses={503: {"description": "models still loading"}})
-async def ready(service: ServiceDep):
-    """Readiness: models loaded and the index writer thread running."""
-    writer = service.writer_state()
-    if not service.ready or not writer["alive"]:
-        return JSONResponse(error_body("not_ready", "models are still loading"), status_code=503)
-    return {"status": "ready", "writer": writer}
+def _lease_holder(path) -> int | None:
+    """The pid written into writer.lock by the process holding the lease,
+    if that process is alive on this host."""
+    try:
+        pid = int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
+
+
+def readiness(request: Request) -> tuple[bool, str, dict]:
+    """(ready, why not, details): models loaded, start-up not failed, and
+    this process's index writer thread running. The writer lease may be held
+    by this process (it commits index changes) or another (this one only
+    searches); either is ready."""
+    state = request.app.state
+    service = getattr(state, "service", None)
+    startup = getattr(state, "startup", None)
+    writer = getattr(service, "writer", None)
+    details: dict = {"models_loaded": bool(service and service.ready), "writer": None}
+    if writer is not None:
+        held = writer.lease.held
+        details["writer"] = {
+            "role": "writer" if held else "reader",
+            "alive": writer.alive,
+            "busy": writer.busy,
+            "last_error": writer.last_error,
+            "lease_holder_pid": os.getpid() if held else _lease_holder(writer.lease.path),
+        }
+    if startup is not None and startup.done() and not startup.cancelled() and startup.exception() is not None:
+        return False, f"start-up failed ({type(startup.exception()).__name__}); see the server log", details
+    if not details["models_loaded"]:
+        return False, "models are still loading", details
+    if writer is None or not writer.alive:
+        return False, "the index writer thread is not running", details
+    return True, "", details
+
+
+@router.get("/ready", responses={503: {"description": "models still loading, start-up failed, or writer stopped"}})
+async def ready(request: Request):
+    """Readiness: models loaded and the index writer thread running; reports
+    whether this process holds the writer lease and the writer's last error."""
+    ok, reason, details = readiness(request)
+    if not ok:
+        return JSONResponse(error_body("not_ready", reason, details), status_code=503)
+    return {"status": "ready", "version": __version__, **details}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (text format). Needs a read key when keys are set."""
+    body = await asyncio.to_thread(request.app.state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

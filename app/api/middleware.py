@@ -1,0 +1,230 @@
+"""Pure ASGI middleware around every route: request context (request id,
+access log, metrics) and the request body limit; ``install_middleware``
+stacks them with CORS and the API keys (app/api/security.py).
+
+Pure ASGI rather than ``BaseHTTPMiddleware`` so streamed bodies (uploads,
+the answer's event stream) pass through without being buffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_body
+from app.api.security import ApiKeyMiddleware, install_openapi_security, public_paths
+from app.observability import Metrics, request_id_var
+from app.settings import Settings
+
+logger = logging.getLogger("app.api")
+access_logger = logging.getLogger("app.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's id is kept when it is short and plain (it goes into logs).
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def route_template(scope: Scope) -> str:
+    """The route's path template (``/v1/collections/{collection}/search``),
+    never the raw path: a bounded set of metric labels. Requests answered
+    before routing (401, 413) are matched here."""
+    route = scope.get("route")
+    if route is None:
+        route = _match(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _match(routes, scope: Scope):
+    for route in routes:
+        # FastAPI keeps an included router as one entry holding the original
+        # router, whose routes carry their full paths (the routers declare
+        # their prefixes; the factory includes them without one).
+        included = getattr(route, "original_router", None)
+        found = _match(included.routes, scope) if included is not None else None
+        if found is None and included is None and route.matches(scope)[0] is not Match.NONE:
+            found = route
+        if found is not None:
+            return found
+    return None
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the client's ``X-Request-ID`` when sane),
+    returns it in the response, and records the access log line and the
+    request metrics. Unexpected errors are logged here, with the id, and
+    answered with the JSON 500 shape."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics | None = None, access_log: bool = True):
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if response_started:
+                raise
+            response = JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+            await response(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            route = route_template(scope)
+            if self.metrics is not None:
+                labels = (method, route, str(status))
+                self.metrics.requests.labels(*labels).inc()
+                self.metrics.request_seconds.labels(*labels).observe(elapsed)
+            if self.access_log:
+                access_logger.info(
+                    "%s %s %d %.1fms",
+                    method,
+                    route,
+                    status,
+                    elapsed * 1000,
+                    extra={
+                        "method": method,
+                        "route": route,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
+            request_id_var.reset(token)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 in the JSON error shape for a body over the limit: at once when
+    Content-Length says so, else as soon as a chunked body grows past it
+    (whatever the route was doing with the partial body is discarded).
+    Multipart uploads have their own, larger limit."""
+
+    def __init__(self, app: ASGIApp, max_request_bytes: int, max_upload_bytes: int):
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        upload = headers.get("content-type", "").lower().startswith("multipart/")
+        limit = self.max_upload_bytes if upload else self.max_request_bytes
+        what = "upload" if upload else "request body"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, receive, send, what, limit)
+            return
+
+        received = 0
+        exceeded = False
+        rejected = False
+        app_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise _BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal rejected, app_started
+            if exceeded:
+                # The route turned the failed read into its own error
+                # response (FastAPI answers 400); answer 413 instead.
+                if not rejected and message["type"] == "http.response.start":
+                    rejected = True
+                    await self._reject(scope, receive, send, what, limit)
+                return
+            app_started = app_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if app_started:
+                raise
+            if not rejected:
+                rejected = True
+                await self._reject(scope, receive, send, what, limit)
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, what: str, limit: int) -> None:
+        response = JSONResponse(
+            error_body("payload_too_large", f"the {what} is larger than the {limit:,}-byte limit"),
+            status_code=413,
+            headers={"Connection": "close"},  # the rest of the body is never read
+        )
+        await response(scope, receive, send)
+
+
+def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Outermost first: request context, CORS, API keys, body limit. CORS
+    sits outside the keys so preflights (which carry no key) get their answer
+    and refusals still carry CORS headers the browser needs to read them; the
+    keys sit outside the body limit so an unauthenticated upload is refused
+    before any of it is read."""
+    # add_middleware puts each new one outermost: add innermost first.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_request_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes,
+    )
+    if settings.api_keys or settings.read_only_api_keys:
+        public = public_paths(app, settings)
+        app.add_middleware(
+            ApiKeyMiddleware,
+            read_write_keys=settings.api_keys,
+            read_only_keys=settings.read_only_api_keys,
+            public=public,
+        )
+        install_openapi_security(app, public)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)

@@ -1,0 +1,317 @@
+"""API keys, CORS, request body limits, request ids in logs, and names that
+cannot escape the data directory: the real app with keys configured.
+
+The `../name` upload case is in tests/test_files.py
+(test_bad_files_get_per_file_errors_and_the_rest_is_ingested); here absolute
+and backslash names, nested `../`, and ids and collection names shaped like
+paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.api.security import Access, required_access
+from app.observability import build_log_handler
+from tests.conftest import RunningApp, make_settings
+
+pytestmark = pytest.mark.slow
+
+RW_KEY = "rw-" + uuid.uuid4().hex
+RO_KEY = "ro-" + uuid.uuid4().hex
+ALLOWED_ORIGIN = "https://search.example.org"
+MAX_REQUEST = 4096
+MAX_UPLOAD = 16384
+RW = {"Authorization": f"Bearer {RW_KEY}"}
+RO = {"Authorization": f"Bearer {RO_KEY}"}
+
+
+@pytest.fixture(scope="module")
+async def secured(tmp_path_factory, checkpoint_dir):
+    settings = make_settings(
+        tmp_path_factory.mktemp("secured") / "data",
+        checkpoint_dir,
+        exact_search_max_passages=16,
+        api_keys=RW_KEY,  # a plain string, as the environment variable gives it
+        read_only_api_keys=[RO_KEY],
+        cors_origins=[ALLOWED_ORIGIN],
+        max_request_bytes=MAX_REQUEST,
+        max_upload_bytes=MAX_UPLOAD,
+        log_format="json",
+        answer_preload=False,
+    )
+    settings.log_level = "INFO"  # the access log lines (make_settings sets WARNING)
+    running = RunningApp(settings)
+    await running.start()
+    r = await running.client.post("/v1/collections", json={"name": "kept"}, headers=RW)
+    assert r.status_code == 201, r.text
+    r = await running.client.post(
+        "/v1/collections/kept/documents",
+        json={"documents": [{"id": "tea", "text": "Green tea is made from the leaves of Camellia sinensis."}]},
+        headers=RW,
+    )
+    assert r.status_code == 200, r.text
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+def log_lines():
+    """JSON log lines of the app's own format, captured from the root logger."""
+    buffer = io.StringIO()
+    handler = build_log_handler(make_settings(Path("."), Path("."), log_format="json"), buffer)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    finally:
+        root.removeHandler(handler)
+
+
+def assert_error(r, status: int, code: str | None = None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code, body
+
+
+def test_required_access_by_method_and_path():
+    assert required_access("GET", "/v1/collections/a/documents/x") is Access.READ
+    assert required_access("POST", "/v1/collections/a/search") is Access.READ
+    assert required_access("POST", "/v1/collections/a/answer") is Access.READ
+    assert required_access("POST", "/v1/rerank") is Access.READ
+    assert required_access("POST", "/api/search") is Access.READ
+    assert required_access("POST", "/v1/collections/a/documents") is Access.WRITE
+    assert required_access("POST", "/v1/collections/a/files") is Access.WRITE
+    assert required_access("POST", "/v1/collections") is Access.WRITE
+    assert required_access("DELETE", "/v1/collections/a/documents/search") is Access.WRITE
+    assert required_access("POST", "/v1/collections/a/search/more") is Access.WRITE  # a future route: write
+    assert required_access("PUT", "/v1/collections/a/search") is Access.WRITE
+
+
+async def test_probes_page_and_docs_need_no_key(secured):
+    client = secured.client
+    assert (await client.get("/health")).status_code == 200
+    assert (await client.get("/ready")).status_code == 200
+    assert (await client.get("/")).status_code == 200
+    assert (await client.get("/ui/app.js")).status_code == 200
+    assert (await client.get("/docs")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
+    scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert spec["security"] == [{"bearerAuth": []}]
+    assert spec["paths"]["/health"]["get"]["security"] == []
+    assert "security" not in spec["paths"]["/v1/collections/{collection}/search"]["post"]  # inherits the global one
+
+
+async def test_missing_or_wrong_key_gets_401(secured):
+    client = secured.client
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {RW_KEY}"}, {"Authorization": ""}):
+        r = await client.get("/v1/collections", headers=headers)
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_error(await client.get("/metrics"), 401)
+    assert_error(await client.get("/v1/jobs/nope"), 401)
+    assert_error(await client.get("/no/such/route"), 401)  # unknown paths reveal nothing either
+    r = await client.post("/v1/collections/kept/documents", json={"documents": [{"id": "x", "text": "y"}]})
+    assert_error(r, 401)
+    r = await client.post("/v1/collections/kept/search", json={"query": "tea"}, headers={"Authorization": RO_KEY})
+    assert_error(r, 401)  # the key without the Bearer scheme
+    assert (await client.get("/v1/collections", headers=RW)).status_code == 200
+    r = await client.get("/metrics", headers=RO)
+    assert r.status_code == 200
+    # Refused before routing, still counted under the route template.
+    refused = [
+        s.labels
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+        if s.name == "colbert_http_requests_total" and s.labels["status"] == "401"
+    ]
+    assert {"method": "GET", "route": "/v1/collections", "status": "401"} in refused
+    assert {"method": "POST", "route": "/v1/collections/{collection}/documents", "status": "401"} in refused
+
+
+async def test_read_only_key_reads_and_searches_but_cannot_write(secured):
+    client = secured.client
+    r = await client.post("/v1/collections/kept/search", json={"query": "green tea leaves", "k": 1}, headers=RO)
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["document_id"] == "tea"
+    r = await client.get("/api/search", params={"query": "tea", "k": 1, "collection": "kept"}, headers=RO)
+    assert r.status_code == 200 and r.json()["topk"]
+    r = await client.post("/v1/rerank", json={"query": "tea", "documents": ["tea leaves", "volcano"]}, headers=RO)
+    assert r.status_code == 200
+    assert (await client.get("/v1/collections/kept/documents/tea", headers=RO)).status_code == 200
+
+    writes = [
+        client.post(
+            "/v1/collections/kept/documents", json={"documents": [{"id": "ro", "text": "must not land"}]}, headers=RO
+        ),
+        client.delete("/v1/collections/kept/documents/tea", headers=RO),
+        client.delete("/v1/collections/kept", headers=RO),
+        client.post("/v1/collections", json={"name": "ro-made"}, headers=RO),
+        client.post("/v1/collections/kept/files", files=[("files", ("ro.txt", b"must not land"))], headers=RO),
+    ]
+    for r in await asyncio.gather(*writes):
+        assert_error(r, 403, "forbidden")
+    docs = (await client.get("/v1/collections/kept/documents", headers=RO)).json()
+    assert [d["id"] for d in docs["documents"]] == ["tea"]
+    names = [c["name"] for c in (await client.get("/v1/collections", headers=RO)).json()["collections"]]
+    assert "ro-made" not in names and "kept" in names
+    r = await client.post(
+        "/v1/collections/kept/search", json={"query": "green tea", "k": 1}, headers=RO
+    )  # the document survived the refused delete
+    assert r.json()["results"][0]["document_id"] == "tea"
+
+
+async def test_cors_preflight_allowed_and_disallowed_origin(secured):
+    client = secured.client
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = await client.options("/v1/collections/kept/search", headers={"Origin": ALLOWED_ORIGIN, **preflight})
+    assert r.status_code == 200, r.text  # no key needed: browsers send none on a preflight
+    assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = await client.options("/v1/collections/kept/search", headers={"Origin": "https://evil.example", **preflight})
+    assert r.status_code == 400
+    assert "access-control-allow-origin" not in r.headers
+    # Actual requests: allowed origin gets the header (on a 401 too, so the page can read it).
+    r = await client.get("/v1/collections", headers={"Origin": ALLOWED_ORIGIN, **RO})
+    assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+    r = await client.get("/v1/collections", headers={"Origin": ALLOWED_ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    r = await client.get("/v1/collections", headers={"Origin": "https://evil.example", **RO})
+    assert "access-control-allow-origin" not in r.headers
+
+
+async def _chunks(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+async def test_body_over_the_limit_gets_413_and_stores_nothing(secured):
+    client = secured.client
+    assert (await client.post("/v1/collections", json={"name": "limits"}, headers=RW)).status_code == 201
+    big = {"documents": [{"id": "big", "text": "word " * MAX_REQUEST}]}
+    r = await client.post("/v1/collections/limits/documents", json=big, headers=RW)
+    assert_error(r, 413, "payload_too_large")
+    # Chunked: no Content-Length, the body grows past the limit as it streams.
+    body = json.dumps(big).encode()
+    parts = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    r = await client.post(
+        "/v1/collections/limits/documents",
+        content=_chunks(*parts),
+        headers={**RW, "Content-Type": "application/json"},
+    )
+    assert "content-length" not in r.request.headers
+    assert_error(r, 413, "payload_too_large")
+    # Uploads have their own limit: over it, refused; under it (but over the JSON limit), accepted.
+    r = await client.post(
+        "/v1/collections/limits/files", files=[("files", ("big.txt", b"x " * MAX_UPLOAD))], headers=RW
+    )
+    assert_error(r, 413, "payload_too_large")
+    boundary = "b" + uuid.uuid4().hex
+    multipart = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="big.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\n".encode()
+        + b"x " * MAX_UPLOAD
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    r = await client.post(
+        "/v1/collections/limits/files",
+        content=_chunks(*[multipart[i : i + 4096] for i in range(0, len(multipart), 4096)]),
+        headers={**RW, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert_error(r, 413, "payload_too_large")
+    info = (await client.get("/v1/collections/limits", headers=RW)).json()
+    assert info["documents"] == 0 and info["pending_documents"] == 0
+    # Under the upload limit but over the JSON one: accepted.
+    text = b"Moss grows on the north side of trees in damp forests. " * 100
+    assert MAX_REQUEST < len(text) < MAX_UPLOAD
+    r = await client.post("/v1/collections/limits/files", files=[("files", ("moss.txt", text))], headers=RW)
+    assert r.status_code == 202, r.text
+    # Without a key, an oversized body is refused for the key first, unread.
+    assert_error(await client.post("/v1/collections/limits/documents", json=big), 401)
+
+
+async def test_request_id_is_echoed_and_on_the_log_lines(secured, log_lines):
+    client = secured.client
+    r = await client.post(
+        "/v1/collections/kept/search", json={"query": "tea", "k": 1}, headers={**RO, "X-Request-ID": "req-42.a:b"}
+    )
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == "req-42.a:b"
+    r = await client.get("/v1/collections/nope", headers={**RO, "X-Request-ID": "not sane " + "x" * 200})
+    generated = r.headers["X-Request-ID"]
+    assert r.status_code == 404 and generated != "" and " " not in generated
+    r = await client.get("/v1/collections", headers={"X-Request-ID": "no-key-1"})
+    assert r.status_code == 401 and r.headers["X-Request-ID"] == "no-key-1"
+
+    lines = log_lines()
+    access = [line for line in lines if line.get("logger") == "app.access"]
+    ours = [line for line in access if line["request_id"] == "req-42.a:b"]
+    assert len(ours) == 1, access
+    assert ours[0]["route"] == "/v1/collections/{collection}/search"
+    assert ours[0]["method"] == "POST" and ours[0]["status"] == 200 and ours[0]["duration_ms"] > 0
+    assert {"time", "level", "message"} <= set(ours[0])
+    assert any(line["request_id"] == generated and line["status"] == 404 for line in access)
+    assert any(line["request_id"] == "no-key-1" and line["status"] == 401 for line in access)
+    text = "\n".join(json.dumps(line) for line in lines)
+    assert RW_KEY not in text and RO_KEY not in text
+    assert RW_KEY not in repr(secured.settings) and RO_KEY not in str(secured.settings.model_dump())
+
+
+async def test_names_never_escape_the_data_directory(secured, tmp_path):
+    client = secured.client
+    data_dir = secured.settings.data_dir
+    marker = uuid.uuid4().hex
+    outside = tmp_path / f"abs-{marker}.txt"
+    names = [
+        str(outside),  # absolute
+        f"../../../{marker}-up.txt",
+        f"..\\..\\{marker}-win.txt",
+        f"sub/../../{marker}-nested.txt",
+    ]
+    r = await client.post(
+        "/v1/collections/kept/files",
+        files=[("files", (name, b"Escaping text that must stay in SQLite.")) for name in names],
+        headers=RW,
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    for _ in range(300):
+        job = (await client.get(f"/v1/jobs/{job_id}", headers=RW)).json()
+        if job["state"] in ("done", "failed"):
+            break
+        await asyncio.sleep(0.1)
+    assert job["state"] == "failed", job
+    assert all(f["state"] == "failed" and f["error"] for f in job["files"]), job["files"]
+    # Ids and collection names shaped like paths: ids live in SQLite only, names are refused.
+    r = await client.post(
+        "/v1/collections/kept/documents",
+        json={"documents": [{"id": f"../../{marker}-id", "text": "An id shaped like a path."}]},
+        headers=RW,
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get(f"/v1/collections/kept/documents/{quote(f'../../{marker}-id', safe='')}", headers=RW)
+    assert r.status_code == 200 and r.json()["id"] == f"../../{marker}-id"
+    for name in ("../escape", "..", "a/b", "/abs"):
+        r = await client.post("/v1/collections", json={"name": name}, headers=RW)
+        assert_error(r, 422)
+    assert not outside.exists()
+    assert not [p for p in data_dir.parent.parent.rglob(f"*{marker}*")]  # the whole pytest temp tree
+    for folder in (Path.cwd(), *Path.cwd().parents[:2], data_dir.parent):
+        assert not [p for p in folder.glob(f"*{marker}*")], f"a file escaped into {folder}"
+    assert not [p for p in data_dir.rglob(f"*{marker}*")]  # not even inside: files stay in SQLite
