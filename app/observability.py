@@ -44,10 +44,16 @@ def build_log_handler(settings: Settings, stream: TextIO | None = None) -> loggi
     """A handler in the configured format (``text`` or ``json``) that adds the request id."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if settings.log_format == "json":
+        from pythonjsonlogger.core import RESERVED_ATTRS
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(
-            JsonFormatter(JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
+            JsonFormatter(
+                JSON_FIELDS,
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                # uvicorn adds an ANSI-coloured copy of its messages.
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+            )
         )
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
