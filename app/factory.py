@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
+from app.answer.service import AnswerService
 from app.api.errors import install_error_handlers
 from app.api.middleware import install_middleware
-from app.api.routes import collections, documents, files, health, search
+from app.api.routes import answer, collections, documents, files, health, search
 from app.api.routes.web import install_web
 from app.engine.service import SearchService
 from app.observability import Metrics, configure_logging
@@ -33,16 +34,19 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     async def lifespan(app: FastAPI):
         svc = service or SearchService(settings, app.state.metrics.engine)
         app.state.service = svc
+        app.state.answers = AnswerService(settings, svc)
         # Load models in the background: /health answers at once, /ready
         # says 503 until the models are loaded.
         app.state.startup = asyncio.create_task(svc.astart())
         app.state.startup.add_done_callback(_log_startup_failure)
+        await app.state.answers.astart()
         try:
             yield
         finally:
             if not app.state.startup.done():
                 app.state.startup.cancel()
             await asyncio.gather(app.state.startup, return_exceptions=True)
+            await app.state.answers.astop()
             await svc.astop()
 
     app = FastAPI(
@@ -54,7 +58,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     app.state.settings = settings
     app.state.metrics = Metrics(app)
     install_error_handlers(app)
-    for module in (health, collections, documents, files, search):
+    for module in (health, collections, documents, files, search, answer):
         app.include_router(module.router)
     install_web(app)
     install_middleware(app, settings, app.state.metrics)

@@ -50,6 +50,24 @@ class Settings(BaseSettings):
     default_collection: str = "default"
 
     # Answers (app/answer): the LM and the hallucination check.
+    # The LM: empty = the bundled SmolLM2-135M-Instruct (offline); otherwise a
+    # LiteLLM model name, e.g. "openai/<model>" with answer_lm_base_url for an
+    # OpenAI-compatible server (vLLM, llama.cpp, Ollama's /v1), or a hosted one.
+    answer_lm: str = ""
+    answer_lm_base_url: str | None = None
+    answer_lm_api_key: SecretStr | None = None
+    answer_lm_retries: int = Field(default=2, ge=0)
+    # A local transformers causal LM directory or .gguf file instead of the bundled one.
+    answer_lm_path: str = ""
+    answer_max_new_tokens: int = Field(default=96, ge=1, le=4096)
+    answer_k: int = Field(default=5, ge=1, le=50)
+    answer_passage_chars: int = Field(default=1200, ge=50, description="each passage is cut to this many characters")
+    # Load the LM (and the hallucination scorer) at start-up, in the
+    # background; false loads them on the first answer request.
+    answer_preload: bool = True
+    # Under the hallucination threshold: "flag" returns the answer labelled
+    # unsupported; "refuse" withholds it (422 answer_unsupported).
+    answer_unsupported: Literal["flag", "refuse"] = "flag"
     # The hallucination check (app/answer/hallucination.py). Empty model = the
     # bundled MiniLM token-alignment scorer; otherwise a local path or hub name
     # of a sequence-classification model (NLI / cross-encoder / vectara's HHEM,

@@ -25,6 +25,13 @@ def checkpoint_dir(tmp_path_factory) -> Path:
     return ensure_default_checkpoint(tmp_path_factory.mktemp("models") / "colbert-minilm-l6")
 
 
+@pytest.fixture(scope="session")
+def shared_models_dir(tmp_path_factory) -> Path:
+    """One models_dir for the session: the answer LM and the hallucination
+    scorer are converted/exported into it once."""
+    return tmp_path_factory.mktemp("shared-models")
+
+
 def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
     return Settings(
         _env_file=None,
@@ -32,7 +39,7 @@ def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
         data_dir=data_dir,
         checkpoint=str(checkpoint),
         log_level="WARNING",
-        **overrides,
+        **{"answer_preload": False, **overrides},
     )
 
 

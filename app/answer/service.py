@@ -200,7 +200,8 @@ class AnswerService:
         if self.settings.answer_unsupported == "refuse" and report is not None and report["label"] != "supported":
             raise AnswerUnsupported(
                 f"the answer scored {report['score']:.2f}, under the support threshold {report['threshold']:.2f}",
-                details={"hallucination": report, "citations": response["citations"]},
+                # Score only: the sentences would give the withheld answer away.
+                details={"hallucination": {key: report[key] for key in ("score", "label", "threshold")}},
             )
 
     async def answer(
