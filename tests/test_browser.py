@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -105,7 +106,9 @@ def artifacts_on_failure(driver, name: str, server_log: Path | None = None):
 
 
 def wait_for(driver, condition, timeout: float = 30, what: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=what)
+    # The page re-renders lists while the test reads them: retry on stale elements.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition, message=what)
 
 
 def by_id(driver, element_id: str):
@@ -172,11 +175,14 @@ def test_upload_watch_job_and_search_in_the_page(browser, tmp_path, checkpoint_d
     for name, text in files.items():
         (folder / name).write_text(text)
 
-    server = ServerProcess(tmp_path / "data", checkpoint_dir)
+    # This test asks nothing: the answer LM need not load beside it.
+    server = ServerProcess(tmp_path / "data", checkpoint_dir, {"COLBERT_SERVER_ANSWER_PRELOAD": "false"})
     try:
-        with artifacts_on_failure(browser, "test_upload_watch_job_and_search", Path(server.log.name)):
+        with (
+            artifacts_on_failure(browser, "test_upload_watch_job_and_search", Path(server.log.name)),
+            httpx.Client(base_url=server.url, timeout=60) as api,
+        ):
             server.wait_ready()
-            api = httpx.Client(base_url=server.url, timeout=60)
             open_page(browser, server.url)
 
             # An API error is shown with the API's own message.
@@ -220,26 +226,25 @@ def test_upload_watch_job_and_search_in_the_page(browser, tmp_path, checkpoint_d
             wait_for(browser, lambda d: "2 documents" in by_id(d, "collection-info").text, what="counts refreshed")
 
             # Search: the page shows what the API returns, best first.
-            for mode in ("colbert", "keyword"):
-                query = "who climbs the lighthouse steps to wind the clockwork"
-                if mode == "keyword":
-                    query = "sourdough loaves"
+            searches = [
+                ("colbert", "who climbs the lighthouse steps to wind the clockwork", "lighthouse.txt", LIGHTHOUSE),
+                ("keyword", "sourdough loaves", "bakery.txt", BAKERY),
+            ]
+            for mode, query, top_document, top_text in searches:
                 fill(browser, "query", query)
                 Select(by_id(browser, "mode")).select_by_value(mode)
                 fill(browser, "search-k", "2")
                 submit(browser, "search-form")
                 wait_for(browser, lambda d, m=mode: f"({m})" in by_id(d, "search-summary").text, what=f"{mode} results")
-                expected = api.post("/v1/collections/notes/search", json={"query": query, "k": 2, "mode": mode}).json()[
-                    "results"
-                ]
+                body = {"query": query, "k": 2, "mode": mode}
+                expected = api.post("/v1/collections/notes/search", json=body).json()["results"]
                 shown = hits(browser, "results")
                 assert [h["document_id"] for h in shown] == [r["document_id"] for r in expected]
                 assert [h["text"] for h in shown] == [r["text"].strip() for r in expected]
                 assert [h["rank"] for h in shown] == [f"#{r['rank']}" for r in expected]
                 assert [h["score"] for h in shown] == [f"{r['score']:.3f}" for r in expected]
-                top = "lighthouse.txt" if mode == "colbert" else "bakery.txt"
-                assert shown[0]["document_id"] == top
-                assert (LIGHTHOUSE if mode == "colbert" else BAKERY) in shown[0]["text"]
+                assert shown[0]["document_id"] == top_document
+                assert top_text in shown[0]["text"]
 
             # A result's link opens its document.
             fill(browser, "search-k", "1")
