@@ -146,8 +146,10 @@ class SearchService:
             doc_maxlen=self.settings.doc_maxlen,
             query_maxlen=self.settings.query_maxlen,
         )
-        self.encoder = await self._run(ColBERTEncoder, checkpoint, options)
+        # Kernels before the model: ColBERT's constructor would otherwise JIT
+        # load its own, which needs a compiler (the image has prebuilt ones).
         await self._run(load_extensions)
+        self.encoder = await self._run(ColBERTEncoder, checkpoint, options)
         await self._run(self.encoder.encode_queries, ["warm up"])
         self.writer = IndexWriter(self.settings, self.encoder)
         self.writer.start()
