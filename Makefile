@@ -1,4 +1,4 @@
-.PHONY: setup run dev test lint bench
+.PHONY: setup run dev serve test lint bench
 
 setup:
 	./scripts/setup.sh
@@ -9,6 +9,11 @@ run: setup
 
 dev: setup
 	.venv/bin/uvicorn main:app --host 127.0.0.1 --port 8000 --reload --reload-dir app --reload-dir colbert_patches
+
+# Production: WEB_CONCURRENCY workers, graceful shutdown, settings from
+# COLBERT_SERVER_* or .env (scripts/serve.sh; the Docker image's entry point).
+serve: setup
+	./scripts/serve.sh
 
 test: setup
 	./scripts/setup-browser.sh
