@@ -68,7 +68,8 @@ async function api(method, path, options) {
   return response.status === 204 ? null : response.json();
 }
 
-const collectionPath = (name) => `/v1/collections/${encodeURIComponent(name)}`;
+// Paths relative to the page, so it also works under a proxy's path prefix.
+const collectionPath = (name) => `v1/collections/${encodeURIComponent(name)}`;
 const documentPath = (collection, id) => `${collectionPath(collection)}/documents/${encodeURIComponent(id)}`;
 
 // ---------------------------------------------------------------- helpers
@@ -154,7 +155,7 @@ async function loadCollections(select) {
   const errorBox = $("collections-error");
   const picker = $("collection");
   try {
-    collections = (await api("GET", "/v1/collections")).collections;
+    collections = (await api("GET", "v1/collections")).collections;
     clearError(errorBox);
   } catch (err) {
     showError(errorBox, err);
@@ -178,7 +179,7 @@ function setupCollections() {
   $("refresh-collections").addEventListener("click", () => loadCollections());
   onSubmit($("create-form"), $("collections-error"), async () => {
     const input = $("new-collection");
-    const created = await api("POST", "/v1/collections", { json: { name: input.value.trim() } });
+    const created = await api("POST", "v1/collections", { json: { name: input.value.trim() } });
     input.value = "";
     await loadCollections(created.name);
   });
@@ -218,7 +219,7 @@ async function pollJob(jobId) {
   while (activeJob === jobId) {
     let job;
     try {
-      job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+      job = await api("GET", `v1/jobs/${encodeURIComponent(jobId)}`);
     } catch (err) {
       showError(errorBox, err);
       return;
