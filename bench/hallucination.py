@@ -140,20 +140,20 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
-def best_f1_threshold(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """The threshold (midpoint between neighbouring scores) with the best F1 for the supported class."""
+def best_f1_thresholds(scores: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
+    """The lowest and highest threshold (midpoints between neighbouring scores) with the best F1 for the
+    supported class."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     values = np.unique(scores)
     candidates = np.concatenate([[values[0] - 1e-9], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-9]])
-    best, best_f1 = 0.5, -1.0
+    f1 = []
     for t in candidates:
         predicted = scores >= t
         tp = (predicted & labels).sum()
-        f1 = 2 * tp / (predicted.sum() + labels.sum()) if tp else 0.0
-        if f1 > best_f1:
-            best, best_f1 = float(t), f1
-    return best
+        f1.append(2 * tp / (predicted.sum() + labels.sum()) if tp else 0.0)
+    best = np.flatnonzero(np.isclose(f1, max(f1)))
+    return float(candidates[best[0]]), float(candidates[best[-1]])
 
 
 def accuracy(scores: Sequence[float], labels: Sequence[bool], threshold: float) -> float:
@@ -303,8 +303,9 @@ def main() -> None:
             min((int8.calibrate(float(x.mean())) if x.size else 0.0 for x in support), default=1.0)
             for support, _ in cal_features
         ]
-        threshold = best_f1_threshold(cal_scores, cal_labels)
-        print(f"F1-best threshold on the calibration set: {threshold:.3f}")
+        low, high = best_f1_thresholds(cal_scores, cal_labels)
+        threshold = (low + high) / 2
+        print(f"F1-best thresholds on the calibration set: {low:.3f} to {high:.3f} (middle {threshold:.3f})")
 
         scorers = {"fp32 torch": torch32, "fp32 ONNX": onnx32, "int8 ONNX": int8}
         wall, cpu, scores = time_scorers(scorers, examples)
