@@ -25,9 +25,12 @@ ENV VENV=/opt/venv \
 WORKDIR /app
 COPY . .
 RUN ./scripts/setup.sh && rm -rf /root/.cache/pip
-RUN python -m models.prepare --models-dir /opt/models
+# Readable by the final stage's user (some steps write through private temp dirs).
+RUN python -m models.prepare --models-dir /opt/models \
+ && chmod -R a+rX /opt/models
 RUN python -c "from colbert_patches.scorer import load_extensions; load_extensions()" \
- && ls /opt/torch_extensions/*/*.so
+ && ls /opt/torch_extensions/*/*.so \
+ && chmod -R a+rX /opt/torch_extensions
 
 FROM ${PYTHON_IMAGE}
 ENV VENV=/opt/venv \
@@ -42,7 +45,7 @@ ENV VENV=/opt/venv \
     UVICORN_PORT=8000 \
     WEB_CONCURRENCY=1 \
     UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=30
-RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/colbert colbert \
+RUN useradd --user-group --uid 10001 --create-home --home-dir /home/colbert colbert \
  && mkdir /data \
  && chown colbert:colbert /data
 COPY --from=builder /opt/venv /opt/venv
