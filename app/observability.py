@@ -109,6 +109,19 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.answer_seconds = Histogram(
+            "colbert_answer_duration_seconds",
+            "Answer latency by stage (retrieve, generate, check, total)",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.answers = Counter(
+            "colbert_answers",
+            "Answers by hallucination label (supported, unsupported, refused, empty)",
+            ["label"],
+            registry=registry,
+        )
 
 
 class Metrics:

@@ -1,12 +1,12 @@
 """Answer benchmark on msmarco-mini with the default offline LM.
 
-A collection of every passage judged for the 43 queries plus a seeded sample
-of the rest; each judged query is asked through ``POST .../answer`` (k=5,
+A collection of each judged query's best-graded passages plus a seeded
+sample of unjudged ones; each judged query is asked through ``POST .../answer`` (k=5,
 in-process ASGI, so the figures are the server's own work). Reports the
 latency p50/p95 (total, generation, check), how often the citations include
-a passage judged relevant, and the hallucination scores.
+a passage judged relevant (grade 2 or 3), and the hallucination scores.
 
-    python -m bench.answer [--extra 500] [--k 5] [--stream]
+    python -m bench.answer [--per-query 10] [--extra 300] [--k 5] [--stream]
 """
 
 from __future__ import annotations
@@ -35,10 +35,13 @@ def percentile(values: list[float], p: float) -> float:
 
 async def run(args) -> dict:
     corpus, queries, qrels = load()
-    judged_ids = {d for q in qrels.values() for d in q}
+    # Each query's best-graded judged passages (TREC DL grades 1-3) and a
+    # seeded sample of unjudged ones.
     rng = random.Random(args.seed)
+    judged_ids = {d for q in qrels.values() for d in q}
+    picked = {d for q in qrels.values() for d, _ in sorted(q.items(), key=lambda x: -x[1])[: args.per_query]}
     others = [d for d in corpus if d["_id"] not in judged_ids]
-    chosen = [d for d in corpus if d["_id"] in judged_ids] + rng.sample(others, min(args.extra, len(others)))
+    chosen = [d for d in corpus if d["_id"] in picked] + rng.sample(others, min(args.extra, len(others)))
     data_dir = Path(tempfile.mkdtemp(prefix="answer-bench-"))
     settings = Settings(
         _env_file=None,
@@ -65,7 +68,7 @@ async def run(args) -> dict:
 
         rows = []
         for qid, judged in qrels.items():
-            relevant = {d for d, g in judged.items() if g > 0}
+            relevant = {d for d, g in judged.items() if g >= 2}
             body = {"question": queries[qid], "k": args.k}
             t0 = time.perf_counter()
             if args.stream:
@@ -131,7 +134,8 @@ async def run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extra", type=int, default=500, help="unjudged passages added to the collection")
+    parser.add_argument("--per-query", type=int, default=10, help="judged passages per query, best grades first")
+    parser.add_argument("--extra", type=int, default=300, help="unjudged passages added to the collection")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument(

@@ -195,9 +195,17 @@ class AnswerService:
             "took_ms": {name: round(value * 1000, 1) for name, value in timings.items()},
         }
 
-    def _refuse_if_unsupported(self, response: dict) -> None:
+    def _observe(self, timings: dict, label: str) -> None:
+        metrics = self.search.metrics
+        for stage, seconds in timings.items():
+            metrics.answer_seconds.labels(stage).observe(seconds)
+        metrics.answers.labels(label).inc()
+
+    def _refuse_if_unsupported(self, response: dict, timings: dict) -> None:
         report = response["hallucination"]
-        if self.settings.answer_unsupported == "refuse" and report is not None and report["label"] != "supported":
+        refuse = self.settings.answer_unsupported == "refuse" and report is not None and report["label"] != "supported"
+        self._observe(timings, "refused" if refuse else report["label"] if report else "empty")
+        if refuse:
             raise AnswerUnsupported(
                 f"the answer scored {report['score']:.2f}, under the support threshold {report['threshold']:.2f}",
                 # Score only: the sentences would give the withheld answer away.
@@ -224,7 +232,7 @@ class AnswerService:
             "total": done - started,
         }
         response = self._response(question, hits, result, report, timings)
-        self._refuse_if_unsupported(response)
+        self._refuse_if_unsupported(response, timings)
         return response
 
     def _empty(self, question: str, started: float) -> dict:
@@ -300,7 +308,7 @@ class AnswerService:
             "total": done - started,
         }
         response = self._response(question, hits, result, report, timings)
-        self._refuse_if_unsupported(response)
+        self._refuse_if_unsupported(response, timings)
         if hold:
             yield "token", {"text": response["answer"]}
         yield "citations", response["citations"]

@@ -58,6 +58,11 @@ def readiness(request: Request) -> tuple[bool, str, dict]:
             "last_error": writer.last_error,
             "lease_holder_pid": os.getpid() if held else _lease_holder(writer.lease.path),
         }
+    answers = getattr(state, "answers", None)
+    if answers is not None:
+        # Reported, not required: search serves while the answer LM loads or
+        # when it cannot load (the answer endpoint then says 503 itself).
+        details["answers"] = answers.state()
     if startup is not None and startup.done() and not startup.cancelled() and startup.exception() is not None:
         return False, f"start-up failed ({type(startup.exception()).__name__}); see the server log", details
     if not details["models_loaded"]:
