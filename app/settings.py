@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     answer_lm_retries: int = Field(default=2, ge=0)
     # A local transformers causal LM directory or .gguf file instead of the bundled one.
     answer_lm_path: str = ""
-    answer_max_new_tokens: int = Field(default=96, ge=1, le=4096)
+    answer_max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    answer_repetition_penalty: float = Field(default=1.0, ge=1.0, le=2.0, description="local LMs only")
     answer_k: int = Field(default=5, ge=1, le=50)
     answer_passage_chars: int = Field(default=1200, ge=50, description="each passage is cut to this many characters")
     # Load the LM (and the hallucination scorer) at start-up, in the

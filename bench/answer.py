@@ -63,7 +63,7 @@ async def run(args) -> dict:
             r.raise_for_status()
         indexed_s = time.perf_counter() - started
         # Wait for the LM and scorer to load, so the first answer is not a cold start.
-        answers = manager.app.state.answers
+        answers = app.state.answers
         await answers.ensure_loaded()
 
         rows = []

@@ -18,6 +18,7 @@ events. Callers run both off the event loop.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,13 +26,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dspy
+import torch
 from dspy.lm15 import Message, Response, StreamDeltaEvent, StreamEndEvent, StreamStartEvent, TextDelta, TextPart, Usage
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LOCAL_PREFIX = "local/"
+
+
+class _SentenceLimit(StoppingCriteria):
+    """Stop once the new text holds ``limit`` complete sentences."""
+
+    _END = re.compile(r"[.!?](?:\s|$)")
+
+    def __init__(self, tokenizer, limit: int):
+        self.tokenizer = tokenizer
+        self.limit = limit
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.prompt_length is None:
+            self.prompt_length = input_ids.shape[1]
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
+        done = len(self._END.findall(text)) >= self.limit and text.rstrip()[-1:] in ".!?"
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
 
 class LocalEngine:
@@ -41,7 +63,9 @@ class LocalEngine:
     request or the engine's cap, whichever is smaller.
     """
 
-    def __init__(self, path: str | Path, max_new_tokens: int, name: str):
+    def __init__(
+        self, path: str | Path, max_new_tokens: int, name: str, repetition_penalty: float = 1.0, max_sentences: int = 2
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,9 +74,14 @@ class LocalEngine:
         source = path.parent if kwargs else path
         self.name = name
         self.max_new_tokens = max_new_tokens
+        self.repetition_penalty = repetition_penalty
+        self.max_sentences = max_sentences
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
         self.lock = threading.Lock()
+        # The first generate() with stop strings indexes the whole vocabulary
+        # (seconds); pay that at load time, not on the first request.
+        self.generate([{"role": "user", "content": "Hi"}], max_tokens=2)
 
     # -- plain text interface -------------------------------------------------
 
@@ -64,7 +93,19 @@ class LocalEngine:
     def _generate_kwargs(self, max_tokens: int | None) -> dict:
         cap = min(max_tokens or self.max_new_tokens, self.max_new_tokens)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return {"max_new_tokens": cap, "do_sample": False, "pad_token_id": pad}
+        return {
+            "max_new_tokens": cap,
+            "do_sample": False,
+            "pad_token_id": pad,
+            # Small models loop ("X:\n\nX:\n\n...") and ramble: stop at a
+            # blank line or after the sentences the prompt asks for. (A
+            # repetition penalty would also count the prompt's passages and
+            # push the model away from quoting them; it is off by default.)
+            "repetition_penalty": self.repetition_penalty,
+            "stop_strings": ["\n\n"],
+            "tokenizer": self.tokenizer,
+            "stopping_criteria": StoppingCriteriaList([_SentenceLimit(self.tokenizer, self.max_sentences)]),
+        }
 
     def generate(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, int, int]:
         """The completion text and the input and output token counts."""
@@ -201,7 +242,7 @@ def load_answer_lm(settings: Settings) -> AnswerLM:
         from models.convert_answer_lm import ensure_answer_lm
 
         path = ensure_answer_lm(settings.models_dir)
-    engine = LocalEngine(path, settings.answer_max_new_tokens, name)
+    engine = LocalEngine(path, settings.answer_max_new_tokens, name, settings.answer_repetition_penalty)
     lm = dspy.LM(name, engine=engine, cache=False, temperature=0.0, max_tokens=settings.answer_max_new_tokens)
     log.info("answer LM: %s loaded in %.1f s", name, time.perf_counter() - started)
     return AnswerLM(name=name, lm=lm, engine=engine)
