@@ -14,6 +14,7 @@ import pytest
 
 from app.answer.lm import load_answer_lm
 from app.answer.program import AnswerProgram, marked_citations, strip_markers
+from app.answer.service import AnswerService
 from tests.conftest import RunningApp, make_settings
 from tests.fake_openai import FakeOpenAIServer
 
@@ -186,61 +187,59 @@ async def test_bad_answer_requests(answer_app):
     assert r.status_code == 422
 
 
-async def test_unsupported_answers_are_flagged_or_refused(tmp_path, checkpoint_dir, shared_models_dir):
+async def test_unsupported_answers_are_flagged_or_refused(answer_app, fake_lm):
     """An LM that answers off the passages: flagged by default, refused
     (422, nothing streamed) when the setting says so."""
-
-    def off_topic(messages):
-        return "Quantum chromodynamics describes the strong interaction between quarks and gluons."
-
-    with FakeOpenAIServer(reply=off_topic) as fake:
-        for policy in ("flag", "refuse"):
-            running = RunningApp(
-                make_settings(
-                    tmp_path / policy,
-                    checkpoint_dir,
-                    models_dir=shared_models_dir,
-                    answer_lm="openai/fake-model",
-                    answer_lm_base_url=fake.base_url,
-                    answer_unsupported=policy,
-                )
-            )
-            client = await running.start()
-            try:
-                await client.post("/v1/collections", json={"name": "facts"})
-                await client.post("/v1/collections/facts/documents", json={"documents": DOCS})
-                question = {"question": "How tall is the Eiffel Tower?", "k": 2}
-                r = await client.post("/v1/collections/facts/answer", json=question)
-                if policy == "flag":
-                    assert r.status_code == 200, r.text
-                    assert r.json()["hallucination"]["label"] == "unsupported"
-                    assert r.json()["answer"].startswith("Quantum")
-                else:
-                    assert r.status_code == 422, r.text
-                    error = r.json()["error"]
-                    assert error["code"] == "answer_unsupported"
-                    assert error["details"]["hallucination"]["label"] == "unsupported"
-                    r = await client.post("/v1/collections/facts/answer", json={**question, "stream": True})
-                    assert r.status_code == 422 and "Quantum" not in r.text
-            finally:
-                await running.stop()
-
-
-async def test_no_lm_gives_a_clear_error_and_search_still_works(tmp_path, checkpoint_dir, shared_models_dir):
-    running = RunningApp(
-        make_settings(
-            tmp_path, checkpoint_dir, models_dir=shared_models_dir, answer_lm_path=str(tmp_path / "no-such-model")
-        )
+    client = answer_app.client
+    settings = answer_app.app.state.answers.settings
+    question = {"question": "How tall is the Eiffel Tower?", "k": 2}
+    copy_passage = fake_lm.reply
+    fake_lm.reply = lambda messages: (
+        "Quantum chromodynamics describes the strong interaction between quarks and gluons."
     )
-    client = await running.start()
     try:
-        await client.post("/v1/collections", json={"name": "facts"})
-        await client.post("/v1/collections/facts/documents", json={"documents": DOCS})
+        r = await client.post("/v1/collections/facts/answer", json=question)
+        assert r.status_code == 200, r.text
+        assert r.json()["hallucination"]["label"] == "unsupported"
+        assert r.json()["answer"].startswith("Quantum")
+
+        settings.answer_unsupported = "refuse"
+        r = await client.post("/v1/collections/facts/answer", json=question)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["code"] == "answer_unsupported"
+        assert error["details"]["hallucination"]["label"] == "unsupported"
+        r = await client.post("/v1/collections/facts/answer", json={**question, "stream": True})
+        assert r.status_code == 422 and "Quantum" not in r.text
+
+        fake_lm.reply = copy_passage  # a supported answer still passes under refuse
+        r = await client.post("/v1/collections/facts/answer", json=question)
+        assert r.status_code == 200 and r.json()["hallucination"]["label"] == "supported"
+    finally:
+        fake_lm.reply = copy_passage
+        settings.answer_unsupported = "flag"
+
+
+async def test_no_lm_gives_a_clear_error_and_search_still_works(answer_app, tmp_path):
+    """An answer service whose LM cannot load, in place of the app's own."""
+    state = answer_app.app.state
+    working = state.answers
+    broken = AnswerService(
+        working.settings.model_copy(update={"answer_lm": "", "answer_lm_path": str(tmp_path / "no-such-model")}),
+        state.service,
+    )
+    await broken.astart()
+    state.answers = broken
+    client = answer_app.client
+    try:
         r = await client.post("/v1/collections/facts/answer", json={"question": "How tall is the Eiffel Tower?"})
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "answer_unavailable"
         assert "no-such-model" in r.json()["error"]["message"]
+        r = await client.get("/ready")
+        assert r.status_code == 200 and r.json()["answers"]["state"] == "failed"
         r = await client.post("/v1/collections/facts/search", json={"query": "Eiffel Tower height", "k": 2})
         assert r.status_code == 200 and r.json()["results"][0]["document_id"] == "eiffel"
     finally:
-        await running.stop()
+        state.answers = working
+        await broken.astop()

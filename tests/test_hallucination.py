@@ -46,10 +46,10 @@ def settings_for(tmp_path, models_dir, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hallucination-models")
-    ensure_hallucination_model(path)
-    return path
+def models_dir(shared_models_dir):
+    """The session's models_dir (conftest), so the answer tests reuse this export."""
+    ensure_hallucination_model(shared_models_dir)
+    return shared_models_dir
 
 
 @pytest.fixture(scope="session")

@@ -37,10 +37,14 @@ log = logging.getLogger(__name__)
 LOCAL_PREFIX = "local/"
 
 
-class _SentenceLimit(StoppingCriteria):
-    """Stop once the new text holds ``limit`` complete sentences."""
+class _AnswerEnd(StoppingCriteria):
+    """Stop once the new text holds ``limit`` complete sentences, or at a
+    blank line after some content (small models open with a lead-in such as
+    "The answer is:" and a blank line, then answer; and after answering they
+    ramble on in new paragraphs)."""
 
     _END = re.compile(r"[.!?](?:\s|$)")
+    _LEAD_IN = re.compile(r"^\W*(?:the\s+)?answer(?:\s+to\s+(?:the|this|your)\s+question)?(?:\s+is)?\W*$", re.I)
 
     def __init__(self, tokenizer, limit: int):
         self.tokenizer = tokenizer
@@ -49,10 +53,12 @@ class _SentenceLimit(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs):
         if self.prompt_length is None:
-            self.prompt_length = input_ids.shape[1]
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            self.prompt_length = input_ids.shape[1] - 1
         text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
         done = len(self._END.findall(text)) >= self.limit and text.rstrip()[-1:] in ".!?"
+        if not done:
+            finished = text.lstrip().split("\n\n")[:-1]  # paragraphs followed by a blank line
+            done = any(part.strip() and not self._LEAD_IN.match(part) for part in finished)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
 
@@ -79,9 +85,7 @@ class LocalEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs).eval()
         self.lock = threading.Lock()
-        # The first generate() with stop strings indexes the whole vocabulary
-        # (seconds); pay that at load time, not on the first request.
-        self.generate([{"role": "user", "content": "Hi"}], max_tokens=2)
+        self.generate([{"role": "user", "content": "Hi"}], max_tokens=2)  # warm up
 
     # -- plain text interface -------------------------------------------------
 
@@ -102,9 +106,7 @@ class LocalEngine:
             # repetition penalty would also count the prompt's passages and
             # push the model away from quoting them; it is off by default.)
             "repetition_penalty": self.repetition_penalty,
-            "stop_strings": ["\n\n"],
-            "tokenizer": self.tokenizer,
-            "stopping_criteria": StoppingCriteriaList([_SentenceLimit(self.tokenizer, self.max_sentences)]),
+            "stopping_criteria": StoppingCriteriaList([_AnswerEnd(self.tokenizer, self.max_sentences)]),
         }
 
     def generate(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, int, int]:
