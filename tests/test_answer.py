@@ -12,7 +12,7 @@ import logging
 import dspy
 import pytest
 
-from app.answer.lm import load_answer_lm
+from app.answer.lm import _AnswerEnd, load_answer_lm
 from app.answer.program import AnswerProgram, marked_citations, strip_markers
 from app.answer.service import AnswerService
 from tests.conftest import RunningApp, make_settings
@@ -55,6 +55,24 @@ def test_markers_are_parsed_and_removed():
     assert marked_citations("Paris [1]. Also [2, 3] and [2].") == [1, 2, 3]
     assert strip_markers("The answer to the question is: Paris [1] .") == "Paris."
     assert strip_markers("No markers here.") == "No markers here."
+    # Loops and dangling announcements of small models are dropped.
+    assert strip_markers("Exon definition:\n\nExon definition:\nAn exon is coded DNA.\nExon definition:") == (
+        "Exon definition:\n\nAn exon is coded DNA."
+    )
+    assert strip_markers("Definition of X:") == "Definition of X:"
+
+
+def test_local_lm_stops_at_the_end_of_an_answer():
+    # Two sentences, or a blank line after a paragraph with content, or a loop.
+    assert _AnswerEnd.finished("Paris is big. It is old.", 2)
+    assert _AnswerEnd.finished("Paris is the capital.\n\nMore", 2)
+    assert _AnswerEnd.finished("X:\n\nX:\n\n", 2)
+    # List markers end no sentence; a lead-in or a line ending in a colon is no content.
+    assert not _AnswerEnd.finished("1. 1.", 2)
+    assert not _AnswerEnd.finished("1. Active margins\n2.", 2)
+    assert not _AnswerEnd.finished("The answer is:\n\n", 2)
+    assert not _AnswerEnd.finished("Anthropological definition of environment:\n\nIt is the world. ", 2)
+    assert _AnswerEnd.finished("1. Paris is big. It is old.", 2)
 
 
 def test_program_through_litellm_against_a_fake_server(caplog):

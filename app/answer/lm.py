@@ -39,11 +39,17 @@ LOCAL_PREFIX = "local/"
 
 class _AnswerEnd(StoppingCriteria):
     """Stop once the new text holds ``limit`` complete sentences, or at a
-    blank line after some content (small models open with a lead-in such as
-    "The answer is:" and a blank line, then answer; and after answering they
-    ramble on in new paragraphs)."""
+    blank line after a paragraph with content.
+
+    Small models open with a lead-in ("The answer is:", "Definition of X:")
+    and a blank line, then answer; and after answering they ramble on in new
+    paragraphs. A paragraph ending in a colon announces what follows, so it
+    does not count as content; nor does a list marker ("1.") count as the
+    end of a sentence.
+    """
 
     _END = re.compile(r"[.!?](?:\s|$)")
+    _LIST_MARKER = re.compile(r"(?m)^\s*(?:\d{1,3}|[A-Za-z])[.)](?=\s|$)")
     _LEAD_IN = re.compile(r"^\W*(?:the\s+)?answer(?:\s+to\s+(?:the|this|your)\s+question)?(?:\s+is)?\W*$", re.I)
 
     def __init__(self, tokenizer, limit: int):
@@ -51,15 +57,26 @@ class _AnswerEnd(StoppingCriteria):
         self.limit = limit
         self.prompt_length: int | None = None
 
+    @classmethod
+    def is_content(cls, paragraph: str) -> bool:
+        text = cls._LIST_MARKER.sub("", paragraph).strip()
+        return bool(text) and not text.endswith(":") and not cls._LEAD_IN.match(text)
+
+    @classmethod
+    def finished(cls, text: str, limit: int) -> bool:
+        prose = cls._LIST_MARKER.sub("", text)
+        if len(cls._END.findall(prose)) >= limit and prose.rstrip()[-1:] in ".!?":
+            return True
+        paragraphs = [part.strip() for part in text.lstrip().split("\n\n")[:-1]]  # followed by a blank line
+        if len(set(paragraphs)) < len(paragraphs):  # a loop: the model repeats itself
+            return True
+        return any(cls.is_content(part) for part in paragraphs)
+
     def __call__(self, input_ids, scores, **kwargs):
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1] - 1
         text = self.tokenizer.decode(input_ids[0, self.prompt_length :], skip_special_tokens=True)
-        done = len(self._END.findall(text)) >= self.limit and text.rstrip()[-1:] in ".!?"
-        if not done:
-            finished = text.lstrip().split("\n\n")[:-1]  # paragraphs followed by a blank line
-            done = any(part.strip() and not self._LEAD_IN.match(part) for part in finished)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.finished(text, self.limit), dtype=torch.bool)
 
 
 class LocalEngine:

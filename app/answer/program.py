@@ -47,7 +47,7 @@ class PassageAdapter(dspy.Adapter):
 
     def format(self, signature, demos, inputs) -> list[dict]:
         passages = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(inputs["passages"], start=1))
-        user = f"Passages:\n{passages}\n\nQuestion: {inputs['question']}"
+        user = f"Passages:\n{passages}\n\nQuestion: {inputs['question']}\n\nAnswer the question in one or two sentences, using the passages."
         return [{"role": "system", "content": signature.instructions}, {"role": "user", "content": user}]
 
     def parse(self, signature, completion: str) -> dict:
@@ -65,8 +65,25 @@ def marked_citations(text: str) -> list[int]:
     return seen
 
 
+def drop_repeats(text: str) -> str:
+    """The text without lines that repeat an earlier line (small models loop) and without a
+    trailing line that only announces more ("Definition of X:")."""
+    kept: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        key = " ".join(line.split()).lower()
+        if key and key in seen:
+            continue
+        seen.add(key)
+        kept.append(line)
+    while len(kept) > 1 and (not kept[-1].strip() or kept[-1].rstrip().endswith(":")):
+        kept.pop()
+    return "\n".join(kept)
+
+
 def strip_markers(text: str) -> str:
     text = re.sub(r"[ \t]+([.,;:!?])", r"\1", _MARKER_GROUP.sub("", text)).strip()
+    text = drop_repeats(text).strip()
     cleaned = _LEAD_IN.sub("", text, count=1).strip()
     return cleaned[:1].upper() + cleaned[1:] if cleaned else text
 
