@@ -18,7 +18,10 @@ Why not optimum: the issue asks for an export "with optimum". The only optimum
 ONNX exporter is the ``optimum-onnx`` package (optimum >= 2 moved the exporters
 there); its release 0.1.0 requires ``transformers<4.58`` and ``optimum~=2.1``,
 while this project pins ``transformers==5.23.0`` (the colbert-ai patches need
-it), and installing it downgrades transformers. So the export uses
+it), and installing it downgrades transformers. optimum 1.27.0, the last
+release with the exporter in the main package, declares no upper bound but
+fails to import under transformers 5 (``cannot import name 'is_tf_available'
+from 'transformers'``, tried 2026-11-24). So the export uses
 ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``; dynamic
 batch and sequence axes, opset 17), which is what optimum calls underneath for
 these architectures, and ``onnxruntime.quantization.quantize_dynamic``, which
