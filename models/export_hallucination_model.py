@@ -37,13 +37,11 @@ directory and renamed into place).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
+
+from models.staging import build_once, staged_directory
 
 OPSET = 17
 FP32_FILE = "model.onnx"
@@ -195,9 +193,7 @@ def export_model(
     from transformers import AutoConfig, AutoTokenizer
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    with staged_directory(dest, DONE_MARKER) as tmp:
         if model:
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
             template, foundation = pair_input_format(config)
@@ -241,30 +237,13 @@ def export_model(
         quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
         tokenizer.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        (tmp / DONE_MARKER).write_text("ok\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the server may run as another user than the exporter
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 def ensure_hallucination_model(models_dir: Path, model: str = "", trust_remote_code: bool = False) -> Path:
     """The export of ``model`` (empty: the bundled MiniLM) under ``models_dir``, exporting it once."""
-    models_dir = Path(models_dir)
-    dest = models_dir / model_dir_name(model)
-    if (dest / DONE_MARKER).exists():
-        return dest
-    models_dir.mkdir(parents=True, exist_ok=True)
-    # Several server processes may start at once: one exports, the others wait.
-    with open(models_dir / f".{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / DONE_MARKER).exists():
-            return dest
-        return export_model(dest, model, trust_remote_code)
+    dest = Path(models_dir) / model_dir_name(model)
+    return build_once(dest, DONE_MARKER, lambda: export_model(dest, model, trust_remote_code))
 
 
 def main() -> None:

@@ -191,6 +191,19 @@ async def test_answer_streams_tokens_then_citations_and_score(answer_app):
     assert events[-2][1] == done["hallucination"] and done["hallucination"]["label"] == "supported"
 
 
+async def test_streamed_events_survive_unicode_line_separators(answer_app):
+    # U+2028, U+2029 and U+0085 are line ends to str.splitlines (and to httpx's line reader):
+    # every data line must still be one whole JSON document.
+    question = "What are bananas\u2028rich in?\u0085 \u2029ok"
+    r = await answer_app.client.post(
+        "/v1/collections/facts/answer", json={"question": question, "k": 2, "stream": True}
+    )
+    assert r.status_code == 200
+    r.content.decode("ascii")
+    data = [json.loads(line[len("data: ") :]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1]["question"] == question
+
+
 async def test_bad_answer_requests(answer_app):
     client = answer_app.client
     r = await client.post("/v1/collections/facts/answer", json={"question": ""})

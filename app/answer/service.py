@@ -43,6 +43,16 @@ class AnswerUnsupported(ServerError):
     code = "answer_unsupported"
 
 
+def stage_timings(started: float, retrieved: float, generated: float, done: float) -> dict[str, float]:
+    """Seconds per answer stage, from the stage boundaries."""
+    return {
+        "retrieve": retrieved - started,
+        "generate": generated - retrieved,
+        "check": done - generated,
+        "total": done - started,
+    }
+
+
 def hit_out(hit: SearchHit) -> dict:
     h = hit.hit
     return {
@@ -224,13 +234,7 @@ class AnswerService:
         result = await self._run(self._generate, question, self._passages(hits))
         t_generated = time.perf_counter()
         report = await self._run(self._check, result.answer, hits)
-        done = time.perf_counter()
-        timings = {
-            "retrieve": t_retrieved - started,
-            "generate": t_generated - t_retrieved,
-            "check": done - t_generated,
-            "total": done - started,
-        }
+        timings = stage_timings(started, t_retrieved, t_generated, time.perf_counter())
         response = self._response(question, hits, result, report, timings)
         self._refuse_if_unsupported(response, timings)
         return response
@@ -300,13 +304,7 @@ class AnswerService:
         t_generated = time.perf_counter()
         result = await self._run(self.program.finish_text, "".join(pieces), passages)
         report = await self._run(self._check, result.answer, hits)
-        done = time.perf_counter()
-        timings = {
-            "retrieve": t_retrieved - started,
-            "generate": t_generated - t_retrieved,
-            "check": done - t_generated,
-            "total": done - started,
-        }
+        timings = stage_timings(started, t_retrieved, t_generated, time.perf_counter())
         response = self._response(question, hits, result, report, timings)
         self._refuse_if_unsupported(response, timings)
         if hold:

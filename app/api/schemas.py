@@ -166,23 +166,6 @@ class AnswerRequest(Strict):
     stream: StrictBool = Field(default=False, description="server-sent events: token, citations, hallucination, done")
 
 
-class CitationOut(BaseModel):
-    number: int = Field(description="1-based position in `context`, as in the prompt's [n]")
-    source: Literal["model", "attribution"] = Field(
-        description="model: marked by the LM and confirmed; attribution: matched by ColBERT MaxSim"
-    )
-    document_id: str
-    chunk_id: int
-    chunk_index: int
-    text: str
-    score: float
-    rank: int
-    title: str | None
-    metadata: dict[str, Any]
-    page: int | None = None
-    heading: str | None = None
-
-
 class ContextOut(BaseModel):
     document_id: str
     chunk_id: int
@@ -194,6 +177,13 @@ class ContextOut(BaseModel):
     metadata: dict[str, Any]
     page: int | None = None
     heading: str | None = None
+
+
+class CitationOut(ContextOut):
+    number: int = Field(description="1-based position in `context`, as in the prompt's [n]")
+    source: Literal["model", "attribution"] = Field(
+        description="model: marked by the LM and confirmed; attribution: matched by ColBERT MaxSim"
+    )
 
 
 class SentenceSupportOut(BaseModel):

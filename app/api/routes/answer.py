@@ -25,7 +25,9 @@ AnswersDep = Annotated[AnswerService, Depends(get_answers)]
 
 
 def _sse(event: str, data) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    # ASCII JSON: text can hold U+2028, U+2029 or U+0085, which clients that
+    # split lines with str.splitlines (httpx among them) take for line ends.
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=True)}\n\n".encode()
 
 
 @router.post(
