@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     answer_lm_base_url: str | None = None
     answer_lm_api_key: SecretStr | None = None
     answer_lm_retries: int = Field(default=2, ge=0)
+    # Seconds a LiteLLM call may take (each try); a stalled provider must not
+    # hold the answer thread, which every answer and check waits for.
+    answer_lm_timeout: float = Field(default=60.0, gt=0)
     # A local transformers causal LM directory or .gguf file instead of the bundled one.
     answer_lm_path: str = ""
     answer_max_new_tokens: int = Field(default=64, ge=1, le=4096)

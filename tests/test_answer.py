@@ -218,6 +218,15 @@ async def test_bad_answer_requests(answer_app):
     assert r.status_code == 422
 
 
+async def test_lone_surrogate_in_a_question_is_refused(answer_app):
+    r = await answer_app.client.post(
+        "/v1/collections/facts/answer",
+        content=b'{"question": "\\ud800?"}',
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+
+
 async def test_unsupported_answers_are_flagged_or_refused(answer_app, fake_lm):
     """An LM that answers off the passages: flagged by default, refused
     (422, nothing streamed) when the setting says so."""
@@ -267,8 +276,9 @@ async def test_no_lm_gives_a_clear_error_and_search_still_works(answer_app, tmp_
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "answer_unavailable"
         assert "no-such-model" in r.json()["error"]["message"]
-        r = await client.get("/ready")
+        r = await client.get("/ready")  # public: it names the failure, not its text (paths)
         assert r.status_code == 200 and r.json()["answers"]["state"] == "failed"
+        assert str(tmp_path) not in r.text and r.json()["answers"]["error"].startswith("FileNotFoundError")
         r = await client.post("/v1/collections/facts/search", json={"query": "Eiffel Tower height", "k": 2})
         assert r.status_code == 200 and r.json()["results"][0]["document_id"] == "eiffel"
     finally:

@@ -56,3 +56,34 @@ async def test_default_lm_cites_a_judged_relevant_passage(msmarco, tmp_path, che
         assert body["hallucination"]["sentences"]
     finally:
         await running.stop()
+
+
+def test_closing_a_stream_stops_the_local_generation(shared_models_dir, tmp_path):
+    """A client that goes away mid-stream frees the engine: generation stops at the next token
+    instead of running on to the token cap while holding the engine's lock."""
+    from app.answer.lm import load_answer_lm
+    from app.settings import Settings
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, models_dir=shared_models_dir, answer_max_new_tokens=64)
+    engine = load_answer_lm(settings).engine
+    generated: list[int] = []
+    original = engine.model.generate
+
+    def counting_generate(**kwargs):
+        out = original(**kwargs)
+        generated.append(int(out.shape[1] - kwargs["input_ids"].shape[1]))
+        return out
+
+    engine.model.generate = counting_generate
+    # No sentence end and no blank line: only the cap or a cancellation stops it.
+    messages = [{"role": "user", "content": "Count from 1 to 200, numbers separated by commas, nothing else."}]
+    stream = engine.generate_stream(messages)
+    assert next(stream)
+    stream.close()  # what the answer service does when the client disconnects
+    assert engine.lock.acquire(timeout=30)  # the generation thread has let go of the engine
+    engine.lock.release()
+    assert generated and generated[0] < 32, generated
+
+    generated.clear()
+    assert "".join(engine.generate_stream(messages))  # read to the end: runs to the cap
+    assert generated == [64]

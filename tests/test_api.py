@@ -203,6 +203,15 @@ async def test_bad_input_changes_nothing(client):
         assert_error(r, r.status_code)
     r = await client.post(f"{coll}/documents", content=b'{"documents": [', headers={"content-type": "application/json"})
     assert_error(r, 400)
+    # JSON allows lone surrogates; neither the tokenizer nor SQLite takes them.
+    json_headers = {"content-type": "application/json"}
+    for raw in (
+        b'{"documents": [{"id": "s", "text": "bad \\ud800 text"}]}',
+        b'{"documents": [{"id": "\\udfff", "text": "ok"}]}',
+        b'{"documents": [{"id": "s", "text": "ok", "metadata": {"k": ["\\ud800"]}}]}',
+    ):
+        assert_error(await client.post(f"{coll}/documents", content=raw, headers=json_headers), 422)
+    assert_error(await client.post(f"{coll}/search", content=b'{"query": "\\ud800"}', headers=json_headers), 422)
     for k in (0, -1, 1001, "10", 2.5):
         assert_error(await client.post(f"{coll}/search", json={"query": "x", "k": k}), 422)
     assert_error(await client.post(f"{coll}/search", json={"query": ""}), 422)

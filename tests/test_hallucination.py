@@ -137,7 +137,7 @@ def test_empty_answer_and_empty_context(scorer):
     for empty in ("", "   \n"):
         report = scorer.score(empty, [PARIS])
         assert report.sentences == [] and report.score == 1.0 and report.label == SUPPORTED
-    for contexts in ([], ["", "  "]):
+    for contexts in ([], ["", "  "], ["\x00\x01\x02"]):  # the last one tokenizes to nothing
         report = scorer.score("Paris is the capital of France.", contexts)
         assert len(report.sentences) == 1
         assert report.score == 0.0 and report.label == UNSUPPORTED

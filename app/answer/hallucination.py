@@ -249,7 +249,9 @@ class TokenAlignmentScorer:
         encoding, sentence_rows, owners, sentence_keep = self._windows(sentences)
         vectors = self._encode(sentence_rows + context_rows)
         sentence_vectors, context_vectors = vectors[: len(sentence_rows)], vectors[len(sentence_rows) :]
-        context_matrix = np.concatenate([v[np.array(k)] for v, k in zip(context_vectors, context_keep)])
+        context_matrix = np.concatenate([v[np.array(k, dtype=bool)] for v, k in zip(context_vectors, context_keep)])
+        if not len(context_matrix):  # contexts of special tokens only (control characters): nothing supports
+            return [np.zeros(0, dtype=np.float32) for _ in sentences]
         per_sentence: list[list[np.ndarray]] = [[] for _ in sentences]
         fallback: list[list[np.ndarray]] = [[] for _ in sentences]
         for i, owner in enumerate(owners):

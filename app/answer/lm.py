@@ -79,6 +79,16 @@ class _AnswerEnd(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.finished(text, self.limit), dtype=torch.bool)
 
 
+class _Cancelled(StoppingCriteria):
+    """Stop when the reader of a streamed generation has gone."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
 class LocalEngine:
     """A DSPy engine over a transformers causal LM on this machine.
 
@@ -138,28 +148,38 @@ class LocalEngine:
         return self.tokenizer.decode(new, skip_special_tokens=True), n_in, int(new.shape[0])
 
     def generate_stream(self, messages: list[dict], max_tokens: int | None = None) -> Iterator[str]:
-        """Text pieces as they are decoded (generation runs in a helper thread)."""
+        """Text pieces as they are decoded (generation runs in a helper thread).
+
+        Closing the iterator early (the client went away) stops the generation
+        at the next token, so the engine is free for the next request.
+        """
         import torch
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         failure: list[BaseException] = []
+        cancelled = threading.Event()
+        kwargs = self._generate_kwargs(max_tokens)
+        kwargs["stopping_criteria"].append(_Cancelled(cancelled))
 
         def run() -> None:
             try:
                 with self.lock, torch.inference_mode():
-                    self.model.generate(**inputs, **self._generate_kwargs(max_tokens), streamer=streamer)
+                    self.model.generate(**inputs, **kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced to the reader below
                 failure.append(exc)
                 streamer.end()
 
         thread = threading.Thread(target=run, name="answer-lm-stream", daemon=True)
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            cancelled.set()
+            thread.join()
         if failure:
             raise failure[0]
 
@@ -244,6 +264,7 @@ def load_answer_lm(settings: Settings) -> AnswerLM:
             "model": settings.answer_lm,
             "temperature": 0.0,
             "max_tokens": settings.answer_max_new_tokens,
+            "timeout": settings.answer_lm_timeout,
         }
         if settings.answer_lm_base_url:
             kwargs["api_base"] = settings.answer_lm_base_url
@@ -257,6 +278,8 @@ def load_answer_lm(settings: Settings) -> AnswerLM:
 
     if settings.answer_lm_path:
         path = Path(settings.answer_lm_path).expanduser()
+        if not path.exists():  # transformers would take it for a hub name and say so obscurely
+            raise FileNotFoundError(f"answer_lm_path: no file or directory {path}")
     else:
         from models.convert_answer_lm import ensure_answer_lm
 

@@ -76,7 +76,8 @@ class AnswerService:
         self.lm = None
         self.scorer = None
         self.program: AnswerProgram | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # public (/ready): the failure's type only
+        self._error_detail = ""  # for the answer endpoint's 503 (behind the API key when keys are set)
         self._failed_at = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
         self._load_lock = asyncio.Lock()
@@ -102,7 +103,8 @@ class AnswerService:
         if self._preload is not None:
             self._preload.cancel()
             await asyncio.gather(self._preload, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Off the loop: the job in progress may be waiting on it (attribution runs a search).
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     def state(self) -> dict:
         if self.program is not None:
@@ -140,14 +142,17 @@ class AnswerService:
             if self.program is not None:
                 return
             if self.error is not None and time.monotonic() - self._failed_at < RETRY_LOAD_AFTER_S:
-                raise AnswerUnavailable(f"no answer model could be loaded: {self.error}")
+                raise AnswerUnavailable(f"no answer model could be loaded: {self._error_detail}")
             try:
                 lm, scorer = await self._run(self._load)
             except Exception as exc:  # any loader failure becomes a clear 503, not a 500
-                self.error = f"{type(exc).__name__}: {exc}"
+                # /ready is public: it and the 503 name the failure; its text (paths,
+                # hub or provider messages) goes to the log only.
+                self.error = f"{type(exc).__name__} (see the server log)"
+                self._error_detail = f"{type(exc).__name__}: {self._redact(str(exc))}"
                 self._failed_at = time.monotonic()
-                log.error("answer models failed to load: %s", self.error)
-                raise AnswerUnavailable(f"no answer model could be loaded: {self.error}") from exc
+                log.error("answer models failed to load: %s", self._error_detail)
+                raise AnswerUnavailable(f"no answer model could be loaded: {self._error_detail}") from exc
             self.lm, self.scorer = lm, scorer
             self.program = AnswerProgram(attribute=self._attribute)
             self.error = None
@@ -174,16 +179,26 @@ class AnswerService:
         import dspy
 
         try:
-            with dspy.context(lm=self.lm.lm):
+            # No history: DSPy would keep every prompt (all k passages) and response in memory.
+            with dspy.context(lm=self.lm.lm, disable_history=True):
                 prediction = self.program(question=question, passages=passages)
+        except ServerError:
+            raise  # not the LM's failure (attribution's search, say): its own status
         except Exception as exc:
             raise self._lm_failed(exc) from exc
         return AnswerResult(answer=prediction.answer, citations=prediction.citations)
 
+    def _redact(self, text: str) -> str:
+        """``text`` without the LM's API key (providers echo request URLs, some with the key in them)."""
+        key = self.settings.answer_lm_api_key
+        secret = key.get_secret_value() if key is not None else ""
+        return text.replace(secret, "[redacted]") if secret else text
+
     def _lm_failed(self, exc: Exception) -> AnswerLMFailed:
-        # The message names the failure, not its text: a provider's error
-        # text can echo request details.
-        log.error("answer LM %s failed: %s", self.lm.name, type(exc).__name__, exc_info=exc)
+        # The response names the failure, not its text: a provider's error text
+        # can echo request details. The log gets the text, with the key
+        # redacted, and no traceback (its frames' reprs are not redacted).
+        log.error("answer LM %s failed: %s: %s", self.lm.name, type(exc).__name__, self._redact(str(exc)))
         return AnswerLMFailed(f"the answer LM ({self.lm.name}) failed: {type(exc).__name__}")
 
     def _check(self, answer: str, hits: list[SearchHit]):
