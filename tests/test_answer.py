@@ -227,6 +227,22 @@ async def test_lone_surrogate_in_a_question_is_refused(answer_app):
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
+async def test_an_empty_answer_gets_a_note_and_no_support_label(answer_app, fake_lm):
+    copy_passage = fake_lm.reply
+    fake_lm.reply = lambda messages: " [1] "  # a marker and nothing else
+    try:
+        for stream in (False, True):
+            r = await answer_app.client.post(
+                "/v1/collections/facts/answer", json={"question": "How tall is the Eiffel Tower?", "stream": stream}
+            )
+            assert r.status_code == 200, r.text
+            body = r.json() if not stream else parse_sse(r.text)[-1][1]
+            assert body["answer"] == "" and body["hallucination"] is None and body["citations"] == []
+            assert body["note"] == "the model gave no answer from these passages"
+    finally:
+        fake_lm.reply = copy_passage
+
+
 async def test_unsupported_answers_are_flagged_or_refused(answer_app, fake_lm):
     """An LM that answers off the passages: flagged by default, refused
     (422, nothing streamed) when the setting says so."""

@@ -202,6 +202,8 @@ class AnswerService:
         return AnswerLMFailed(f"the answer LM ({self.lm.name}) failed: {type(exc).__name__}")
 
     def _check(self, answer: str, hits: list[SearchHit]):
+        if not answer.strip():  # nothing claimed, nothing to score: no "supported" label for an empty answer
+            return None
         return self.scorer.score(answer, [h.hit.text for h in hits])
 
     def _response(self, question: str, hits, result: AnswerResult, report, timings: dict) -> dict:
@@ -218,6 +220,7 @@ class AnswerService:
             "context": [hit_out(h) for h in hits],
             "model": self.lm.name if self.lm is not None else None,
             "took_ms": {name: round(value * 1000, 1) for name, value in timings.items()},
+            "note": None if result.answer.strip() else "the model gave no answer from these passages",
         }
 
     def _observe(self, timings: dict, label: str) -> None:

@@ -351,7 +351,8 @@ function renderHallucination(check) {
 }
 
 function renderAnswer(collection, result) {
-  $("answer-text").textContent = result.answer;
+  // No answer (nothing matched, or the model said nothing): the server's note says why.
+  $("answer-text").textContent = result.answer || result.note || "";
   renderCitations(collection, result.citations);
   renderHallucination(result.hallucination);
   $("answer-model").textContent = result.model ? `model ${result.model}` : "";
