@@ -243,6 +243,9 @@ async def test_body_over_the_limit_gets_413_and_stores_nothing(secured):
     assert MAX_REQUEST < len(text) < MAX_UPLOAD
     r = await client.post("/v1/collections/limits/files", files=[("files", ("moss.txt", text))], headers=RW)
     assert r.status_code == 202, r.text
+    # The upload limit belongs to the files route: declaring multipart elsewhere buys nothing.
+    r = await client.post("/v1/collections/limits/documents", files=[("files", ("moss.txt", text))], headers=RW)
+    assert_error(r, 413, "payload_too_large")
     # Without a key, an oversized body is refused for the key first, unread.
     assert_error(await client.post("/v1/collections/limits/documents", json=big), 401)
 

@@ -125,11 +125,14 @@ class _BodyTooLarge(Exception):
     pass
 
 
+_UPLOAD_PATH = re.compile(r"/v1/collections/[^/]+/files/?$")
+
+
 class BodyLimitMiddleware:
     """413 in the JSON error shape for a body over the limit: at once when
     Content-Length says so, else as soon as a chunked body grows past it
     (whatever the route was doing with the partial body is discarded).
-    Multipart uploads have their own, larger limit."""
+    Multipart uploads to the files route have their own, larger limit."""
 
     def __init__(self, app: ASGIApp, max_request_bytes: int, max_upload_bytes: int):
         self.app = app
@@ -141,7 +144,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        upload = headers.get("content-type", "").lower().startswith("multipart/")
+        # The upload limit is for the upload route only: a client cannot buy
+        # the larger limit for another route by declaring a multipart body.
+        upload = headers.get("content-type", "").lower().startswith("multipart/") and bool(
+            _UPLOAD_PATH.search(scope["path"])
+        )
         limit = self.max_upload_bytes if upload else self.max_request_bytes
         what = "upload" if upload else "request body"
         declared = headers.get("content-length", "")
