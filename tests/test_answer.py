@@ -172,11 +172,19 @@ async def test_answer_cites_the_passage_it_used(answer_app, fake_lm):
     assert "[1] Eiffel Tower: The Eiffel Tower is 330 metres tall." in prompt
 
 
-async def test_answer_streams_tokens_then_citations_and_score(answer_app):
+async def test_answer_streams_tokens_then_citations_and_score(answer_app, fake_lm):
     client = answer_app.client
-    r = await client.post(
-        "/v1/collections/facts/answer", json={"question": "What are bananas rich in?", "k": 2, "stream": True}
+    copy_passage = fake_lm.reply
+    # A lead-in, as small models write: held back and dropped from the stream, as from the answer.
+    fake_lm.reply = lambda messages: (
+        "The answer is: " + copy_passage(messages).replace("potassium.", "potassium. They grow in tropical climates.")
     )
+    try:
+        r = await client.post(
+            "/v1/collections/facts/answer", json={"question": "What are bananas rich in?", "k": 2, "stream": True}
+        )
+    finally:
+        fake_lm.reply = copy_passage
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = parse_sse(r.text)
@@ -184,9 +192,9 @@ async def test_answer_streams_tokens_then_citations_and_score(answer_app):
     assert kinds[-3:] == ["citations", "hallucination", "done"]
     tokens = [d["text"] for e, d in events if e == "token"]
     assert len(tokens) > 3 and set(kinds[: len(tokens)]) == {"token"}
-    assert "".join(tokens) == "Bananas are rich in potassium. [1]"
+    assert "".join(tokens) == "Bananas are rich in potassium. They grow in tropical climates. [1]"
     done = events[-1][1]
-    assert done["answer"] == "Bananas are rich in potassium."
+    assert done["answer"] == "Bananas are rich in potassium. They grow in tropical climates."
     assert [c["document_id"] for c in done["citations"]] == ["banana"]
     assert events[-2][1] == done["hallucination"] and done["hallucination"]["label"] == "supported"
 

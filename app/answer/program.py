@@ -65,6 +65,16 @@ def marked_citations(text: str) -> list[int]:
     return seen
 
 
+# Characters of a completion's start to read before streaming it: enough to
+# see a lead-in ("The answer to the question is:") whole.
+LEAD_IN_WINDOW = 40
+
+
+def without_lead_in(text: str) -> str:
+    """``text`` without a lead-in such as "The answer is:" at its start."""
+    return _LEAD_IN.sub("", text, count=1)
+
+
 def drop_repeats(text: str) -> str:
     """The text without lines that repeat an earlier line (small models loop) and without a
     trailing line that only announces more ("Definition of X:")."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from app.answer.program import AnswerProgram, AnswerResult
+from app.answer.program import LEAD_IN_WINDOW, AnswerProgram, AnswerResult, without_lead_in
 from app.engine.service import SearchHit, SearchService
 from app.errors import ServerError
 from app.settings import Settings
@@ -289,6 +289,7 @@ class AnswerService:
         messages = self.program.messages(question, passages)
         hold = self.settings.answer_unsupported == "refuse"
         pieces: list[str] = []
+        opened = False  # the start of the completion has been streamed
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         stop = threading.Event()
@@ -314,8 +315,22 @@ class AnswerService:
                 if isinstance(item, BaseException):
                     raise self._lm_failed(item) from item
                 pieces.append(item)
-                if not hold:
+                if hold:
+                    continue
+                if not opened:
+                    # The start is held until a lead-in ("The answer is:") would be
+                    # whole, so the streamed text reads like the final answer.
+                    head = "".join(pieces)
+                    if len(head) < LEAD_IN_WINDOW and "\n" not in head:
+                        continue
+                    opened = True
+                    item = without_lead_in(head).lstrip()
+                if item:
                     yield "token", {"text": item}
+            if not hold and not opened and pieces:  # a short answer: the stream ended inside the window
+                head = without_lead_in("".join(pieces)).lstrip()
+                if head:
+                    yield "token", {"text": head}
         finally:
             stop.set()
             await asyncio.shield(producer)
