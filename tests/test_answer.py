@@ -13,7 +13,7 @@ import dspy
 import pytest
 
 from app.answer.lm import _AnswerEnd, load_answer_lm
-from app.answer.program import AnswerProgram, marked_citations, strip_markers
+from app.answer.program import AnswerProgram, marked_citations, may_become_lead_in, strip_markers
 from app.answer.service import AnswerService
 from tests.conftest import RunningApp, make_settings
 from tests.fake_openai import FakeOpenAIServer
@@ -60,6 +60,9 @@ def test_markers_are_parsed_and_removed():
         "Exon definition:\n\nAn exon is coded DNA."
     )
     assert strip_markers("Definition of X:") == "Definition of X:"
+    # A stream holds its start only while it may still become a lead-in.
+    assert may_become_lead_in("The answer") and may_become_lead_in("The answer to the question is")
+    assert not may_become_lead_in("The Salvation") and not may_become_lead_in("The answer is: Paris")
 
 
 def test_local_lm_stops_at_the_end_of_an_answer():

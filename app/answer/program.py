@@ -65,9 +65,18 @@ def marked_citations(text: str) -> list[int]:
     return seen
 
 
-# Characters of a completion's start to read before streaming it: enough to
-# see a lead-in ("The answer to the question is:") whole.
-LEAD_IN_WINDOW = 40
+_LEAD_IN_FORMS = tuple(
+    f"{the}answer{to} is"
+    for the in ("the ", "")
+    for to in ("", " to the question", " to this question", " to your question")
+)
+
+
+def may_become_lead_in(text: str) -> bool:
+    """Whether a completion's start could still grow into a lead-in ("The answer is"):
+    a stream holds it back until that is decided."""
+    words = " ".join(text.lower().split())
+    return any(form.startswith(words) for form in _LEAD_IN_FORMS)
 
 
 def without_lead_in(text: str) -> str:

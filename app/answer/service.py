@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from app.answer.program import LEAD_IN_WINDOW, AnswerProgram, AnswerResult, without_lead_in
+from app.answer.program import AnswerProgram, AnswerResult, may_become_lead_in, without_lead_in
 from app.engine.service import SearchHit, SearchService
 from app.errors import ServerError
 from app.settings import Settings
@@ -290,6 +290,7 @@ class AnswerService:
         hold = self.settings.answer_unsupported == "refuse"
         pieces: list[str] = []
         opened = False  # the start of the completion has been streamed
+        started_text = False  # some text of it has been sent
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         stop = threading.Event()
@@ -318,16 +319,19 @@ class AnswerService:
                 if hold:
                     continue
                 if not opened:
-                    # The start is held until a lead-in ("The answer is:") would be
-                    # whole, so the streamed text reads like the final answer.
+                    # The start is held while it may become a lead-in ("The answer
+                    # is:"), so the streamed text reads like the final answer.
                     head = "".join(pieces)
-                    if len(head) < LEAD_IN_WINDOW and "\n" not in head:
+                    if may_become_lead_in(head):
                         continue
                     opened = True
-                    item = without_lead_in(head).lstrip()
+                    item = without_lead_in(head)
+                if not started_text:  # the answer's first text: no space before it
+                    item = item.lstrip()
+                    started_text = bool(item)
                 if item:
                     yield "token", {"text": item}
-            if not hold and not opened and pieces:  # a short answer: the stream ended inside the window
+            if not hold and not opened and pieces:  # the stream ended while its start was held
                 head = without_lead_in("".join(pieces)).lstrip()
                 if head:
                     yield "token", {"text": head}
