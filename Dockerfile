@@ -24,7 +24,7 @@ ENV VENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY . .
-RUN ./scripts/setup.sh && rm -rf /root/.cache/pip
+RUN ./scripts/setup.sh && rm -rf /root/.cache/pip && chmod -R a+rX /app
 # Readable by the final stage's user (some steps write through private temp dirs).
 RUN python -m models.prepare --models-dir /opt/models \
  && chmod -R a+rX /opt/models

@@ -8,11 +8,14 @@
 # Options (each also from the environment):
 #   --build-number N   BUILD_NUMBER     required; letters, digits, '.' and '_'
 #   --registry HOST    ECR_REGISTRY     required; <account>.dkr.ecr.<region>.amazonaws.com
-#   --region R         AWS_REGION       default: the registry's region
+#   --region R                          the registry's region (the default; another one is refused:
+#                                       AWS_REGION, often set for other AWS calls, is not used)
 #   --repository NAME  ECR_REPOSITORY   default: colbert-server
 #   --dry-run                           print every command instead of running it
 set -euo pipefail
-cd "${0%/*}/.."
+# The repository root, in plain bash (as serve.sh);
+# "bash release.sh" run from scripts/ has no slash in $0.
+case $0 in */*) cd "${0%/*}/.." ;; *) cd .. ;; esac
 
 die() {
   echo "release: $*" >&2
@@ -21,7 +24,7 @@ die() {
 
 build_number=${BUILD_NUMBER:-}
 registry=${ECR_REGISTRY:-}
-region=${AWS_REGION:-}
+region=
 repository=${ECR_REPOSITORY:-colbert-server}
 dry_run=0
 while [ $# -gt 0 ]; do
@@ -43,7 +46,9 @@ version=$(tr -d '[:space:]' < VERSION)
 [ -n "$registry" ] || die "no registry: pass --registry <account>.dkr.ecr.<region>.amazonaws.com or set ECR_REGISTRY"
 [[ $registry =~ ^[0-9]{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?$ ]] ||
   die "registry '$registry' is not an ECR registry (<account>.dkr.ecr.<region>.amazonaws.com)"
-region=${region:-${BASH_REMATCH[1]}}
+[ -z "$region" ] || [ "$region" = "${BASH_REMATCH[1]}" ] ||
+  die "--region $region differs from the registry's region ${BASH_REMATCH[1]}: the login would fail"
+region=${BASH_REMATCH[1]}
 [[ $repository =~ ^[a-z0-9]+([._/-][a-z0-9]+)*$ ]] || die "repository '$repository' is not a valid ECR repository name"
 
 image=$registry/$repository

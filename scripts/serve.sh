@@ -12,7 +12,9 @@
 #   VENV=.venv                              (the image: /opt/venv)
 # Further arguments go to uvicorn (e.g. --log-level warning).
 set -euo pipefail
-cd "${0%/*}/.."
+# The repository root, in plain bash (no dirname: the image's PATH is minimal);
+# "bash serve.sh" run from scripts/ has no slash in $0.
+case $0 in */*) cd "${0%/*}/.." ;; *) cd .. ;; esac
 exec "${VENV:-.venv}/bin/uvicorn" main:app \
   --host "${UVICORN_HOST:-127.0.0.1}" \
   --port "${UVICORN_PORT:-8000}" \

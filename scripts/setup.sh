@@ -16,6 +16,17 @@ EXTRAS=${EXTRAS-test}
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
+# A venv of another Python (a wrong PYTHON, no python3.11 at first) or without
+# pip (an interrupted creation) is made anew rather than failing on every run.
+# Only a virtual environment (pyvenv.cfg) is removed; a conda prefix is not.
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys, pip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  if [ ! -f "$VENV/pyvenv.cfg" ]; then
+    echo "setup: $VENV has no working Python 3.11 with pip" >&2
+    exit 1
+  fi
+  echo "setup: $VENV is not a working Python 3.11 environment; creating it anew" >&2
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

@@ -189,7 +189,9 @@ def expected_tags() -> tuple[str, list[str]]:
 
 def test_release_dry_run_prints_build_login_and_three_pushes(fake_tools):
     bin_dir, log = fake_tools
-    result = release("--dry-run", env={"BUILD_NUMBER": "42", "ECR_REGISTRY": REGISTRY}, path=bin_dir)
+    # AWS_REGION (set for other AWS calls) does not move the login away from the registry's region.
+    env = {"BUILD_NUMBER": "42", "ECR_REGISTRY": REGISTRY, "AWS_REGION": "us-east-1"}
+    result = release("--dry-run", env=env, path=bin_dir)
     assert result.returncode == 0, result.stderr
     assert not log.exists(), "a dry run ran commands"
     version, tags = expected_tags()
@@ -227,6 +229,7 @@ def test_release_runs_the_commands_in_order(fake_tools):
         (["--dry-run", "--registry", "docker.io"], {"BUILD_NUMBER": "42"}, "not an ECR registry"),
         (["--dry-run", "--build-number"], {"ECR_REGISTRY": REGISTRY}, "needs a value"),
         (["--push-everything"], {"BUILD_NUMBER": "42", "ECR_REGISTRY": REGISTRY}, "unknown argument"),
+        (["--dry-run", "--region", "us-east-1"], {"BUILD_NUMBER": "42", "ECR_REGISTRY": REGISTRY}, "differs"),
     ],
 )
 def test_release_refuses_missing_or_bad_input(fake_tools, args, env, message):
