@@ -23,8 +23,18 @@ from dataclasses import dataclass, field
 
 import dspy
 
-# Small models like to open with "The answer to the question is:".
-_LEAD_IN = re.compile(r"^\s*(?:the\s+)?answer(?:\s+to\s+(?:the|this|your)\s+question)?\s+is\s*:?[\s.:]*", re.IGNORECASE)
+# Small models like to open with "The answer to the question is:". One list
+# of the forms serves both the regex that removes a lead-in and the prefix test
+# a stream holds its start back by.
+_LEAD_IN_FORMS = tuple(
+    f"{the}answer{to} is"
+    for the in ("the ", "")
+    for to in ("", " to the question", " to this question", " to your question")
+)
+_LEAD_IN = re.compile(
+    r"^\s*(?:" + "|".join(r"\s+".join(map(re.escape, form.split())) for form in _LEAD_IN_FORMS) + r")\s*:?[\s.:]*",
+    re.IGNORECASE,
+)
 _MARKER_GROUP = re.compile(r"\s*\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 
 
@@ -63,13 +73,6 @@ def marked_citations(text: str) -> list[int]:
             if n not in seen:
                 seen.append(n)
     return seen
-
-
-_LEAD_IN_FORMS = tuple(
-    f"{the}answer{to} is"
-    for the in ("the ", "")
-    for to in ("", " to the question", " to this question", " to your question")
-)
 
 
 def may_become_lead_in(text: str) -> bool:
