@@ -81,13 +81,11 @@ class AnswerService:
         self._failed_at = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer")
         self._load_lock = asyncio.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._preload: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
     async def astart(self) -> None:
-        self._loop = asyncio.get_running_loop()
         if self.settings.answer_preload:
             self._preload = asyncio.create_task(self._preload_when_search_ready())
 
@@ -159,8 +157,7 @@ class AnswerService:
 
     def _attribute(self, answer: str, passages: list[str]) -> list[float]:
         """ColBERT MaxSim of the answer against each passage (called on the answer thread)."""
-        future = asyncio.run_coroutine_threadsafe(self.search.rerank(answer, passages), self._loop)
-        return future.result(timeout=120)
+        return self.search.rerank_blocking(answer, passages)
 
     # -- answering ---------------------------------------------------------
 

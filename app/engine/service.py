@@ -425,6 +425,12 @@ class SearchService:
         encoder = self._require_ready()
         return await self._run(encoder.maxsim, query, texts)
 
+    def rerank_blocking(self, query: str, texts: list[str]) -> list[float]:
+        """:meth:`rerank` for a caller on another thread (the answer program):
+        it waits for the search thread directly, not through the event loop."""
+        encoder = self._require_ready()
+        return self._executor.submit(encoder.maxsim, query, texts).result()
+
     # -- files and jobs ----------------------------------------------------
 
     async def submit_files(self, name: str, files: list[UploadedFile], metadata: dict | None) -> str:
