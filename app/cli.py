@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.engine.service import SearchService, UploadedFile
 from app.errors import CollectionNotFound, ServerError
+from app.service import SearchService, UploadedFile
 from app.settings import Settings
 
 

@@ -14,8 +14,8 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import install_middleware
 from app.api.routes import answer, collections, documents, files, health, search
 from app.api.routes.web import install_web
-from app.engine.service import SearchService
 from app.observability import Metrics, configure_logging
+from app.service import SearchService
 from app.settings import Settings
 
 logger = logging.getLogger("app")

@@ -11,11 +11,12 @@ import os
 import sqlite3
 import sys
 from contextvars import ContextVar
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+from app.store.stats import read_store_stats
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -162,46 +163,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _job_state(files: int, queued: int, failed: int, attempts: int, indexing: int) -> str:
-    # The same rule as SearchService.job_status, over aggregated counts.
-    if queued == files and not attempts:
-        return "queued"
-    if queued or indexing:
-        return "running"
-    if failed == files:
-        return "failed"
-    return "done"
-
-
-def read_store_stats(database: Path) -> dict:
-    """Index sizes, queue depth and job states, read from SQLite (read-only)."""
-    if not database.exists():
-        return {"collections": [], "jobs": {}, "queued_files": 0}
-    conn = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=5)
-    try:
-        collections = conn.execute(
-            """SELECT c.name, c.generation,
-                 (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'live'),
-                 (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
-                   WHERE d.collection_id = c.id AND d.state = 'live'),
-                 (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'pending'),
-                 (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
-                   WHERE d.collection_id = c.id AND d.state = 'pending')
-               FROM collections c ORDER BY c.name"""
-        ).fetchall()
-        jobs = {state: 0 for state in ("queued", "running", "done", "failed")}
-        for row in conn.execute(
-            """SELECT COUNT(*), SUM(f.state = 'queued'), SUM(f.state = 'failed'), SUM(f.attempts),
-                      SUM(f.state = 'added' AND d.state = 'pending')
-               FROM job_files f LEFT JOIN documents d ON d.id = f.doc_row GROUP BY f.job_id"""
-        ):
-            jobs[_job_state(*(int(v or 0) for v in row))] += 1
-        queued_files = conn.execute("SELECT COUNT(*) FROM job_files WHERE state = 'queued'").fetchone()[0]
-    finally:
-        conn.close()
-    return {"collections": collections, "jobs": jobs, "queued_files": queued_files}
-
-
 class ServerCollector:
     """Gauges read at scrape time: index sizes and queues from the store (the
     same in every process), model and writer state of this process."""
@@ -219,11 +180,11 @@ class ServerCollector:
         up = GaugeMetricFamily("colbert_models_loaded", "1 once the models are loaded in this process")
         up.add_metric([], float(bool(service and service.ready)))
         yield up
-        writer = getattr(service, "writer", None)
+        writer = service.writer_state() if service is not None else None
         role = GaugeMetricFamily(
             "colbert_index_writer", "Index writer state of this process (1 = true)", labels=["state"]
         )
-        role.add_metric(["lease_held"], float(bool(writer and writer.lease.held)))
+        role.add_metric(["lease_held"], float(bool(writer and writer.role == "writer")))
         role.add_metric(["thread_alive"], float(bool(writer and writer.alive)))
         role.add_metric(["busy"], float(bool(writer and writer.busy)))
         role.add_metric(["last_step_failed"], float(bool(writer and writer.last_error)))
@@ -251,14 +212,14 @@ class ServerCollector:
                 "colbert_collection_pending_chunks", "Chunks waiting for the index writer", labels=labels
             ),
         }
-        for name, *values in stats["collections"]:
-            for family, value in zip(families.values(), values):
-                family.add_metric([name], float(value))
+        for collection in stats.collections:
+            for key, family in families.items():
+                family.add_metric([collection.name], float(getattr(collection, key)))
         yield from families.values()
         queued = GaugeMetricFamily("colbert_job_files_queued", "Uploaded files waiting for text extraction")
-        queued.add_metric([], float(stats["queued_files"]))
+        queued.add_metric([], float(stats.queued_files))
         yield queued
         jobs = GaugeMetricFamily("colbert_jobs", "Upload jobs by state", labels=["state"])
-        for job_state, count in stats["jobs"].items():
+        for job_state, count in stats.jobs.items():
             jobs.add_metric([job_state], float(count))
         yield jobs

@@ -285,7 +285,7 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
             q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries
         }
         collection_id = (await service.store.get_collection("plaid")).id
-        assert service._cache[collection_id].snapshot.kind == "plaid"
+        assert service.snapshots.cached(collection_id).snapshot.kind == "plaid"
         assert all(len(v) == 10 for v in before.values())
         assert all("doc-3" not in [d for d, _ in v] for v in before.values())
     finally:
@@ -303,7 +303,7 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
 
 async def test_many_small_commits_keep_segment_count_bounded(client, app_env):
     from app.engine.index import IndexFiles
-    from app.engine.writer import MAX_SEGMENTS
+    from app.engine.plaid import MAX_SEGMENTS
 
     await create(client, "small-commits")
     animals = ["aardvark", "bison", "camel", "dingo", "eland", "ferret", "gecko", "heron", "ibis", "jackal"]
@@ -313,7 +313,7 @@ async def test_many_small_commits_keep_segment_count_bounded(client, app_env):
     row = await service.store.get_collection("small-commits")
     manifest = IndexFiles(service.settings.index_root / str(row.id)).read_manifest(row.manifest)
     assert row.generation >= 40
-    assert len(manifest["segments"]) <= MAX_SEGMENTS
+    assert len(manifest.segments) <= MAX_SEGMENTS
     for i in (0, 13, 39):
         hits = await search(client, "small-commits", f"the {animals[i % 10]} number {i}", k=5)
         assert f"n{i}" in [h["document_id"] for h in hits]

@@ -45,7 +45,7 @@ async def test_filter_with_one_percent_matching_returns_k(client, filtered_colle
     hits = await run(client, query="football committee", k=3, filter={"team": "rare"})
     service = app_env.app.state.service
     row = await service.store.get_collection("filtered")
-    assert service._cache[row.id].snapshot.kind == "plaid"
+    assert service.snapshots.cached(row.id).snapshot.kind == "plaid"
     assert len(hits) == 3
     assert {h["document_id"] for h in hits} == {"doc-7", "doc-107", "doc-207"}
     assert all(h["metadata"]["team"] == "rare" for h in hits)

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from app.answer.program import AnswerProgram, AnswerResult, may_become_lead_in, without_lead_in
-from app.engine.service import SearchHit, SearchService
 from app.errors import ServerError
+from app.service import SearchHit, SearchService
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

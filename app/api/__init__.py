@@ -1,1 +1,1 @@
-"""HTTP layer: routes, schemas, error mapping. Thin over app.engine.service."""
+"""HTTP layer: routes, schemas, error mapping. Thin over app.service."""

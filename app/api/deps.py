@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.engine.service import SearchService
+from app.service import SearchService
 from app.settings import Settings
 
 

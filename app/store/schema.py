@@ -10,6 +10,8 @@ always names the same chunk text.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SCHEMA = """
@@ -103,6 +105,22 @@ def connect(path: Path) -> sqlite3.Connection:
     for pragma in PRAGMAS:
         conn.execute(pragma)
     return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction on a synchronous connection: committed when the
+    block ends, rolled back on any exception. ``BEGIN IMMEDIATE`` takes the
+    write lock up front, so a transaction never fails half-way on a lock
+    another process took after its first read. (``Store.transaction`` is the
+    same rule for the async request path.)"""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def initialise(path: Path) -> None:

@@ -7,14 +7,16 @@ import json
 import re
 import sqlite3
 import time
-import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
-from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, JobNotFound
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.store.filters import compile_filter
+from app.store.jobs import Jobs
 from app.store.schema import PRAGMAS, initialise
 
 
@@ -60,6 +62,7 @@ class Store:
         # One connection serves every request: writes (and their explicit
         # transactions) must not interleave on it.
         self._write_lock = asyncio.Lock()
+        self.jobs = Jobs(self)
 
     async def open(self) -> None:
         initialise(self.path)
@@ -77,6 +80,20 @@ class Store:
     def db(self) -> aiosqlite.Connection:
         assert self._db is not None, "store is not open"
         return self._db
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on the shared connection (the same rule as
+        :func:`app.store.schema.transaction`): writes of concurrent requests
+        take turns, each committed whole or rolled back."""
+        async with self._write_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
 
     async def _one(self, sql: str, params=()):
         async with self.db.execute(sql, params) as cur:
@@ -141,16 +158,9 @@ class Store:
         Returns (external_id, row id) per document; row id None means the
         live version already has this exact content (nothing to do).
         """
-        async with self._write_lock:
-            return await self._insert_pending(collection_id, docs, job_file)
-
-    async def _insert_pending(
-        self, collection_id: int, docs: list[NewDocument], job_file: int | None
-    ) -> list[tuple[str, int | None]]:
         now = time.time()
         out: list[tuple[str, int | None]] = []
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction():
             async with self.db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)) as cur:
                 if await cur.fetchone() is None:
                     raise CollectionNotFound("the collection was deleted")
@@ -195,10 +205,6 @@ class Store:
                     "UPDATE job_files SET state = ?, doc_row = ?, chunks = ?, data = NULL WHERE id = ?",
                     ("unchanged" if row is None else "added", row, len(docs[0].chunks), job_file),
                 )
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return out
 
     async def document_states(self, doc_ids: list[int]) -> dict[int, tuple[str, str | None]]:
@@ -249,12 +255,7 @@ class Store:
 
     async def delete_document(self, collection_id: int, external_id: str) -> None:
         """Tombstone every live or pending version; visible to search at once."""
-        async with self._write_lock:
-            await self._delete_document(collection_id, external_id)
-
-    async def _delete_document(self, collection_id: int, external_id: str) -> None:
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self.transaction():
             cur = await self.db.execute(
                 """UPDATE documents SET state = 'deleted', updated_at = ?
                    WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')""",
@@ -263,10 +264,6 @@ class Store:
             if cur.rowcount == 0:
                 raise DocumentNotFound(f"document {external_id!r} does not exist")
             await self.db.execute("UPDATE collections SET version = version + 1 WHERE id = ?", (collection_id,))
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
 
     # -- search support ----------------------------------------------------
 
@@ -341,71 +338,3 @@ class Store:
             (match, collection_id, *params, k),
         )
         return [(r[0], float(r[1])) for r in rows]
-
-    # -- jobs --------------------------------------------------------------
-
-    async def create_job(self, collection_id: int, files: list[dict]) -> str:
-        """Store an upload durably: each file dict has filename, document_id,
-        metadata, data, and optionally error (refused before processing)."""
-        job_id = uuid.uuid4().hex
-        now = time.time()
-        async with self._write_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.execute(
-                    "INSERT INTO jobs(id, collection_id, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (job_id, collection_id, now, now),
-                )
-                await self.db.executemany(
-                    """INSERT INTO job_files(job_id, filename, document_id, metadata, data, state, error)
-                       VALUES (?, ?, ?, ?, ?, ?, ?)""",
-                    [
-                        (
-                            job_id,
-                            f["filename"],
-                            f["document_id"],
-                            json.dumps(f.get("metadata") or {}, sort_keys=True, ensure_ascii=False),
-                            None if f.get("error") else f["data"],
-                            "failed" if f.get("error") else "queued",
-                            f.get("error"),
-                        )
-                        for f in files
-                    ],
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-        return job_id
-
-    async def next_queued_file(self) -> dict | None:
-        row = await self._one(
-            """SELECT f.id, f.job_id, f.filename, f.document_id, f.metadata, f.data, f.attempts, j.collection_id
-               FROM job_files f JOIN jobs j ON j.id = f.job_id WHERE f.state = 'queued' ORDER BY f.id LIMIT 1"""
-        )
-        return dict(row) if row else None
-
-    async def fail_job_file(self, file_id: int, error: str | None, final: bool) -> None:
-        async with self._write_lock:
-            if final:
-                await self.db.execute(
-                    "UPDATE job_files SET state = 'failed', error = ?, data = NULL, attempts = attempts + 1 WHERE id = ?",
-                    (error, file_id),
-                )
-            else:
-                await self.db.execute("UPDATE job_files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
-
-    async def get_job(self, job_id: str) -> dict:
-        job = await self._one(
-            """SELECT j.id, j.created_at, c.name AS collection FROM jobs j JOIN collections c ON c.id = j.collection_id
-               WHERE j.id = ?""",
-            (job_id,),
-        )
-        if job is None:
-            raise JobNotFound(f"job {job_id!r} does not exist")
-        files = await self._all(
-            """SELECT f.filename, f.document_id, f.state, f.error, f.chunks, f.attempts, d.state AS doc_state
-               FROM job_files f LEFT JOIN documents d ON d.id = f.doc_row WHERE f.job_id = ? ORDER BY f.id""",
-            (job_id,),
-        )
-        return {**dict(job), "files": [dict(f) for f in files]}

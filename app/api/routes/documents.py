@@ -5,7 +5,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep
 from app.api.schemas import DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
-from app.engine.service import DocumentInput
+from app.service import DocumentInput
 
 router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["documents"])
 

@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep, SettingsDep
 from app.api.schemas import JobOut
-from app.engine.service import UploadedFile
 from app.errors import InvalidInput
+from app.service import UploadedFile
 
 router = APIRouter(tags=["files"])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import dataclasses
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -21,24 +21,6 @@ async def health() -> dict:
     return {"status": "ok", "version": __version__}
 
 
-def _lease_holder(path) -> int | None:
-    """The pid written into writer.lock by the process holding the lease,
-    if that process is alive on this host."""
-    try:
-        pid = int(path.read_text().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return pid
-
-
 def readiness(request: Request) -> tuple[bool, str, dict]:
     """(ready, why not, details): models loaded, start-up not failed, and
     this process's index writer thread running. The writer lease may be held
@@ -47,17 +29,11 @@ def readiness(request: Request) -> tuple[bool, str, dict]:
     state = request.app.state
     service = getattr(state, "service", None)
     startup = getattr(state, "startup", None)
-    writer = getattr(service, "writer", None)
-    details: dict = {"models_loaded": bool(service and service.ready), "writer": None}
-    if writer is not None:
-        held = writer.lease.held
-        details["writer"] = {
-            "role": "writer" if held else "reader",
-            "alive": writer.alive,
-            "busy": writer.busy,
-            "last_error": writer.last_error,
-            "lease_holder_pid": os.getpid() if held else _lease_holder(writer.lease.path),
-        }
+    writer = service.writer_state() if service is not None else None
+    details: dict = {
+        "models_loaded": bool(service and service.ready),
+        "writer": dataclasses.asdict(writer) if writer is not None else None,
+    }
     answers = getattr(state, "answers", None)
     if answers is not None:
         # Reported, not required: search serves while the answer LM loads or

@@ -1,0 +1,129 @@
+"""The index-backend seam: everything that touches vectors goes through it.
+
+The services (ingest, search, snapshots) speak only these types; which engine
+stores and searches the vectors is a backend behind :class:`IndexBackend`.
+Today's is PLAID over immutable segment files (:mod:`app.engine.plaid`); a
+distributed engine plugs in by implementing the same two protocols, and
+``tests/engine/test_backend_contract.py`` is the contract each must pass.
+
+Passage ids are assigned by the store (one counter per collection, never
+reused); a backend keeps whatever it needs to map them to its own slots.
+Deletes are tombstones in the store, visible at once: a search passes them as
+a *deleted mask*, and :meth:`IndexBackend.rebuild` drops them from the index.
+Writes are two-phase: :meth:`IndexBackend.write` prepares a new generation
+(named by a manifest string) that nobody sees until the store commits that
+name; :meth:`IndexBackend.release` then drops what no kept generation needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PassageBatch:
+    """Encoded passages: ids ascending, packed token vectors, tokens per passage."""
+
+    pids: torch.Tensor  # int64 (n,)
+    embs: torch.Tensor  # float16 (sum(doclens), dim)
+    doclens: torch.Tensor  # int64 (n,)
+
+    def __len__(self) -> int:
+        return int(self.pids.numel())
+
+    @classmethod
+    def empty(cls, dim: int) -> PassageBatch:
+        return cls(
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dim, dtype=torch.float16),
+            torch.empty(0, dtype=torch.int64),
+        )
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """Per-call search parameters (never shared state between queries).
+    ``None`` leaves a knob to the backend's default for ``k``."""
+
+    k: int
+    ncells: int | None = None
+    centroid_score_threshold: float | None = None
+    ndocs: int | None = None
+
+
+@dataclass
+class SearchResult:
+    passage_ids: list[int]
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    kind: str  # backend-specific tier, e.g. "empty" | "exact" | "plaid"
+    passages: int  # indexed passages, tombstoned ones included
+    segments: int
+
+
+class IndexSnapshot(Protocol):
+    """An immutable, searchable view of one committed generation."""
+
+    generation: int
+
+    @property
+    def num_passages(self) -> int: ...
+
+    def deleted_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
+        """A mask of live passages for :meth:`search` (None: nothing deleted).
+        Computed once per store version and reused by every search."""
+        ...
+
+    def search(
+        self,
+        Q: torch.Tensor,
+        request: SearchRequest,
+        alive: torch.Tensor | None = None,
+        allowed_pids: torch.Tensor | None = None,
+    ) -> SearchResult:
+        """The top ``request.k`` live passages for query vectors ``Q``
+        (1 x L x dim), best first; with ``allowed_pids`` only among those.
+        Returns k results whenever k live allowed passages exist."""
+        ...
+
+
+class IndexBackend(Protocol):
+    def write(self, collection_id: int, base: str | None, generation: int, batch: PassageBatch) -> str:
+        """Prepare ``generation``: the passages of ``base`` plus ``batch``.
+        Returns its manifest name; invisible until the store commits it."""
+        ...
+
+    def rebuild(self, collection_id: int, generation: int, batch: PassageBatch) -> str:
+        """Prepare ``generation`` from ``batch`` alone (every live passage):
+        tombstones are gone from it and the index structure is fresh."""
+        ...
+
+    def needs_rebuild(self, collection_id: int, manifest: str | None, dead_passages: int) -> bool: ...
+
+    def release(self, collection_id: int, keep: Iterable[str | None]) -> None:
+        """Drop the data of generations other than ``keep`` (after a commit,
+        the new and the previous one: other processes may still load it)."""
+        ...
+
+    def recover(self, committed: Mapping[int, str | None]) -> None:
+        """At start-up: drop what was prepared but never committed, and the
+        data of collections that no longer exist."""
+        ...
+
+    def drop(self, collection_id: int) -> None: ...
+
+    def load(
+        self, collection_id: int, generation: int, manifest: str | None, previous: IndexSnapshot | None = None
+    ) -> IndexSnapshot:
+        """Open a committed generation, reusing what ``previous`` holds.
+        Raises FileNotFoundError when its data was already released."""
+        ...
+
+    def stats(self, collection_id: int, manifest: str | None) -> IndexStats: ...

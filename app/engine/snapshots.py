@@ -1,0 +1,84 @@
+"""The snapshot cache: each collection's current generation, loaded once per
+process and swapped when the store names a newer one.
+
+A search reads (generation, manifest, version) from the store in one read,
+loads that generation if this process holds an older one (reusing what the
+old snapshot already holds), and recomputes the deleted mask only when the
+store's version moved (a delete or a commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.engine.backend import IndexBackend, IndexSnapshot
+from app.store.store import Store
+
+logger = logging.getLogger("app.engine")
+
+LOAD_ATTEMPTS = 5
+
+
+@dataclass
+class CachedSnapshot:
+    snapshot: IndexSnapshot
+    version: int = -1
+    alive: torch.Tensor | None = None  # the deleted mask at ``version``
+
+
+class SnapshotCache:
+    def __init__(self, store: Store, backend: IndexBackend, run: Callable[..., Awaitable[Any]]):
+        self.store = store
+        self.backend = backend
+        self._run = run  # runs blocking loads on the search thread
+        self._cache: dict[int, CachedSnapshot] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+
+    def cached(self, collection_id: int) -> CachedSnapshot | None:
+        """The snapshot this process holds for a collection, if any."""
+        return self._cache.get(collection_id)
+
+    def forget(self, collection_id: int) -> None:
+        self._cache.pop(collection_id, None)
+        self._locks.pop(collection_id, None)
+
+    async def get(self, name: str) -> tuple[int, CachedSnapshot]:
+        """(collection id, its current snapshot)."""
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                return await self._current(name)
+            except FileNotFoundError:
+                # The writer moved on two generations while this process was
+                # loading an older one, and removed its files: read again.
+                if attempt == LOAD_ATTEMPTS - 1:
+                    collection_id = (await self.store.index_state(name))[0]
+                    cached = self._cache.get(collection_id)
+                    if cached is not None:  # serve the last good snapshot
+                        logger.warning("serving generation %d of %s", cached.snapshot.generation, name)
+                        return collection_id, cached
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _current(self, name: str) -> tuple[int, CachedSnapshot]:
+        collection_id, generation, manifest, version = await self.store.index_state(name)
+        cached = self._cache.get(collection_id)
+        if cached is None or cached.snapshot.generation != generation:
+            async with self._locks.setdefault(collection_id, asyncio.Lock()):
+                cached = self._cache.get(collection_id)
+                if cached is None or cached.snapshot.generation != generation:
+                    previous = cached.snapshot if cached is not None else None
+                    snapshot = await self._run(self.backend.load, collection_id, generation, manifest, previous)
+                    cached = CachedSnapshot(snapshot)
+                    self._cache[collection_id] = cached
+        if cached.version != version:
+            dead = await self.store.dead_passage_ids(collection_id)
+            cached.alive = cached.snapshot.deleted_mask(torch.tensor(dead, dtype=torch.int64))
+            cached.version = version
+        return collection_id, cached

@@ -1,0 +1,104 @@
+"""Documents to chunk rows: the step between a request (or an extracted file)
+and the store's pending rows.
+
+Each document is split into passages that fit the encoder's document length
+(minus its title, which is prefixed to every passage at encoding time), per
+page/heading section when the extractor found any, so each chunk has exactly
+one page and one heading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.ingest.chunking import Passage, SentenceChunker
+from app.store.store import NewDocument
+
+MIN_BUDGET = 32  # tokens per passage, whatever the title length
+
+
+@dataclass
+class DocumentInput:
+    id: str | None
+    text: str
+    title: str | None = None
+    metadata: dict | None = None
+    sections: list | None = None  # app.ingest.extract.Section spans (pages, headings)
+
+
+def passage_text(title: str | None, text: str) -> str:
+    """What the encoder sees for one chunk: its document's title, then the chunk."""
+    return f"{title}\n{text}" if title else text
+
+
+class Splitter(Protocol):
+    def split(self, text: str) -> list[Passage]: ...
+
+
+class ChunkingEncoder(Protocol):
+    """What the pipeline needs of an encoder: its tokenizer and passage budget."""
+
+    chunk_lock: threading.Lock
+
+    @property
+    def tokenizer(self): ...
+
+    @property
+    def passage_token_budget(self) -> int: ...
+
+
+class DocumentPreparer:
+    """Splits documents with one chunker per token budget (budgets differ
+    only by title length; building llama-index's splitter for every document
+    is wasted work). Thread-safe: the encoder's ``chunk_lock`` guards its
+    tokenizer."""
+
+    def __init__(self, encoder: ChunkingEncoder, chunker: str = "sentence"):
+        self.encoder = encoder
+        self.chunker = chunker
+        self._chunkers: dict[int, Splitter] = {}
+
+    def prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
+        with self.encoder.chunk_lock:
+            return [self._prepare_one(doc) for doc in docs]
+
+    def _prepare_one(self, doc: DocumentInput) -> NewDocument:
+        assert doc.id is not None, "document ids are assigned before chunking"
+        title = doc.title.strip() if doc.title and doc.title.strip() else None
+        budget = self.encoder.passage_token_budget
+        if title:
+            budget -= len(self.encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
+        chunker = self._splitter(max(budget, MIN_BUDGET))
+        if doc.sections:
+            passages = [
+                dataclasses.replace(
+                    p,
+                    char_start=p.char_start + sec.char_start,
+                    char_end=p.char_end + sec.char_start,
+                    page=sec.page,
+                    heading=sec.heading,
+                )
+                for sec in doc.sections
+                if doc.text[sec.char_start : sec.char_end].strip()
+                for p in chunker.split(doc.text[sec.char_start : sec.char_end])
+            ]
+        else:
+            passages = chunker.split(doc.text)
+        digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
+        return NewDocument(doc.id, title, doc.metadata or {}, digest, passages)
+
+    def _splitter(self, budget: int) -> Splitter:
+        splitter = self._chunkers.get(budget)
+        if splitter is None:
+            if self.chunker == "semantic":
+                from app.ingest.semantic import SemanticChunker
+
+                splitter = SemanticChunker(self.encoder.tokenizer, budget)
+            else:
+                splitter = SentenceChunker(self.encoder.tokenizer, budget)
+            self._chunkers[budget] = splitter
+        return splitter

@@ -1,0 +1,219 @@
+"""The service the HTTP routes and the CLI call: a thin facade over the data flow.
+
+    request ─> SearchService ─┬─ ingest:  DocumentIngest / JobRunner (app.ingest)
+                              │             └─> Store (pending rows) ─> IndexWriter ─> IndexBackend.write
+                              └─ search:  Searcher (app.engine.search)
+                                            └─> SnapshotCache ─> IndexBackend.load ─> IndexSnapshot.search
+
+It owns the shared pieces (encoder, store, index backend, writer) and the one
+search thread: every model call and index search runs there, since torch's
+OpenMP pool is per calling thread and hopping between threads measured 40%
+slower per search (see BENCHMARKS.md). The event loop only awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from app.engine.backend import IndexBackend
+from app.engine.search import Searcher, SearchHit
+from app.engine.snapshots import SnapshotCache
+from app.engine.writer import IndexWriter, WriterState
+from app.errors import InvalidInput, NotReady
+from app.ingest.documents import DocumentIngest
+from app.ingest.jobs import JobRunner, UploadedFile, job_files
+from app.ingest.pipeline import DocumentInput, DocumentPreparer
+from app.observability import EngineMetrics
+from app.settings import Settings
+from app.store.jobs import summarise_job
+from app.store.store import CollectionRow, Store
+
+logger = logging.getLogger("app.engine")
+
+COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+__all__ = ["DocumentInput", "SearchHit", "SearchService", "UploadedFile"]
+
+
+def check_collection_name(name: str) -> str:
+    if not COLLECTION_NAME.match(name or ""):
+        raise InvalidInput(
+            f"invalid collection name {name!r}: use 1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def resolve_checkpoint(settings: Settings) -> str:
+    if settings.checkpoint:
+        path = Path(settings.checkpoint).expanduser()
+        return str(path.resolve()) if path.exists() else settings.checkpoint
+    from models.build_default_checkpoint import ensure_default_checkpoint
+
+    return str(ensure_default_checkpoint(settings.default_checkpoint_dir))
+
+
+def load_encoder(settings: Settings):
+    """The configured ColBERT checkpoint, with colbert's kernels loaded first
+    (ColBERT's constructor would otherwise JIT-build its own, which needs a
+    compiler; the image has prebuilt ones)."""
+    from app.engine.encoder import ColBERTEncoder
+    from colbert_patches.model_loading import EncoderOptions
+    from colbert_patches.scorer import load_extensions
+
+    checkpoint = resolve_checkpoint(settings)
+    options = EncoderOptions.for_checkpoint(
+        checkpoint,
+        query_augmentation=settings.query_augmentation,
+        marker_tokens=settings.marker_tokens,
+        doc_maxlen=settings.doc_maxlen,
+        query_maxlen=settings.query_maxlen,
+    )
+    load_extensions()
+    encoder = ColBERTEncoder(checkpoint, options)
+    encoder.encode_queries(["warm up"])
+    return encoder
+
+
+def plaid_backend(settings: Settings, encoder) -> IndexBackend:
+    from app.engine.plaid import PlaidBackend, PlaidConfig
+
+    return PlaidBackend(PlaidConfig.from_settings(settings, encoder.dim, encoder.nbits))
+
+
+class SearchService:
+    """``encoder`` and ``backend_factory`` replace the configured model and
+    the PLAID backend (tests of the services alone pass fakes)."""
+
+    def __init__(self, settings: Settings, metrics: EngineMetrics | None = None, encoder=None, backend_factory=None):
+        self.settings = settings
+        self.metrics = metrics or EngineMetrics()
+        self.store = Store(settings.database_path)
+        self.encoder = encoder
+        self._backend_factory = backend_factory or plaid_backend
+        self.backend: IndexBackend | None = None
+        self.writer: IndexWriter | None = None
+        self.ready = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self._job_runner: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def astart(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        if self.encoder is None:
+            self.encoder = await self._run(load_encoder, self.settings)
+        self.backend = self._backend_factory(self.settings, self.encoder)
+        self.writer = IndexWriter(self.settings, self.encoder, self.backend)
+        preparer = DocumentPreparer(self.encoder, self.settings.chunker)
+        self.snapshots = SnapshotCache(self.store, self.backend, self._run)
+        self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
+        self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
+        jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: self.writer.lease.held)
+        self.writer.start()
+        self._job_runner = asyncio.create_task(jobs.run())
+        self.ready = True
+
+    async def astop(self) -> None:
+        self.ready = False
+        if self._job_runner is not None:
+            self._job_runner.cancel()
+            await asyncio.gather(self._job_runner, return_exceptions=True)
+        if self.writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+        await self.store.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _require_ready(self) -> None:
+        if not self.ready:
+            raise NotReady("models are still loading")
+
+    def writer_state(self) -> WriterState | None:
+        """This process's writer, as ``/ready`` and ``/metrics`` report it."""
+        return self.writer.state() if self.writer is not None else None
+
+    # -- collections -------------------------------------------------------
+
+    async def create_collection(self, name: str, description: str | None) -> CollectionRow:
+        return await self.store.create_collection(check_collection_name(name), description)
+
+    async def get_collection(self, name: str) -> CollectionRow:
+        return await self.store.get_collection(check_collection_name(name))
+
+    async def describe_collection(self, row: CollectionRow) -> dict:
+        counts = await self.store.collection_counts(row.id)
+        return {
+            "name": row.name,
+            "description": row.description,
+            "created_at": row.created_at,
+            "generation": row.generation,
+            **counts,
+        }
+
+    async def list_collections(self) -> list[dict]:
+        return [await self.describe_collection(row) for row in await self.store.list_collections()]
+
+    async def delete_collection(self, name: str) -> None:
+        collection_id = await self.store.delete_collection(check_collection_name(name))
+        if self.backend is not None:
+            self.snapshots.forget(collection_id)
+            await asyncio.to_thread(self.backend.drop, collection_id)
+
+    # -- documents ---------------------------------------------------------
+
+    async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
+        self._require_ready()
+        collection = await self.get_collection(name)
+        return await self.documents.upsert(collection.id, docs, wait)
+
+    async def get_document(self, name: str, document_id: str) -> dict:
+        collection = await self.get_collection(name)
+        return await self.store.get_document(collection.id, document_id)
+
+    async def list_documents(self, name: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        collection = await self.get_collection(name)
+        return await self.store.list_documents(collection.id, limit, offset)
+
+    async def delete_document(self, name: str, document_id: str) -> None:
+        collection = await self.get_collection(name)
+        await self.store.delete_document(collection.id, document_id)
+
+    # -- search ------------------------------------------------------------
+
+    async def search(
+        self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
+    ) -> list[SearchHit]:
+        self._require_ready()
+        return await self.searcher.search(check_collection_name(name), query, k, mode, where, fusion)
+
+    async def rerank(self, query: str, texts: list[str]) -> list[float]:
+        self._require_ready()
+        return await self._run(self.encoder.maxsim, query, texts)
+
+    def rerank_blocking(self, query: str, texts: list[str]) -> list[float]:
+        """:meth:`rerank` for a caller on another thread (the answer program):
+        it waits for the search thread directly, not through the event loop."""
+        self._require_ready()
+        return self._executor.submit(self.encoder.maxsim, query, texts).result()
+
+    # -- files and jobs ----------------------------------------------------
+
+    async def submit_files(self, name: str, files: list[UploadedFile], metadata: dict | None) -> str:
+        """Store an upload as a durable job; files refused up front are
+        recorded as failed with their reason, the rest are queued."""
+        collection = await self.get_collection(name)
+        return await self.store.jobs.create(collection.id, job_files(files, metadata))
+
+    async def job_status(self, job_id: str) -> dict:
+        return summarise_job(await self.store.jobs.get(job_id))

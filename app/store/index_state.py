@@ -1,0 +1,181 @@
+"""The index writer's SQL: what is pending, and the commits that make it live.
+
+Synchronous (the writer runs on its own thread with its own connection). A
+commit is one transaction that assigns passage ids, flips document states and
+bumps the collection's generation, so a searcher sees all of a commit or none.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from app.store.schema import transaction
+
+
+@dataclass(frozen=True)
+class IndexedCollection:
+    id: int
+    generation: int
+    manifest: str | None  # the committed manifest's name, None before the first commit
+    next_pid: int
+
+
+@dataclass(frozen=True)
+class PendingDocument:
+    id: int
+    external_id: str
+    title: str | None
+
+
+@dataclass(frozen=True)
+class LivePassage:
+    passage_id: int
+    text: str
+    title: str | None
+
+
+class CommitOutcome:
+    """Why a commit did not land (``None`` when it did)."""
+
+    DELETED = "collection deleted"
+
+
+class IndexStateStore:
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    # -- reads -------------------------------------------------------------
+
+    def collections(self) -> list[IndexedCollection]:
+        rows = self.conn.execute("SELECT id, generation, manifest, next_pid FROM collections ORDER BY id").fetchall()
+        return [IndexedCollection(**dict(r)) for r in rows]
+
+    def collection(self, collection_id: int) -> IndexedCollection | None:
+        row = self.conn.execute(
+            "SELECT id, generation, manifest, next_pid FROM collections WHERE id = ?", (collection_id,)
+        ).fetchone()
+        return IndexedCollection(**dict(row)) if row is not None else None
+
+    def oldest_pending_collection(self) -> int | None:
+        """The collection of the oldest pending document (first in, first out)."""
+        row = self.conn.execute(
+            "SELECT collection_id FROM documents WHERE state = 'pending' ORDER BY id LIMIT 1"
+        ).fetchone()
+        return row["collection_id"] if row is not None else None
+
+    def pending_documents(self, collection_id: int) -> list[PendingDocument]:
+        rows = self.conn.execute(
+            "SELECT id, external_id, title FROM documents WHERE collection_id = ? AND state = 'pending' ORDER BY id",
+            (collection_id,),
+        ).fetchall()
+        return [PendingDocument(**dict(r)) for r in rows]
+
+    def chunk_texts(self, document_id: int) -> list[tuple[int, str]]:
+        """(chunk id, text) of one document, in order."""
+        rows = self.conn.execute(
+            "SELECT id, text FROM chunks WHERE document_id = ? ORDER BY ord", (document_id,)
+        ).fetchall()
+        return [(r["id"], r["text"]) for r in rows]
+
+    def dead_passage_count(self, collection_id: int) -> int:
+        """Indexed passages of deleted documents (tombstones a rebuild would drop)."""
+        return self.conn.execute(
+            """SELECT COUNT(*) FROM documents d JOIN chunks c ON c.document_id = d.id
+               WHERE d.collection_id = ? AND d.state = 'deleted' AND c.passage_id IS NOT NULL""",
+            (collection_id,),
+        ).fetchone()[0]
+
+    def deleted_documents(self, collection_id: int) -> list[int]:
+        rows = self.conn.execute(
+            "SELECT id FROM documents WHERE collection_id = ? AND state = 'deleted'", (collection_id,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def live_passages(self, collection_id: int) -> list[LivePassage]:
+        rows = self.conn.execute(
+            """SELECT c.passage_id, c.text, d.title FROM chunks c JOIN documents d ON d.id = c.document_id
+               WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL
+               ORDER BY c.passage_id""",
+            (collection_id,),
+        ).fetchall()
+        return [LivePassage(**dict(r)) for r in rows]
+
+    # -- writes ------------------------------------------------------------
+
+    def supersede(self, document_ids: list[int]) -> None:
+        """Pending versions overtaken by a later pending version of the same id."""
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE documents SET state = 'deleted', updated_at = ? WHERE id = ? AND state = 'pending'",
+                [(now, i) for i in document_ids],
+            )
+
+    def fail(self, document_ids: list[int], error: str) -> None:
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE documents SET state = 'failed', error = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
+                [(error, now, i) for i in document_ids],
+            )
+
+    def commit_append(
+        self,
+        collection_id: int,
+        old_generation: int,
+        generation: int,
+        manifest: str,
+        first_pid: int,
+        chunk_ids: list[int],
+        documents: list[PendingDocument],
+    ) -> str | None:
+        """Make ``documents`` live at ``generation``: their chunks get passage
+        ids from ``first_pid`` on, the previous live version of each is
+        tombstoned. Returns why it did not land, or None."""
+        now = time.time()
+        with transaction(self.conn):
+            col = self.collection(collection_id)
+            if col is None:
+                return CommitOutcome.DELETED
+            if col.generation != old_generation:
+                raise RuntimeError("index generation moved under the writer")
+            self.conn.executemany(
+                "UPDATE chunks SET passage_id = ? WHERE id = ?",
+                [(first_pid + i, chunk_id) for i, chunk_id in enumerate(chunk_ids)],
+            )
+            for d in documents:
+                state = self.conn.execute("SELECT state FROM documents WHERE id = ?", (d.id,)).fetchone()
+                if state is None or state["state"] != "pending":
+                    continue  # deleted while it was being indexed: its passages stay dead
+                self.conn.execute(
+                    """UPDATE documents SET state = 'deleted', updated_at = ?
+                       WHERE collection_id = ? AND external_id = ? AND state = 'live'""",
+                    (now, collection_id, d.external_id),
+                )
+                self.conn.execute("UPDATE documents SET state = 'live', updated_at = ? WHERE id = ?", (now, d.id))
+            self.conn.execute(
+                """UPDATE collections SET generation = ?, manifest = ?, next_pid = ?, version = version + 1
+                   WHERE id = ?""",
+                (generation, manifest, first_pid + len(chunk_ids), collection_id),
+            )
+        return None
+
+    def commit_rebuild(
+        self, collection_id: int, old_generation: int, generation: int, manifest: str, purge: list[int]
+    ) -> str | None:
+        """Swap in a rebuilt generation and purge the tombstones it dropped.
+        Returns why it did not land (deleted, or superseded by a commit), or None."""
+        with transaction(self.conn):
+            col = self.collection(collection_id)
+            if col is None:
+                return CommitOutcome.DELETED
+            if col.generation != old_generation:
+                return "generation moved"
+            self.conn.execute(
+                "UPDATE collections SET generation = ?, manifest = ?, version = version + 1 WHERE id = ?",
+                (generation, manifest, collection_id),
+            )
+            self.conn.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in purge])
+        return None

@@ -1,0 +1,168 @@
+"""The index-backend contract (app/engine/backend.py), run against every
+implementation: PLAID in its exact tier, PLAID past its first build, and the
+in-memory fake. No model: passages are encoded by the fake encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.engine.backend import PassageBatch, SearchRequest
+from app.engine.plaid import PlaidBackend, PlaidConfig
+from tests.fakes import FakeEncoder, FakeInMemoryBackend
+
+ANIMALS = [
+    "aardvark", "bison", "camel", "dingo", "eland", "ferret", "gecko", "heron", "ibis", "jackal",
+    "koala", "lemur", "moose", "newt", "otter", "panda", "quail", "raven", "sloth", "tapir",
+]  # fmt: skip
+COLORS = ["red", "green", "blue", "amber", "violet", "grey", "ochre", "teal"]
+TEXTS = [f"the {ANIMALS[i % 20]} is {COLORS[i % 8]} and number {i} of the herd" for i in range(160)]
+C = 1  # collection id
+
+
+def plaid(tmp_path, exact_max: int) -> PlaidBackend:
+    encoder = FakeEncoder()
+    return PlaidBackend(
+        PlaidConfig(
+            index_root=tmp_path / "indexes",
+            dim=encoder.dim,
+            nbits=encoder.nbits,
+            exact_search_max_passages=exact_max,
+            kmeans_niters=4,
+            rebuild_deleted_share=0.3,
+            rebuild_growth_factor=3.0,
+        )
+    )
+
+
+@pytest.fixture(params=["plaid-exact", "plaid-built", "fake-in-memory"])
+def backend(request, tmp_path):
+    if request.param == "plaid-exact":
+        return plaid(tmp_path, exact_max=10_000)
+    if request.param == "plaid-built":
+        return plaid(tmp_path, exact_max=20)  # the first write past 20 passages trains the codec
+    return FakeInMemoryBackend()
+
+
+ENCODER = FakeEncoder()
+
+
+def batch(first: int, texts: list[str]) -> PassageBatch:
+    embs, doclens = ENCODER.encode_documents(texts)
+    pids = torch.arange(first, first + len(texts), dtype=torch.int64)
+    return PassageBatch(pids, embs, torch.tensor(doclens, dtype=torch.int64))
+
+
+def search(snapshot, query: str, k: int = 5, alive=None, allowed=None) -> list[int]:
+    Q = ENCODER.encode_queries([query])
+    result = snapshot.search(Q, SearchRequest(k), alive, allowed)
+    assert len(result.passage_ids) == len(result.scores)
+    assert result.scores == sorted(result.scores, reverse=True)
+    return result.passage_ids
+
+
+def commit(backend, texts_from: int, texts_to: int, base: str | None, generation: int) -> str:
+    name = backend.write(C, base, generation, batch(texts_from, TEXTS[texts_from:texts_to]))
+    backend.release(C, [name, base])
+    return name
+
+
+def test_an_empty_collection_finds_nothing(backend):
+    snapshot = backend.load(C, 0, None)
+    assert snapshot.num_passages == 0
+    assert search(snapshot, "the otter") == []
+    assert backend.stats(C, None).passages == 0
+
+
+def test_written_passages_are_found_best_first(backend):
+    name = commit(backend, 0, 100, None, 1)
+    snapshot = backend.load(C, 1, name)
+    assert snapshot.num_passages == 100
+    assert backend.stats(C, name).passages == 100
+    hits = search(snapshot, "the otter is ochre number 94", k=10)
+    assert len(hits) == 10
+    assert hits[0] == 94
+    assert set(hits) <= set(range(100))
+
+
+def test_appends_accumulate_and_old_snapshots_do_not_change(backend):
+    first = commit(backend, 0, 10, None, 1)
+    old = backend.load(C, 1, first)
+    second = commit(backend, 10, 40, first, 2)
+    new = backend.load(C, 2, second, previous=old)
+    assert new.num_passages == 40
+    assert search(new, "the moose is grey number 32", k=3)[0] == 32
+    assert old.num_passages == 10
+    assert max(search(old, "the moose is grey number 32", k=10)) < 10
+
+
+def test_many_small_commits_stay_searchable(backend):
+    name, generation = None, 0
+    for start in range(0, 60, 3):
+        generation += 1
+        name = commit(backend, start, start + 3, name, generation)
+    snapshot = backend.load(C, generation, name)
+    assert snapshot.num_passages == 60
+    for i in (0, 29, 59):
+        assert search(snapshot, TEXTS[i], k=3)[0] == i
+
+
+def test_deleted_passages_are_never_returned_and_k_still_comes_back(backend):
+    name = commit(backend, 0, 80, None, 1)
+    snapshot = backend.load(C, 1, name)
+    assert snapshot.deleted_mask(torch.empty(0, dtype=torch.int64)) is None
+    dead = torch.tensor([i for i in range(80) if TEXTS[i].startswith("the otter")], dtype=torch.int64)
+    alive = snapshot.deleted_mask(dead)
+    hits = search(snapshot, "the otter is ochre", k=10, alive=alive)
+    assert len(hits) == 10
+    assert not set(hits) & set(dead.tolist())
+
+
+def test_an_allowed_set_restricts_results(backend):
+    name = commit(backend, 0, 120, None, 1)
+    snapshot = backend.load(C, 1, name)
+    allowed = torch.tensor([3, 50, 77, 101, 119], dtype=torch.int64)
+    hits = search(snapshot, "the panda is teal", k=10, allowed=allowed)
+    assert sorted(hits) == allowed.tolist()  # all of them: fewer than k exist
+    dead = torch.tensor([50], dtype=torch.int64)
+    hits = search(snapshot, "the panda is teal", k=10, alive=snapshot.deleted_mask(dead), allowed=allowed)
+    assert sorted(hits) == [3, 77, 101, 119]
+
+
+def test_rebuild_keeps_only_the_passages_it_is_given(backend):
+    name = commit(backend, 0, 60, None, 1)
+    assert backend.needs_rebuild(C, name, dead_passages=30)
+    assert not backend.needs_rebuild(C, name, dead_passages=0)
+    live = list(range(0, 60, 2))
+    rebuilt = backend.rebuild(C, 2, PassageBatch(*_select(batch(0, TEXTS[:60]), live)))
+    backend.release(C, [rebuilt, name])
+    snapshot = backend.load(C, 2, rebuilt)
+    assert snapshot.num_passages == 30
+    assert backend.stats(C, rebuilt).passages == 30
+    assert set(search(snapshot, "the bison is green", k=30)) <= set(live)
+
+
+def test_released_generations_are_gone_and_recover_drops_uncommitted_ones(backend):
+    first = commit(backend, 0, 10, None, 1)
+    second = commit(backend, 10, 20, first, 2)
+    third = commit(backend, 20, 30, second, 3)  # keeps the second and third
+    assert backend.load(C, 2, second).num_passages == 20
+    uncommitted = backend.write(C, third, 4, batch(30, TEXTS[30:40]))
+    backend.recover({C: third})
+    assert backend.load(C, 3, third).num_passages == 30
+    with pytest.raises(FileNotFoundError):
+        backend.load(C, 4, uncommitted)
+    rebuilt = backend.rebuild(C, 5, batch(0, TEXTS[:5]))
+    backend.release(C, [rebuilt])  # nothing of the earlier generations is kept
+    with pytest.raises(FileNotFoundError):
+        backend.load(C, 3, third)
+    assert backend.load(C, 5, rebuilt).num_passages == 5
+    backend.drop(C)
+    with pytest.raises(FileNotFoundError):
+        backend.load(C, 5, rebuilt)
+
+
+def _select(b: PassageBatch, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offsets = (torch.cumsum(b.doclens, 0) - b.doclens).tolist()
+    rows = [b.embs[offsets[i] : offsets[i] + int(b.doclens[i])] for i in keep]
+    return b.pids[keep], torch.cat(rows), b.doclens[keep]
