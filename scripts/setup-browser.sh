@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium for the browser test (tests/test_browser.py): Debian's
+# Headless Chromium for the browser test (tests/web/test_browser.py): Debian's
 # chromium and chromium-driver. Safe to run again; it installs only when one
 # is missing, and only as root with apt. Otherwise it says what to install:
 # the browser test then skips, except in CI (CI set), where it fails.

@@ -165,4 +165,6 @@ class FakeInMemoryBackend:
     def stats(self, collection_id: int, manifest: str | None) -> IndexStats:
         if not manifest:
             return IndexStats("empty", 0, 0)
-        return IndexStats("memory", self._passages(collection_id, manifest), len(self.generations[(collection_id, manifest)]))
+        return IndexStats(
+            "memory", self._passages(collection_id, manifest), len(self.generations[(collection_id, manifest)])
+        )

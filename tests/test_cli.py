@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from tests.api.test_files import folder_files
 from tests.conftest import ROOT
-from tests.test_files import folder_files
 
 pytestmark = pytest.mark.slow
 

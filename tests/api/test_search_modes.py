@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_api import assert_error, create, upsert
+from tests.api.test_api import assert_error, create, upsert
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """API keys, CORS, request body limits, request ids in logs, and names that
 cannot escape the data directory: the real app with keys configured.
 
-The `../name` upload case is in tests/test_files.py
+The `../name` upload case is in tests/api/test_files.py
 (test_bad_files_get_per_file_errors_and_the_rest_is_ingested); here absolute
 and backslash names, nested `../`, and ids and collection names shaped like
 paths.

@@ -1,7 +1,7 @@
 """The answer endpoint: DSPy program, LiteLLM path (against a fake
 OpenAI-compatible server), streaming, refusal, and a missing LM.
 
-The default offline LM (SmolLM2) is exercised in test_answer_default_lm.py.
+The default offline LM (SmolLM2) is exercised in test_default_lm.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from app.answer.lm import _AnswerEnd, load_answer_lm
 from app.answer.program import AnswerProgram, marked_citations, may_become_lead_in, strip_markers
 from app.answer.service import AnswerService
+from tests.answer.fake_openai import FakeOpenAIServer
 from tests.conftest import RunningApp, make_settings
-from tests.fake_openai import FakeOpenAIServer
 
 SECRET = "sk-test-secret-7f3a9"
 
@@ -156,6 +156,7 @@ async def answer_app(tmp_path_factory, checkpoint_dir, shared_models_dir, fake_l
     await running.stop()
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_answer_cites_the_passage_it_used(answer_app, fake_lm):
     client = answer_app.client
     r = await client.post("/v1/collections/facts/answer", json={"question": "How tall is the Eiffel Tower?", "k": 3})
@@ -175,6 +176,7 @@ async def test_answer_cites_the_passage_it_used(answer_app, fake_lm):
     assert "[1] Eiffel Tower: The Eiffel Tower is 330 metres tall." in prompt
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_answer_streams_tokens_then_citations_and_score(answer_app, fake_lm):
     client = answer_app.client
     copy_passage = fake_lm.reply
@@ -202,6 +204,7 @@ async def test_answer_streams_tokens_then_citations_and_score(answer_app, fake_l
     assert events[-2][1] == done["hallucination"] and done["hallucination"]["label"] == "supported"
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_streamed_events_survive_unicode_line_separators(answer_app):
     # U+2028, U+2029 and U+0085 are line ends to str.splitlines (and to httpx's line reader):
     # every data line must still be one whole JSON document.
@@ -215,6 +218,7 @@ async def test_streamed_events_survive_unicode_line_separators(answer_app):
     assert data[-1]["question"] == question
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_bad_answer_requests(answer_app):
     client = answer_app.client
     r = await client.post("/v1/collections/facts/answer", json={"question": ""})
@@ -229,6 +233,7 @@ async def test_bad_answer_requests(answer_app):
     assert r.status_code == 422
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_lone_surrogate_in_a_question_is_refused(answer_app):
     r = await answer_app.client.post(
         "/v1/collections/facts/answer",
@@ -238,6 +243,7 @@ async def test_lone_surrogate_in_a_question_is_refused(answer_app):
     assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_an_empty_answer_gets_a_note_and_no_support_label(answer_app, fake_lm):
     copy_passage = fake_lm.reply
     fake_lm.reply = lambda messages: " [1] "  # a marker and nothing else
@@ -254,6 +260,7 @@ async def test_an_empty_answer_gets_a_note_and_no_support_label(answer_app, fake
         fake_lm.reply = copy_passage
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_unsupported_answers_are_flagged_or_refused(answer_app, fake_lm):
     """An LM that answers off the passages: flagged by default, refused
     (422, nothing streamed) when the setting says so."""
@@ -287,6 +294,7 @@ async def test_unsupported_answers_are_flagged_or_refused(answer_app, fake_lm):
         settings.answer_unsupported = "flag"
 
 
+@pytest.mark.slow  # the real checkpoint and the exported hallucination scorer
 async def test_no_lm_gives_a_clear_error_and_search_still_works(answer_app, tmp_path):
     """An answer service whose LM cannot load, in place of the app's own."""
     state = answer_app.app.state

@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
+from tests.api.test_api import assert_error, create, search
 from tests.conftest import ServerProcess
-from tests.test_api import assert_error, create, search
-from tests.test_extract import make_docx, make_pdf, make_zip_bomb
+from tests.ingest.test_extract import make_docx, make_pdf, make_zip_bomb
 
 pytestmark = pytest.mark.slow
 

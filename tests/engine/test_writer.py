@@ -1,0 +1,141 @@
+"""The index writer's commit, supersede, failure and rebuild logic, over a
+real SQLite store, the fake encoder and the in-memory fake backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.engine.writer import MAX_ATTEMPTS, IndexWriter
+from app.ingest.chunking import Passage
+from app.settings import Settings
+from app.store.index_state import IndexStateStore
+from app.store.schema import connect
+from app.store.store import NewDocument, Store
+from tests.fakes import FakeEncoder, FakeInMemoryBackend
+
+
+def doc(external_id: str, *texts: str, title: str | None = None) -> NewDocument:
+    return NewDocument(external_id, title, {}, f"{external_id}:{texts}", [Passage(t, 0, len(t)) for t in texts])
+
+
+class FailingBackend(FakeInMemoryBackend):
+    """A fake backend whose writes fail (a full disk, say)."""
+
+    def write(self, *args):
+        raise OSError("no space left on device")
+
+
+@pytest.fixture
+async def env(tmp_path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4)
+    store = Store(settings.database_path)
+    await store.open()
+    conn = connect(settings.database_path)
+    yield settings, store, IndexStateStore(conn)
+    conn.close()
+    await store.close()
+
+
+def writer(settings, backend=None) -> IndexWriter:
+    w = IndexWriter(settings, FakeEncoder(), backend or FakeInMemoryBackend())
+    w._stop.set()  # no back-off sleeps: these tests drive step() by hand
+    return w
+
+
+def search(w: IndexWriter, state: IndexStateStore, collection_id: int, query: str, k: int = 5) -> list[int]:
+    from app.engine.backend import SearchRequest
+
+    col = state.collection(collection_id)
+    snapshot = w.backend.load(collection_id, col.generation, col.manifest)
+    return snapshot.search(w.encoder.encode_queries([query]), SearchRequest(k)).passage_ids
+
+
+async def test_a_commit_assigns_passage_ids_and_makes_documents_live(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, row)] = await store.insert_pending(c, [doc("a", "red fox", "blue whale", title="Animals")])
+    w = writer(settings)
+    assert w.step(state) is True
+    assert w.step(state) is False  # nothing left
+    assert (await store.document_states([row]))[row] == ("live", None)
+    col = state.collection(c)
+    assert (col.generation, col.next_pid) == (1, 2)
+    assert w.backend.stats(c, col.manifest).passages == 2
+    assert search(w, state, c, "blue whale")[0] == 1
+    assert [p.text for p in state.live_passages(c)] == ["red fox", "blue whale"]
+
+
+async def test_a_later_pending_version_supersedes_an_earlier_one_and_the_live_one(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, v1)] = await store.insert_pending(c, [doc("a", "version one")])
+    w = writer(settings)
+    w.step(state)
+    [(_, v2)] = await store.insert_pending(c, [doc("a", "version two")])
+    [(_, v3)] = await store.insert_pending(c, [doc("a", "version three")])
+    w.step(state)
+    states = await store.document_states([v1, v2, v3])
+    assert states == {v1: ("deleted", None), v2: ("deleted", None), v3: ("live", None)}
+    assert state.dead_passage_count(c) == 1  # v1's passage is indexed and now dead; v2 never was
+    assert (await store.get_document(c, "a"))["chunks"][0]["text"] == "version three"
+
+
+async def test_commits_are_bounded_by_commit_max_chunks_and_first_in_first_out(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    rows = [r for _, r in await store.insert_pending(c, [doc(f"d{i}", "one", "two", "three") for i in range(3)])]
+    w = writer(settings)
+    w.step(state)
+    states = await store.document_states(rows)
+    assert [states[r][0] for r in rows] == ["live", "pending", "pending"]  # 3 + 3 chunks > 4
+    w.step(state)
+    w.step(state)
+    assert state.collection(c).generation == 3
+
+
+async def test_a_batch_that_keeps_failing_is_marked_failed_after_max_attempts(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, row)] = await store.insert_pending(c, [doc("a", "text")])
+    w = writer(settings, FailingBackend())
+    for attempt in range(1, MAX_ATTEMPTS):
+        w.step(state)
+        assert (await store.document_states([row]))[row] == ("pending", None), attempt
+    w.step(state)
+    status, error = (await store.document_states([row]))[row]
+    assert status == "failed" and "OSError" in error
+    assert state.collection(c).generation == 0  # nothing half-committed
+
+
+async def test_a_rebuild_drops_tombstones_and_purges_their_rows(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(4)])
+    w = writer(settings)
+    w.step(state)
+    await store.delete_document(c, "d0")
+    await store.delete_document(c, "d1")
+    assert w.backend.needs_rebuild(c, state.collection(c).manifest, state.dead_passage_count(c))
+    assert w.step(state) is True  # the rebuild
+    col = state.collection(c)
+    assert w.backend.stats(c, col.manifest).passages == 2
+    assert state.dead_passage_count(c) == 0 and state.deleted_documents(c) == []
+    assert sorted(search(w, state, c, "note", k=10)) == [2, 3]  # passage ids survive a rebuild
+    assert w.step(state) is False
+
+
+async def test_a_collection_deleted_during_a_commit_leaves_nothing_behind(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc("a", "text")])
+    w = writer(settings)
+    original = w.backend.write
+
+    def write_then_delete(*args):
+        name = original(*args)
+        state.conn.execute("DELETE FROM collections WHERE id = ?", (c,))
+        return name
+
+    w.backend.write = write_then_delete
+    w.step(state)
+    assert w.backend.generations == {}

@@ -1,0 +1,104 @@
+"""The request path's store: collections, versioned documents, search support."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.ingest.chunking import Passage
+from app.store.index_state import IndexStateStore
+from app.store.schema import connect
+from app.store.store import NewDocument
+
+
+def doc(external_id: str, *texts: str, metadata: dict | None = None, title: str | None = None) -> NewDocument:
+    chunks, start = [], 0
+    for t in texts:
+        chunks.append(Passage(t, start, start + len(t)))
+        start += len(t) + 1
+    return NewDocument(external_id, title, metadata or {}, f"hash-{'|'.join(texts)}", chunks)
+
+
+def make_live(store, collection_id: int) -> None:
+    """Commit every pending document the way the index writer does (no index)."""
+    conn = connect(store.path)
+    state = IndexStateStore(conn)
+    col = state.collection(collection_id)
+    pending = state.pending_documents(collection_id)
+    chunk_ids = [cid for d in pending for cid, _ in state.chunk_texts(d.id)]
+    assert (
+        state.commit_append(collection_id, col.generation, col.generation + 1, "m", col.next_pid, chunk_ids, pending)
+        is None
+    )
+    conn.close()
+
+
+async def test_collections_are_unique_and_deletable(store):
+    row = await store.create_collection("docs", "first")
+    assert (row.name, row.description, row.generation, row.manifest) == ("docs", "first", 0, None)
+    with pytest.raises(CollectionExists):
+        await store.create_collection("docs", None)
+    assert [c.name for c in await store.list_collections()] == ["docs"]
+    assert await store.delete_collection("docs") == row.id
+    with pytest.raises(CollectionNotFound):
+        await store.get_collection("docs")
+
+
+async def test_upserts_are_versioned_and_identical_content_is_unchanged(store):
+    c = (await store.create_collection("docs", None)).id
+    [(ext, first)] = await store.insert_pending(c, [doc("a", "one", "two")])
+    assert ext == "a" and first is not None
+    assert (await store.document_states([first]))[first] == ("pending", None)
+    make_live(store, c)
+    assert await store.insert_pending(c, [doc("a", "one", "two")]) == [("a", None)]  # same content: nothing to do
+    [(_, second)] = await store.insert_pending(c, [doc("a", "one", "two", metadata={"v": 2})])
+    assert second is not None and second != first
+    got = await store.get_document(c, "a")  # the live version until the new one commits
+    assert got["state"] == "live" and got["metadata"] == {}
+    make_live(store, c)
+    states = await store.document_states([first, second])
+    assert states == {first: ("deleted", None), second: ("live", None)}
+    got = await store.get_document(c, "a")
+    assert got["metadata"] == {"v": 2}
+    assert [(ch["text"], ch["char_start"], ch["char_end"]) for ch in got["chunks"]] == [("one", 0, 3), ("two", 4, 7)]
+    docs, total = await store.list_documents(c, 10, 0)
+    assert total == 1 and docs[0]["chunks"] == 2
+    counts = await store.collection_counts(c)
+    assert counts == {"documents": 1, "pending_documents": 0, "chunks": 2}
+
+
+async def test_a_deleted_document_leaves_search_at_once(store):
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc("a", "the red fox"), doc("b", "the blue whale", metadata={"kind": "sea"})])
+    make_live(store, c)
+    version = (await store.index_state("docs"))[3]
+    assert [pid for pid, _ in await store.keyword_search(c, "whale fox", 10, None)] != []
+    assert await store.allowed_passage_ids(c, {"kind": "sea"}) == [1]
+    await store.delete_document(c, "b")
+    assert (await store.index_state("docs"))[3] == version + 1
+    assert await store.dead_passage_ids(c) == [1]
+    assert [pid for pid, _ in await store.keyword_search(c, "whale", 10, None)] == []
+    assert set(await store.fetch_hits(c, [0, 1])) == {0}
+    with pytest.raises(DocumentNotFound):
+        await store.delete_document(c, "b")
+
+
+async def test_keyword_search_ignores_other_collections_and_punctuation_only_queries(store):
+    a = (await store.create_collection("a", None)).id
+    b = (await store.create_collection("b", None)).id
+    await store.insert_pending(a, [doc("x", "granite quarry")])
+    await store.insert_pending(b, [doc("y", "granite countertop")])
+    make_live(store, a)
+    make_live(store, b)
+    hits = await store.fetch_hits(b, [pid for pid, _ in await store.keyword_search(b, "granite", 10, None)])
+    assert [h.document_id for h in hits.values()] == ["y"]
+    assert await store.keyword_search(a, "?!", 10, None) == []
+
+
+async def test_a_failed_batch_rolls_back_whole(store):
+    c = (await store.create_collection("docs", None)).id
+    await store.delete_collection("docs")
+    with pytest.raises(CollectionNotFound):
+        await store.insert_pending(c, [doc("a", "text")])
+    row = await store._one("SELECT COUNT(*) AS n FROM documents")
+    assert row["n"] == 0

@@ -1,0 +1,75 @@
+"""The service facade through the real app and HTTP routes, with the fake
+encoder and the in-memory fake backend: the whole request -> store -> writer
+-> backend -> search path, in seconds and without a model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from app.factory import create_app
+from app.service import SearchService
+from app.settings import Settings
+from tests.fakes import FakeEncoder, FakeInMemoryBackend
+
+
+@pytest.fixture
+async def client(tmp_path):
+    settings = Settings(
+        _env_file=None, environment="test", data_dir=tmp_path, log_level="WARNING", answer_preload=False
+    )
+    service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
+    app = create_app(settings, service=service)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
+            deadline = time.monotonic() + 30
+            while (await c.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline, (await c.get("/ready")).text
+                await asyncio.sleep(0.05)
+            yield c
+
+
+async def search(client, query: str, **body) -> list[str]:
+    r = await client.post("/v1/collections/docs/search", json={"query": query, "k": 3, **body})
+    assert r.status_code == 200, r.text
+    return [h["document_id"] for h in r.json()["results"]]
+
+
+async def test_upsert_search_filter_delete(client):
+    assert (await client.post("/v1/collections", json={"name": "docs"})).status_code in (200, 201)
+    docs = [
+        {"id": "fox", "text": "The quick red fox jumps.", "metadata": {"kind": "land"}},
+        {"id": "whale", "text": "The blue whale sings in the ocean.", "metadata": {"kind": "sea"}},
+        {"id": "crab", "text": "A crab walks sideways on the ocean floor.", "metadata": {"kind": "sea"}},
+    ]
+    r = await client.post("/v1/collections/docs/documents", json={"documents": docs, "wait": True})
+    assert r.status_code == 200, r.text
+    assert [x["status"] for x in r.json()["results"]] == ["indexed"] * 3
+    assert (await search(client, "blue whale"))[0] == "whale"
+    assert (await search(client, "red fox", filter={"kind": "sea"}))[0] != "fox"
+    assert (await search(client, "ocean floor crab", mode="keyword"))[0] == "crab"
+    assert (await search(client, "ocean crab", mode="hybrid"))[0] == "crab"
+    assert (await client.delete("/v1/collections/docs/documents/whale")).status_code in (200, 204)
+    assert "whale" not in await search(client, "blue whale")
+    ready = (await client.get("/ready")).json()
+    assert ready["writer"]["role"] == "writer" and ready["writer"]["alive"] is True
+    metrics = (await client.get("/metrics")).text
+    assert 'colbert_index_writer{state="lease_held"} 1.0' in metrics
+    assert 'colbert_collection_documents{collection="docs"} 2.0' in metrics
+
+
+async def test_an_uploaded_file_becomes_searchable(client):
+    await client.post("/v1/collections", json={"name": "docs"})
+    files = [("files", ("notes.txt", b"Otters hold hands while they sleep.", "text/plain"))]
+    job = (await client.post("/v1/collections/docs/files", files=files)).json()
+    deadline = time.monotonic() + 30
+    while job["state"] != "done":
+        assert time.monotonic() < deadline and job["state"] != "failed", job
+        await asyncio.sleep(0.05)
+        job = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert job["chunks_done"] == job["chunks_total"] == 1
+    assert await search(client, "otters sleep") == ["notes.txt"]
