@@ -112,12 +112,12 @@ class SearchService:
         if self.encoder is None:
             self.encoder = await self._run(load_encoder, self.settings)
         self.backend = self._backend_factory(self.settings, self.encoder)
-        self.writer = IndexWriter(self.settings, self.encoder, self.backend)
+        self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
         self.snapshots = SnapshotCache(self.store, self.backend, self._run)
         self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
-        jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: self.writer.lease.held)
+        jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held)
         self.writer.start()
         self._job_runner = asyncio.create_task(jobs.run())
         self.ready = True
