@@ -141,3 +141,21 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fast_tier_loads_no_model(request):
+    """``make test-fast`` (``-m "not slow"``) must not load the ColBERT model:
+    a test that does belongs in the full tier (mark it ``slow``)."""
+    if request.config.getoption("-m") != "not slow":
+        yield
+        return
+    from app.engine.encoder import ColBERTEncoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fast tier loads no model: mark this test slow, or use tests.fakes.FakeEncoder")
+
+    original = ColBERTEncoder.__init__
+    ColBERTEncoder.__init__ = refuse  # type: ignore[method-assign]
+    yield
+    ColBERTEncoder.__init__ = original  # type: ignore[method-assign]
