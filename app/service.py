@@ -21,7 +21,12 @@ from pathlib import Path
 
 import torch
 
+# colbert (through these imports) is imported here, at start-up on the main
+# thread: transformers' lazy module can fail a first import made from a
+# worker thread while another thread imports from it.
 from app.engine.backend import IndexBackend
+from app.engine.encoder import ColBERTEncoder
+from app.engine.plaid import PlaidBackend, PlaidConfig
 from app.engine.search import Searcher, SearchHit
 from app.engine.snapshots import SnapshotCache
 from app.engine.writer import IndexWriter, WriterState
@@ -33,6 +38,8 @@ from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.jobs import summarise_job
 from app.store.store import CollectionRow, Store
+from colbert_patches.model_loading import EncoderOptions
+from colbert_patches.scorer import load_extensions
 
 logger = logging.getLogger("app.engine")
 
@@ -62,10 +69,6 @@ def load_encoder(settings: Settings):
     """The configured ColBERT checkpoint, with colbert's kernels loaded first
     (ColBERT's constructor would otherwise JIT-build its own, which needs a
     compiler; the image has prebuilt ones)."""
-    from app.engine.encoder import ColBERTEncoder
-    from colbert_patches.model_loading import EncoderOptions
-    from colbert_patches.scorer import load_extensions
-
     checkpoint = resolve_checkpoint(settings)
     options = EncoderOptions.for_checkpoint(
         checkpoint,
@@ -81,8 +84,6 @@ def load_encoder(settings: Settings):
 
 
 def plaid_backend(settings: Settings, encoder) -> IndexBackend:
-    from app.engine.plaid import PlaidBackend, PlaidConfig
-
     return PlaidBackend(PlaidConfig.from_settings(settings, encoder.dim, encoder.nbits))
 
 
