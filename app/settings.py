@@ -6,8 +6,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _models_dir_for(fields: dict) -> Path:
+    """models_dir when unset: data_dir/models (resolved with data_dir, in Settings._check)."""
+    return Path(fields.get("data_dir", "data")) / "models"
 
 
 class Settings(BaseSettings):
@@ -15,9 +20,9 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production", "test"] = "development"
     data_dir: Path = Path("data")
-    # Where the default models are built or exported on first start; empty
+    # Where the default models are built or exported on first start; unset
     # means data_dir/models. The Docker image bakes them into /opt/models.
-    models_dir: Path | None = None
+    models_dir: Path = Field(default_factory=_models_dir_for)
 
     # Model: empty means the default MiniLM checkpoint built under data_dir on
     # first start. Otherwise a local directory or a hub name (e.g.
@@ -115,10 +120,15 @@ class Settings(BaseSettings):
             return [v for v in value if v != ""]
         return value
 
+    @field_validator("models_dir", mode="before")
+    @classmethod
+    def _models_dir_none(cls, value, info: ValidationInfo):
+        return _models_dir_for(info.data) if value is None else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
-        self.models_dir = Path(self.models_dir or self.data_dir / "models").expanduser().resolve()
+        self.models_dir = Path(self.models_dir).expanduser().resolve()
         return self
 
     @property

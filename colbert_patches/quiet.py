@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 logger = logging.getLogger("colbert")
 
@@ -49,7 +50,9 @@ def apply() -> None:
     import colbert.search.index_loader  # noqa: F401
     import colbert.search.index_storage  # noqa: F401
 
-    for name, module in list(sys.modules.items()):
+    # Any: the attributes looked for below are set by each module's own imports.
+    modules: list[tuple[str, Any]] = list(sys.modules.items())
+    for name, module in modules:
         if not name.startswith("colbert.") or module is None:
             continue
         if getattr(module, "print_message", None) is not None:

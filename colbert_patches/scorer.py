@@ -135,6 +135,8 @@ def _load_prebuilt(name: str, source: Path) -> ModuleType | None:
     if built < max(source.stat().st_mtime, Path(torch.__file__).stat().st_mtime):
         return None  # colbert-ai or torch changed since: let upstream rebuild
     spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{library} is not a loadable extension module")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -153,7 +155,9 @@ def load_extensions() -> None:
     for cls, names in kernels.items():
         if hasattr(cls, "loaded_extensions"):
             continue
-        folder = Path(sys.modules[cls.__module__].__file__).parent
+        source_file = sys.modules[cls.__module__].__file__
+        assert source_file is not None, f"{cls.__module__} has no source file"
+        folder = Path(source_file).parent
         modules = [_load_prebuilt(ext, folder / f"{attr}.cpp") for attr, ext in names]
         if all(modules):
             for (attr, ext), module in zip(names, modules):

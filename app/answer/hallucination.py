@@ -397,11 +397,21 @@ def scorer_from_runner(model_dir: Path, runner: Runner, threshold: float, trust_
     meta = read_export(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     input_names = meta.get("input_names") or getattr(runner, "input_names", None)
-    common = {"threshold": threshold, "max_length": int(meta["max_length"]), "input_names": input_names}
+    if not input_names:
+        raise ValueError(f"{model_dir}: the export names no model inputs and the runner has none either")
+    max_length = int(meta["max_length"])
     if meta["kind"] == "token-alignment":
-        return TokenAlignmentScorer(tokenizer, runner, **common)
+        return TokenAlignmentScorer(
+            tokenizer, runner, threshold=threshold, max_length=max_length, input_names=input_names
+        )
     return PairClassifierScorer(
-        tokenizer, runner, support_index=meta.get("support_index"), pair_template=meta.get("pair_template"), **common
+        tokenizer,
+        runner,
+        threshold=threshold,
+        max_length=max_length,
+        input_names=input_names,
+        support_index=meta.get("support_index"),
+        pair_template=meta.get("pair_template"),
     )
 
 

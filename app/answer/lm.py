@@ -145,7 +145,9 @@ class LocalEngine:
             out = self.model.generate(**inputs, **self._generate_kwargs(max_tokens))
         n_in = inputs["input_ids"].shape[1]
         new = out[0, n_in:]
-        return self.tokenizer.decode(new, skip_special_tokens=True), n_in, int(new.shape[0])
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
+        return text, n_in, int(new.shape[0])
 
     def generate_stream(self, messages: list[dict], max_tokens: int | None = None) -> Iterator[str]:
         """Text pieces as they are decoded (generation runs in a helper thread).

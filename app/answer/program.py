@@ -124,7 +124,7 @@ class AnswerResult:
     raw: str = ""
 
 
-Attribute = Callable[[str, Sequence[str]], Sequence[float]]
+Attribute = Callable[[str, list[str]], Sequence[float]]
 
 
 class AnswerProgram(dspy.Module):

@@ -17,11 +17,16 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from app.answer.program import AnswerProgram, AnswerResult, may_become_lead_in, without_lead_in
 from app.errors import ServerError
 from app.service import SearchHit, SearchService
 from app.settings import Settings
+
+if TYPE_CHECKING:  # both load heavy libraries: imported when the models load
+    from app.answer.hallucination import HallucinationScorer
+    from app.answer.lm import AnswerLM
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,9 @@ class AnswerService:
     def __init__(self, settings: Settings, search: SearchService):
         self.settings = settings
         self.search = search
-        self.lm = None
-        self.scorer = None
+        # Set together by ensure_loaded(); every answer awaits it first.
+        self.lm: AnswerLM | None = None
+        self.scorer: HallucinationScorer | None = None
         self.program: AnswerProgram | None = None
         self.error: str | None = None  # public (/ready): the failure's type only
         self._error_detail = ""  # for the answer endpoint's 503 (behind the API key when keys are set)
@@ -125,7 +131,7 @@ class AnswerService:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _load(self):
+    def _load(self) -> tuple[AnswerLM, HallucinationScorer]:
         from app.answer.hallucination import load_scorer
         from app.answer.lm import load_answer_lm
 
@@ -175,6 +181,7 @@ class AnswerService:
     def _generate(self, question: str, passages: list[str]) -> AnswerResult:
         import dspy
 
+        assert self.lm is not None and self.program is not None, "ensure_loaded() first"
         try:
             # No history: DSPy would keep every prompt (all k passages) and response in memory.
             with dspy.context(lm=self.lm.lm, disable_history=True):
@@ -191,16 +198,18 @@ class AnswerService:
         secret = key.get_secret_value() if key is not None else ""
         return text.replace(secret, "[redacted]") if secret else text
 
-    def _lm_failed(self, exc: Exception) -> AnswerLMFailed:
+    def _lm_failed(self, exc: BaseException) -> AnswerLMFailed:
         # The response names the failure, not its text: a provider's error text
         # can echo request details. The log gets the text, with the key
         # redacted, and no traceback (its frames' reprs are not redacted).
+        assert self.lm is not None
         log.error("answer LM %s failed: %s: %s", self.lm.name, type(exc).__name__, self._redact(str(exc)))
         return AnswerLMFailed(f"the answer LM ({self.lm.name}) failed: {type(exc).__name__}")
 
     def _check(self, answer: str, hits: list[SearchHit]):
         if not answer.strip():  # nothing claimed, nothing to score: no "supported" label for an empty answer
             return None
+        assert self.scorer is not None, "ensure_loaded() first"
         return self.scorer.score(answer, [h.hit.text for h in hits])
 
     def _response(self, question: str, hits, result: AnswerResult, report, timings: dict) -> dict:
@@ -282,8 +291,10 @@ class AnswerService:
             yield "citations", []
             yield "done", response
             return
+        lm, program = self.lm, self.program
+        assert lm is not None and program is not None, "ensure_loaded() first"
         passages = self._passages(hits)
-        messages = self.program.messages(question, passages)
+        messages = program.messages(question, passages)
         hold = self.settings.answer_unsupported == "refuse"
         pieces: list[str] = []
         opened = False  # the start of the completion has been streamed
@@ -295,7 +306,7 @@ class AnswerService:
 
         def produce() -> None:
             try:
-                for piece in self.lm.stream(messages):
+                for piece in lm.stream(messages):
                     if stop.is_set():  # the client went away
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
@@ -336,7 +347,7 @@ class AnswerService:
             stop.set()
             await asyncio.shield(producer)
         t_generated = time.perf_counter()
-        result = await self._run(self.program.finish_text, "".join(pieces), passages)
+        result = await self._run(program.finish_text, "".join(pieces), passages)
         report = await self._run(self._check, result.answer, hits)
         timings = stage_timings(started, t_retrieved, t_generated, time.perf_counter())
         response = self._response(question, hits, result, report, timings)

@@ -360,9 +360,9 @@ def _extract_html(data: bytes) -> tuple[str, list[Section]]:
         elif name in {"td", "th"}:  # cells of a row stay on one line
             out.separate(" ")
         if name in _HTML_HEADINGS:
-            title = " ".join(node.get_text(" ").split())
-            if title:
-                out.heading(title)
+            heading = " ".join(node.get_text(" ").split())
+            if heading:
+                out.heading(heading)
         if name == "pre":
             pre_depth += 1
         stack.append(("end", node))

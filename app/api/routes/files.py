@@ -42,10 +42,11 @@ async def upload_files(
     uploads = []
     for i, f in enumerate(files):
         data = await f.read(settings.max_file_bytes + 1)
-        error = None
         if len(data) > settings.max_file_bytes:
-            data, error = None, f"the file is larger than the {settings.max_file_bytes:,}-byte limit"
-        uploads.append(UploadedFile(f.filename or "", data, id_list[i] if id_list else None, error))
+            error = f"the file is larger than the {settings.max_file_bytes:,}-byte limit"
+            uploads.append(UploadedFile(f.filename or "", None, id_list[i] if id_list else None, error))
+        else:
+            uploads.append(UploadedFile(f.filename or "", data, id_list[i] if id_list else None))
         await f.close()
     job_id = await service.submit_files(collection, uploads, meta)
     return JSONResponse(await service.job_status(job_id), status_code=202)
