@@ -1,4 +1,4 @@
-.PHONY: setup run dev serve test lint bench
+.PHONY: setup run dev serve test test-fast lint bench
 
 setup:
 	./scripts/setup.sh
@@ -19,9 +19,14 @@ test: setup
 	./scripts/setup-browser.sh
 	.venv/bin/python -m pytest -q -rs
 
+# The tests that load no model and build no PLAID index (seconds, not minutes).
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 lint: setup
 	.venv/bin/ruff check app colbert_patches models tests bench
 	.venv/bin/ruff format --check app colbert_patches models tests bench
+	.venv/bin/mypy app colbert_patches models
 
 bench: setup
 	.venv/bin/python -m bench.msmarco_mini
