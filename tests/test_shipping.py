@@ -153,7 +153,10 @@ def test_environment_yml_installs_the_project_with_pyproject_pins():
 
 
 def release(*args: str, env: dict | None = None, path: str | None = None) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in ("BUILD_NUMBER", "ECR_REGISTRY", "AWS_REGION")}
+    # The script's variables come from the test only (a CI runner sets CIRCLE_BUILD_NUM, say).
+    ours = {"BUILD_NUMBER", "ECR_REGISTRY", "AWS_REGION", "ECR_REPOSITORY"}
+    ours |= {"CIRCLE_BUILD_NUM", "AWS_ACCOUNT_ID", "ECR_AWS_REGION", "ECR_REPOSITORY_NAME"}
+    base = {k: v for k, v in os.environ.items() if k not in ours}
     if path:
         base["PATH"] = path + os.pathsep + base["PATH"]
     return subprocess.run(
