@@ -241,12 +241,11 @@ def main() -> None:
     from app.answer.hallucination import (
         ALIGNMENT_HIGH,
         ALIGNMENT_LOW,
-        OnnxRunner,
         TokenAlignmentScorer,
-        TorchRunner,
         read_export,
         scorer_from_runner,
     )
+    from app.answer.runners import OnnxRunner, TorchRunner
     from app.settings import Settings
     from models.export_hallucination_model import (
         FP32_FILE,

@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from app.answer.runners import OnnxRunner, Runner, length_batches, pad_rows
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -54,9 +56,6 @@ ALIGNMENT_HIGH = 0.90
 # Sentences shorter than this many words (a stray "Dr." or "in 2010." from the
 # sentence splitter) are joined to the sentence before them.
 MIN_SENTENCE_WORDS = 3
-# Windows are sorted by length and batched up to this many padded tokens, so
-# short sentences are not padded to the length of a passage.
-BATCH_TOKENS = 4096
 # Long texts are encoded in windows of the model's max length that overlap by this many tokens.
 WINDOW_STRIDE = 32
 
@@ -107,64 +106,6 @@ def build_report(sentences: list[str], scores: Sequence[float], threshold: float
     items = [SentenceSupport(text, float(s), label_for(float(s), threshold)) for text, s in zip(sentences, scores)]
     overall = min((item.score for item in items), default=1.0)
     return SupportReport(score=overall, label=label_for(overall, threshold), threshold=threshold, sentences=items)
-
-
-# Runners: one batch of token ids in, the model's single output out, as numpy.
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
-
-
-class OnnxRunner:
-    def __init__(self, path: Path, threads: int = 0):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle workers sleep instead of spinning: the CPU is shared with the
-        # ColBERT searches and the LM, and spinning costs them more than it saves here.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, {name: feeds[name] for name in self.input_names})[0]
-
-
-class TorchRunner:
-    """The same model in fp32 torch (the reference the int8 file is measured against)."""
-
-    def __init__(self, module, input_names: Sequence[str]):
-        self.module = module.eval()
-        self.input_names = list(input_names)
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.module(*(torch.from_numpy(feeds[name]) for name in self.input_names)).numpy()
-
-
-def _pad(rows: list[dict[str, list[int]]], names: Sequence[str], pad_id: int) -> dict[str, np.ndarray]:
-    width = max(len(r["input_ids"]) for r in rows)
-    feeds = {}
-    for name in names:
-        fill = pad_id if name == "input_ids" else 0
-        feeds[name] = np.array([r[name] + [fill] * (width - len(r[name])) for r in rows], dtype=np.int64)
-    return feeds
-
-
-def length_batches(rows: list[dict[str, list[int]]]) -> list[list[int]]:
-    """Row indices sorted by length, cut into batches of at most BATCH_TOKENS padded tokens."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    batches: list[list[int]] = []
-    for i in order:
-        width = len(rows[i]["input_ids"])  # the longest so far, since sorted
-        if batches and (len(batches[-1]) + 1) * width <= BATCH_TOKENS:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 class TokenAlignmentScorer:
@@ -220,7 +161,7 @@ class TokenAlignmentScorer:
         out: list[np.ndarray] = [np.empty(0)] * len(rows)
         pad_id = self.tokenizer.pad_token_id or 0
         for batch in length_batches(rows):
-            vectors = self.runner(_pad([rows[i] for i in batch], self.input_names, pad_id))
+            vectors = self.runner(pad_rows([rows[i] for i in batch], self.input_names, pad_id))
             for j, i in enumerate(batch):
                 out[i] = vectors[j, : len(rows[i]["input_ids"])]
         return out
@@ -356,7 +297,7 @@ class PairClassifierScorer:
             pad_id = self.tokenizer.pad_token_id or 0
             probabilities = np.zeros(len(rows))
             for batch in length_batches(rows):
-                logits = self.runner(_pad([rows[i] for i in batch], self.input_names, pad_id))
+                logits = self.runner(pad_rows([rows[i] for i in batch], self.input_names, pad_id))
                 probabilities[batch] = self._probabilities(logits)
         best = np.zeros(len(sentences))
         for window, owner in enumerate(owners):

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -275,6 +276,38 @@ class AnswerService:
             "note": "no passage in the collection matched the question",
         }
 
+    async def _stream_pieces(self, lm: AnswerLM, messages: list[dict]) -> AsyncGenerator[str, None]:
+        """The LM's pieces as they come, generated on the answer thread.
+        Closing this iterator (the client went away) stops the generation."""
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        end = object()
+
+        def produce() -> None:
+            try:
+                for piece in lm.stream(messages):
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, end)
+
+        producer = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise self._lm_failed(item) from item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(producer)
+
     async def stream(
         self, collection: str, question: str, k: int, mode: str = "colbert", where=None, fusion=None
     ) -> AsyncIterator[tuple[str, object]]:
@@ -294,60 +327,18 @@ class AnswerService:
         lm, program = self.lm, self.program
         assert lm is not None and program is not None, "ensure_loaded() first"
         passages = self._passages(hits)
-        messages = program.messages(question, passages)
         hold = self.settings.answer_unsupported == "refuse"
-        pieces: list[str] = []
-        opened = False  # the start of the completion has been streamed
-        started_text = False  # some text of it has been sent
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        end = object()
-
-        def produce() -> None:
-            try:
-                for piece in lm.stream(messages):
-                    if stop.is_set():  # the client went away
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, end)
-
-        producer = loop.run_in_executor(self._executor, produce)
-        try:
-            while True:
-                item = await queue.get()
-                if item is end:
-                    break
-                if isinstance(item, BaseException):
-                    raise self._lm_failed(item) from item
-                pieces.append(item)
-                if hold:
-                    continue
-                if not opened:
-                    # The start is held while it may become a lead-in ("The answer
-                    # is:"), so the streamed text reads like the final answer.
-                    head = "".join(pieces)
-                    if may_become_lead_in(head):
-                        continue
-                    opened = True
-                    item = without_lead_in(head)
-                if not started_text:  # the answer's first text: no space before it
-                    item = item.lstrip()
-                    started_text = bool(item)
-                if item:
-                    yield "token", {"text": item}
-            if not hold and not opened and pieces:  # the stream ended while its start was held
-                head = without_lead_in("".join(pieces)).lstrip()
-                if head:
-                    yield "token", {"text": head}
-        finally:
-            stop.set()
-            await asyncio.shield(producer)
+        text = _LeadInHold()
+        async with aclosing(self._stream_pieces(lm, program.messages(question, passages))) as pieces:
+            async for piece in pieces:
+                out = text.feed(piece)
+                if out and not hold:
+                    yield "token", {"text": out}
+        if not hold and (rest := text.flush()):  # the stream ended while its start was held
+            yield "token", {"text": rest}
+        pieces_text = text.completion
         t_generated = time.perf_counter()
-        result = await self._run(program.finish_text, "".join(pieces), passages)
+        result = await self._run(program.finish_text, pieces_text, passages)
         report = await self._run(self._check, result.answer, hits)
         timings = stage_timings(started, t_retrieved, t_generated, time.perf_counter())
         response = self._response(question, hits, result, report, timings)
@@ -357,3 +348,38 @@ class AnswerService:
         yield "citations", response["citations"]
         yield "hallucination", response["hallucination"]
         yield "done", response
+
+
+class _LeadInHold:
+    """The streamed text of a completion without its lead-in ("The answer
+    is:"): its start is held while it may still become one, so the streamed
+    text reads like the final answer; no space before the first text."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.opened = False  # the start of the completion has been released
+        self.started_text = False  # some text of it has been released
+
+    @property
+    def completion(self) -> str:
+        return "".join(self.pieces)
+
+    def feed(self, piece: str) -> str:
+        """Add a piece; the text to send now ("" for nothing yet)."""
+        self.pieces.append(piece)
+        if not self.opened:
+            head = self.completion
+            if may_become_lead_in(head):
+                return ""
+            self.opened = True
+            piece = without_lead_in(head)
+        if not self.started_text:
+            piece = piece.lstrip()
+            self.started_text = bool(piece)
+        return piece
+
+    def flush(self) -> str:
+        """What is still held when the completion ends."""
+        if self.opened or not self.pieces:
+            return ""
+        return without_lead_in(self.completion).lstrip()

@@ -123,7 +123,9 @@ def extract(filename: str, data: bytes, max_bytes: int = 20_000_000) -> Extracte
         text = _decode_text(data)
         sections = _markdown_sections(text)
     elif kind == "html":
-        text, sections = _extract_html(data)
+        from app.ingest.html import extract_html  # it uses this module's errors and sections
+
+        text, sections = extract_html(data)
     elif kind == "docx":
         text, sections = _extract_docx(data), []
     else:
@@ -232,145 +234,7 @@ def _markdown_sections(text: str) -> list[Section]:
     return _sections_from_anchors(anchors, len(text))
 
 
-# --- HTML ---------------------------------------------------------------------
-
-# Elements whose content is never text for a reader.
-_HTML_SKIP = frozenset(
-    {"script", "style", "noscript", "template", "svg", "math", "iframe", "object", "embed", "canvas"}
-)
-_HTML_HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
-_HTML_BLOCKS = frozenset(
-    {
-        "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "dialog", "div",
-        "dl", "dt", "fieldset", "figcaption", "figure", "footer", "form", "header", "hgroup", "hr", "html",
-        "legend", "li", "main", "menu", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody",
-        "tfoot", "thead", "title", "tr", "ul",
-    }
-)  # fmt: skip
-
-
-class _TextBuilder:
-    """Accumulates HTML text, with separators decided lazily.
-
-    Whitespace and block breaks are only *requested*; the strongest pending
-    separator is emitted just before the next real text. That way the text
-    never starts or ends with separators and no cleanup pass afterwards
-    shifts the offsets recorded for headings.
-    """
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.length = 0
-        self.pending = ""  # "", " " or "\n"
-        self.anchors: list[tuple[int, str]] = []
-        self._pending_heading: str | None = None
-
-    def separate(self, sep: str) -> None:
-        if sep == "\n" or not self.pending:
-            self.pending = sep
-
-    def heading(self, title: str) -> None:
-        # The heading's offset is where its first character will land.
-        self._pending_heading = title
-
-    def write(self, text: str) -> None:
-        if not text:
-            return
-        if self.pending and self.length:
-            self.parts.append(self.pending)
-            self.length += len(self.pending)
-        self.pending = ""
-        if self._pending_heading is not None:
-            self.anchors.append((self.length, self._pending_heading))
-            self._pending_heading = None
-        self.parts.append(text)
-        self.length += len(text)
-
-    def inline(self, text: str) -> None:
-        """HTML text outside <pre>: runs of whitespace count as one space."""
-        collapsed = re.sub(r"\s+", " ", text)
-        if collapsed.startswith(" "):
-            self.separate(" ")
-        self.write(collapsed.strip())
-        if collapsed.endswith(" ") and collapsed.strip():
-            self.separate(" ")
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-def _decode_html(data: bytes) -> str | bytes:
-    if b"\x00" in data:
-        raise ExtractionError("binary content, not HTML")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Not UTF-8: let Beautiful Soup use the declared <meta charset> or sniff.
-        return data
-
-
-def _extract_html(data: bytes) -> tuple[str, list[Section]]:
-    from bs4 import BeautifulSoup
-    from bs4.element import NavigableString, PreformattedString, Tag
-
-    markup = _decode_html(data)
-    try:
-        soup = BeautifulSoup(markup, "html.parser")
-    except Exception:
-        raise ExtractionError("not a valid HTML document") from None
-
-    out = _TextBuilder()
-    # Iterative walk (deeply nested markup must not hit the recursion limit).
-    # Entries are nodes to enter, or ("end", tag) markers to leave a tag.
-    stack: list = [soup]
-    pre_depth = 0
-    while stack:
-        node = stack.pop()
-        if isinstance(node, tuple):
-            tag = node[1]
-            if tag.name == "pre":
-                pre_depth -= 1
-            if tag.name in _HTML_BLOCKS or tag.name in _HTML_HEADINGS:
-                out.separate("\n")
-            continue
-        if isinstance(node, NavigableString):
-            # Comments, doctypes, CDATA and processing instructions are not text.
-            if not isinstance(node, PreformattedString):
-                if pre_depth:
-                    out.write(str(node))
-                else:
-                    out.inline(str(node))
-            continue
-        if not isinstance(node, Tag):
-            continue
-        name = node.name
-        if name in _HTML_SKIP:
-            continue
-        if name == "head":
-            # Of the head, only the <title> is content.
-            title = node.find("title")
-            if title is not None:
-                stack.append(title)
-            continue
-        if name == "br":
-            out.separate("\n")
-            continue
-        if name in _HTML_BLOCKS or name in _HTML_HEADINGS:
-            out.separate("\n")
-        elif name in {"td", "th"}:  # cells of a row stay on one line
-            out.separate(" ")
-        if name in _HTML_HEADINGS:
-            heading = " ".join(node.get_text(" ").split())
-            if heading:
-                out.heading(heading)
-        if name == "pre":
-            pre_depth += 1
-        stack.append(("end", node))
-        stack.extend(reversed(node.contents))
-
-    text = out.text()
-    _refuse_control_heavy(text)
-    return text, _sections_from_anchors(out.anchors, len(text))
+# --- HTML: app/ingest/html.py -------------------------------------------------
 
 
 # --- DOCX ---------------------------------------------------------------------

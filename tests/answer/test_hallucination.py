@@ -11,14 +11,13 @@ import pytest
 from app.answer.hallucination import (
     SUPPORTED,
     UNSUPPORTED,
-    OnnxRunner,
     PairClassifierScorer,
     TokenAlignmentScorer,
-    TorchRunner,
     load_scorer,
     scorer_from_runner,
     split_sentences,
 )
+from app.answer.runners import OnnxRunner, TorchRunner
 from app.settings import Settings
 from bench.data import DATA
 from bench.hallucination import auroc, build_check_set
