@@ -88,8 +88,10 @@ def plaid_backend(settings: Settings, encoder) -> IndexBackend:
 
 
 class SearchService:
-    """``encoder`` and ``backend_factory`` replace the configured model and
-    the PLAID backend (tests of the services alone pass fakes)."""
+    """``encoder`` (anything with :class:`ColBERTEncoder`'s methods) and
+    ``backend_factory`` (settings, encoder -> an :class:`IndexBackend`) choose
+    the model and the index engine; by default, the configured checkpoint
+    and the PLAID backend."""
 
     def __init__(self, settings: Settings, metrics: EngineMetrics | None = None, encoder=None, backend_factory=None):
         self.settings = settings

@@ -52,16 +52,18 @@ class PlaidSnapshot:
         return cls(generation, torch.empty(0, dtype=torch.int64), "empty")
 
     @classmethod
-    def load(cls, files: IndexFiles, manifest_name: str | None, previous: PlaidSnapshot | None = None) -> PlaidSnapshot:
+    def load(
+        cls, files: IndexFiles, generation: int, manifest_name: str | None, previous: PlaidSnapshot | None = None
+    ) -> PlaidSnapshot:
         """Load a generation, reading only files the previous snapshot lacks."""
         if not manifest_name:
-            return cls.empty()
+            return cls.empty(generation)
         manifest = files.read_manifest(manifest_name)
         known = previous.files if previous is not None else {}
         loaded = {name: known[name] if name in known else files.load(name) for name in manifest.files()}
         segments = [loaded[name] for name in manifest.segments]
         if not segments:
-            return cls.empty(manifest.generation)
+            return cls.empty(generation)
         pids = torch.cat([s["pids"] for s in segments])
         doclens = torch.cat([s["doclens"] for s in segments]).to(torch.int64)
         if pids.numel() > 1 and not bool((pids[1:] > pids[:-1]).all()):
@@ -71,9 +73,9 @@ class PlaidSnapshot:
             codes = torch.cat([s["codes"] for s in segments])
             residuals = torch.cat([s["residuals"] for s in segments])
             scorer = SnapshotScorer(codec, codes, residuals, doclens)
-            return cls(manifest.generation, pids, "plaid", scorer=scorer, files=loaded)
+            return cls(generation, pids, "plaid", scorer=scorer, files=loaded)
         embs = torch.cat([s["embs"] for s in segments]).float()
-        return cls(manifest.generation, pids, "exact", exact=(embs, doclens), files=loaded)
+        return cls(generation, pids, "exact", exact=(embs, doclens), files=loaded)
 
     def deleted_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
         if dead_pids.numel() == 0:
@@ -130,6 +132,11 @@ class PlaidSnapshot:
         return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
 
 
+def _exact(batch: PassageBatch) -> dict:
+    """A segment of the exact tier: the fp16 vectors themselves."""
+    return {"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}
+
+
 @dataclass(frozen=True)
 class PlaidConfig:
     index_root: Path
@@ -171,8 +178,7 @@ class PlaidBackend:
         manifest = files.read_manifest(base) if base else Manifest()
         total = manifest.passages + len(batch)
         if manifest.codec is None and total <= self.config.exact_search_max_passages:
-            state = {"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}
-            manifest = replace(self._append(files, generation, manifest, state), appended_passages=total)
+            manifest = replace(self._append(files, generation, manifest, _exact(batch)), appended_passages=total)
         elif manifest.codec is None:
             # First PLAID build: train on every vector already stored, no re-encoding.
             existing = [files.load(name) for name in manifest.segments]
@@ -190,8 +196,7 @@ class PlaidBackend:
         files = self.files(collection_id)
         files.ensure()
         if len(batch) <= self.config.exact_search_max_passages:
-            state = {"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}
-            segments = (files.write_segment(generation, state),) if len(batch) else ()
+            segments = (files.write_segment(generation, _exact(batch)),) if len(batch) else ()
             return files.write_manifest(Manifest(generation, None, segments, 0, len(batch)))
         return self._build(files, generation, batch)
 
@@ -265,9 +270,7 @@ class PlaidBackend:
         self, collection_id: int, generation: int, manifest: str | None, previous: IndexSnapshot | None = None
     ) -> PlaidSnapshot:
         reuse = previous if isinstance(previous, PlaidSnapshot) else None
-        snapshot = PlaidSnapshot.load(self.files(collection_id), manifest, reuse)
-        snapshot.generation = generation
-        return snapshot
+        return PlaidSnapshot.load(self.files(collection_id), generation, manifest, reuse)
 
     def stats(self, collection_id: int, manifest: str | None) -> IndexStats:
         if not manifest:

@@ -22,7 +22,7 @@ from app.engine.backend import IndexBackend, PassageBatch
 from app.engine.lease import WriterLease
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
-from app.store.index_state import CommitOutcome, IndexStateStore, PendingDocument
+from app.store.index_state import Commit, IndexStateStore, PendingDocument
 from app.store.schema import connect
 
 logger = logging.getLogger("app.engine")
@@ -195,7 +195,7 @@ class IndexWriter:
         except Exception as exc:
             self._failed(store, collection_id, batch.documents, exc)
             return
-        if outcome == CommitOutcome.DELETED:
+        if outcome is Commit.COLLECTION_DELETED:
             self.backend.drop(collection_id)
             return
         # Keep the previous generation: other processes may be loading it.
@@ -236,10 +236,10 @@ class IndexWriter:
         generation = col.generation + 1
         manifest = self.backend.rebuild(collection_id, generation, batch)
         outcome = store.commit_rebuild(collection_id, col.generation, generation, manifest, purge)
-        if outcome == CommitOutcome.DELETED:
+        if outcome is Commit.COLLECTION_DELETED:
             self.backend.drop(collection_id)
             return
-        if outcome is not None:  # a commit landed meanwhile: this rebuild is stale (its files go at the next commit)
+        if outcome is Commit.STALE:  # a commit landed meanwhile; this rebuild's files go at the next commit
             return
         self.backend.release(collection_id, [manifest, col.manifest])
         logger.info(

@@ -7,6 +7,7 @@ bumps the collection's generation, so a searcher sees all of a commit or none.
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ class LivePassage:
     title: str | None
 
 
-class CommitOutcome:
-    """Why a commit did not land (``None`` when it did)."""
+class Commit(enum.Enum):
+    """How a commit ended."""
 
-    DELETED = "collection deleted"
+    LANDED = "landed"
+    COLLECTION_DELETED = "collection deleted"  # meanwhile: its index files can go
+    STALE = "stale"  # another commit moved the generation first
 
 
 class IndexStateStore:
@@ -130,15 +133,15 @@ class IndexStateStore:
         first_pid: int,
         chunk_ids: list[int],
         documents: list[PendingDocument],
-    ) -> str | None:
+    ) -> Commit:
         """Make ``documents`` live at ``generation``: their chunks get passage
         ids from ``first_pid`` on, the previous live version of each is
-        tombstoned. Returns why it did not land, or None."""
+        tombstoned. Only the writer appends, so a moved generation is an error."""
         now = time.time()
         with transaction(self.conn):
             col = self.collection(collection_id)
             if col is None:
-                return CommitOutcome.DELETED
+                return Commit.COLLECTION_DELETED
             if col.generation != old_generation:
                 raise RuntimeError("index generation moved under the writer")
             self.conn.executemany(
@@ -160,22 +163,21 @@ class IndexStateStore:
                    WHERE id = ?""",
                 (generation, manifest, first_pid + len(chunk_ids), collection_id),
             )
-        return None
+        return Commit.LANDED
 
     def commit_rebuild(
         self, collection_id: int, old_generation: int, generation: int, manifest: str, purge: list[int]
-    ) -> str | None:
-        """Swap in a rebuilt generation and purge the tombstones it dropped.
-        Returns why it did not land (deleted, or superseded by a commit), or None."""
+    ) -> Commit:
+        """Swap in a rebuilt generation and purge the tombstones it dropped."""
         with transaction(self.conn):
             col = self.collection(collection_id)
             if col is None:
-                return CommitOutcome.DELETED
+                return Commit.COLLECTION_DELETED
             if col.generation != old_generation:
-                return "generation moved"
+                return Commit.STALE
             self.conn.execute(
                 "UPDATE collections SET generation = ?, manifest = ?, version = version + 1 WHERE id = ?",
                 (generation, manifest, collection_id),
             )
             self.conn.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in purge])
-        return None
+        return Commit.LANDED

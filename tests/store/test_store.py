@@ -6,7 +6,7 @@ import pytest
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.ingest.chunking import Passage
-from app.store.index_state import IndexStateStore
+from app.store.index_state import Commit, IndexStateStore
 from app.store.schema import connect
 from app.store.store import NewDocument
 
@@ -28,7 +28,7 @@ def make_live(store, collection_id: int) -> None:
     chunk_ids = [cid for d in pending for cid, _ in state.chunk_texts(d.id)]
     assert (
         state.commit_append(collection_id, col.generation, col.generation + 1, "m", col.next_pid, chunk_ids, pending)
-        is None
+        is Commit.LANDED
     )
     conn.close()
 
