@@ -49,6 +49,10 @@ class ServerQueryTokenizer(QueryTokenizer):
 
 
 class ServerDocTokenizer(DocTokenizer):
+    """``tensorize`` pads a whole call to its longest text (upstream's
+    ``docFromText`` needs one width to concatenate its batches);
+    :meth:`token_ids` is the unpadded form the server's encoder batches."""
+
     def __init__(self, config, options):
         super().__init__(config)
         self.options = options
@@ -67,6 +71,16 @@ class ServerDocTokenizer(DocTokenizer):
             ids, mask, reverse_indices = _sort_by_length(ids, mask, bsize)
             return _split_into_batches(ids, mask, bsize), reverse_indices
         return ids, mask
+
+    def token_ids(self, batch_text) -> list[list[int]]:
+        """Unpadded input ids per text (truncated, with the marker): the
+        encoder pads each length-sorted batch only to its own longest."""
+        markers = self.options.marker_tokens
+        max_length = self.doc_maxlen - (1 if markers else 0)
+        ids = self.tok(list(batch_text), padding=False, truncation="longest_first", max_length=max_length)["input_ids"]
+        if markers:
+            ids = [row[:1] + [self.D_marker_token_id] + row[1:] for row in ids]
+        return ids
 
     def content_token_budget(self) -> int:
         """Word-pieces of text that fit in one passage ([CLS], marker, [SEP] excluded)."""
