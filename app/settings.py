@@ -38,7 +38,10 @@ class Settings(BaseSettings):
     exact_search_max_passages: int = Field(default=1024, ge=0)
     rebuild_growth_factor: float = Field(default=4.0, gt=0)
     rebuild_deleted_share: float = Field(default=0.3, gt=0, le=1)
+    plaid_max_centroids: int = Field(default=4096, ge=16)
+    segment_max_passages: int = Field(default=200_000, ge=1000)
     commit_max_chunks: int = Field(default=4096, ge=1)
+    commit_target_s: float = Field(default=1.0, gt=0)
     writer_poll_interval_s: float = Field(default=0.1, gt=0)
     kmeans_niters: int = Field(default=4, ge=1)
     ncells: int | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from types import SimpleNamespace
 
 import torch
@@ -45,41 +46,69 @@ def apply() -> None:
     ResidualCodec.compress_into_codes = compress_into_codes
 
 
-def num_partitions_for(num_embeddings: int) -> int:
-    """Upstream's rule (2^floor(log2(16 sqrt(n)))), capped for small n."""
+# k-means trains on at most this many vectors per centroid (faiss's own
+# default is 256): the cost is points x centroids x dim per iteration.
+POINTS_PER_CENTROID = 64
+
+
+def num_partitions_for(num_embeddings: int, max_partitions: int | None = None) -> int:
+    """Upstream's rule (2^floor(log2(16 sqrt(n)))), capped for small n and at
+    ``max_partitions`` (every compressed vector is scored against every
+    centroid: on a CPU, tens of thousands of centroids cost more than the
+    encoder)."""
     n = max(int(num_embeddings), 1)
     upstream = 2 ** int(math.floor(math.log2(16 * math.sqrt(n))))
     # faiss needs at least one training point per centroid; keep a few per centroid.
     cap = 2 ** int(math.floor(math.log2(max(n // 4, 1))))
-    return max(1, min(upstream, cap))
+    partitions = max(1, min(upstream, cap))
+    if max_partitions:
+        partitions = min(partitions, 2 ** int(math.floor(math.log2(max(max_partitions, 1)))))
+    return partitions
 
 
 def train_codec(
-    embeddings: torch.Tensor, dim: int, nbits: int, kmeans_niters: int = 4, seed: int = 123, sample_limit: int = 1 << 20
+    embeddings: torch.Tensor,
+    dim: int,
+    nbits: int,
+    kmeans_niters: int = 4,
+    seed: int = 123,
+    partitions: int | None = None,
 ):
-    """Return a ``ResidualCodec`` trained on ``embeddings`` (n x dim, any float)."""
+    """Return a ``ResidualCodec`` trained on ``embeddings`` (n x dim, any
+    float): a sample of at most ``POINTS_PER_CENTROID`` vectors per centroid
+    for k-means (faiss, every core), a held-out part for the residual buckets.
+    ``partitions`` defaults to :func:`num_partitions_for` of ``n``."""
     import faiss
     from colbert.indexing.codecs.residual import ResidualCodec
     from colbert.indexing.collection_indexer import CollectionIndexer
     from colbert.infra import ColBERTConfig
 
-    embeddings = embeddings.to(torch.float16)
+    partitions = partitions or num_partitions_for(embeddings.size(0))
     gen = torch.Generator().manual_seed(seed)
-    if embeddings.size(0) > sample_limit:
-        embeddings = embeddings[torch.randperm(embeddings.size(0), generator=gen)[:sample_limit]]
-    order = torch.randperm(embeddings.size(0), generator=gen)
-    sample = embeddings[order]
-    heldout_size = int(min(0.05 * sample.size(0), 50_000))
+    heldout_size = int(min(0.05 * embeddings.size(0), 50_000))
+    wanted = partitions * POINTS_PER_CENTROID + heldout_size
+    if embeddings.size(0) > wanted:
+        embeddings = embeddings[torch.randperm(embeddings.size(0), generator=gen)[:wanted]]
+    sample = embeddings[torch.randperm(embeddings.size(0), generator=gen)].to(torch.float16)
     if heldout_size < 16:
         heldout = sample  # too few to hold out: estimate residuals on the training set
     else:
         sample, heldout = sample.split([sample.size(0) - heldout_size, heldout_size])
+    partitions = min(partitions, max(1, sample.size(0)))
 
-    partitions = num_partitions_for(sample.size(0))
     config = ColBERTConfig(dim=dim, nbits=nbits, kmeans_niters=kmeans_niters, gpus=0)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
     with contextlib.redirect_stdout(io.StringIO()):
         # Upstream's compute_faiss_kmeans, minus verbose=True (faiss prints from C++).
-        kmeans = faiss.Kmeans(dim, partitions, niter=kmeans_niters, gpu=False, verbose=False, seed=seed)
+        kmeans = faiss.Kmeans(
+            dim,
+            partitions,
+            niter=kmeans_niters,
+            gpu=False,
+            verbose=False,
+            seed=seed,
+            max_points_per_centroid=POINTS_PER_CENTROID,
+        )
         kmeans.train(sample.float().numpy())
         centroids = torch.nn.functional.normalize(torch.from_numpy(kmeans.centroids), dim=-1).float()
         helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)

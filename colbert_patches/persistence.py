@@ -9,7 +9,6 @@ and the directory is fsynced, so a reader sees the old file or the new one.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -35,11 +34,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file, fsynced and renamed (no second
+    copy of a large state in memory)."""
     import torch
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(obj, path: Path) -> None:

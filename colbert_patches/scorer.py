@@ -71,24 +71,43 @@ def build_ivf(codes: torch.Tensor, doclens: torch.Tensor, num_centroids: int):
     return ivf, lengths
 
 
-class SnapshotScorer(IndexScorer):
-    """IndexScorer over tensors handed in, not files read from a directory."""
+def segment_arrays(codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.Tensor, num_centroids: int) -> dict:
+    """What a :class:`SnapshotScorer` reads, computed once when a segment is
+    written: the IVF, and every strided tensor padded as upstream's
+    ``StridedTensor`` would pad it at load (a copy of the whole tensor there;
+    here the file is memory-mapped as it is)."""
+    doclens = doclens.to(torch.int64)
+    ivf, ivf_lengths = build_ivf(codes, doclens, num_centroids)
+    pad = int(doclens.max()) if doclens.numel() else 0
+    ivf_pad = int(ivf_lengths.max()) if ivf_lengths.numel() else 0
+    return {
+        "doclens": doclens,
+        "codes": torch.cat([codes.to(torch.int32), torch.zeros(pad, dtype=torch.int32)]),
+        "residuals": torch.cat([residuals, torch.zeros(pad, residuals.size(1), dtype=torch.uint8)]),
+        "ivf": torch.cat([ivf, torch.zeros(ivf_pad, dtype=torch.int32)]),
+        "ivf_lengths": ivf_lengths,
+    }
 
-    def __init__(self, codec, codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.Tensor):
+
+class SnapshotScorer(IndexScorer):
+    """IndexScorer over one segment's tensors (see :func:`segment_arrays`),
+    not files read from a directory; the tensors may be memory-mapped."""
+
+    def __init__(self, codec, arrays: dict):
         # IndexLoader.__init__ would read files: set what it would have set.
         self.index_path = None
         self.use_gpu = False
         self.load_index_with_mmap = False
         self.codec = codec
-        self.doclens = doclens.to(torch.int64)
-        ivf, ivf_lengths = build_ivf(codes, self.doclens, codec.centroids.size(0))
-        self.ivf = StridedTensor(ivf, ivf_lengths, use_gpu=False)
-        pad = 512  # upstream pads for strided access past the last passage
-        codes = torch.cat([codes.to(torch.int32), torch.zeros(pad, dtype=torch.int32)])
-        residuals = torch.cat([residuals, torch.zeros(pad, residuals.size(1), dtype=torch.uint8)])
-        self.embeddings = ResidualEmbeddings(codes, residuals)
+        self.doclens = arrays["doclens"]
+        self.ivf = StridedTensor(arrays["ivf"], arrays["ivf_lengths"], use_gpu=False)
+        self.embeddings = ResidualEmbeddings(arrays["codes"], arrays["residuals"])
         IndexScorer.try_load_torch_extensions(False)
         self.set_embeddings_strided()
+
+    @property
+    def num_passages(self) -> int:
+        return int(self.doclens.numel())
 
     def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
         """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).

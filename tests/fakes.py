@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from app.engine.backend import IndexStats, PassageBatch, SearchRequest, SearchResult
+from app.engine.backend import IndexStats, MaintenanceTask, PassageBatch, PreparedChange, SearchRequest, SearchResult
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -122,6 +122,7 @@ class FakeInMemoryBackend:
     def __init__(self, rebuild_deleted_share: float = 0.3):
         self.rebuild_deleted_share = rebuild_deleted_share
         self.generations: dict[tuple[int, str], tuple[PassageBatch, ...]] = {}
+        self.prepared: dict[str, tuple[tuple[PassageBatch, ...], tuple[PassageBatch, ...]]] = {}
 
     def write(self, collection_id: int, base: str | None, generation: int, batch: PassageBatch) -> str:
         previous = self.generations[(collection_id, base)] if base else ()
@@ -129,17 +130,41 @@ class FakeInMemoryBackend:
         self.generations[(collection_id, name)] = (*previous, batch) if len(batch) else previous
         return name
 
-    def rebuild(self, collection_id: int, generation: int, batch: PassageBatch) -> str:
-        name = f"memory-{generation:09d}"
-        self.generations[(collection_id, name)] = (batch,) if len(batch) else ()
-        return name
-
     def _passages(self, collection_id: int, manifest: str | None) -> int:
         return sum(len(b) for b in self.generations[(collection_id, manifest)]) if manifest else 0
 
-    def needs_rebuild(self, collection_id: int, manifest: str | None, dead_passages: int) -> bool:
+    def plan(self, collection_id: int, manifest: str | None, dead_pids: torch.Tensor) -> MaintenanceTask | None:
+        """Compaction only: every batch rewritten once tombstones pass the share."""
         passages = self._passages(collection_id, manifest)
-        return passages > 0 and dead_passages > self.rebuild_deleted_share * passages
+        dead = sum(
+            int(torch.isin(b.pids, dead_pids).sum()) for b in self.generations.get((collection_id, manifest), ())
+        )
+        if manifest and passages > 0 and dead > self.rebuild_deleted_share * passages:
+            return MaintenanceTask(collection_id, manifest, "merge", (manifest,), f"{dead} deleted")
+        return None
+
+    def prepare(self, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
+        kept, dropped = [], []
+        for b in self.generations[(task.collection_id, task.manifest)]:
+            keep = ~torch.isin(b.pids, dead_pids)
+            tokens = torch.repeat_interleave(keep, b.doclens)
+            kept.append(PassageBatch(b.pids[keep], b.embs[tokens], b.doclens[keep]))
+            dropped.append(b.pids[~keep])
+        name = f"prepared-{len(self.prepared)}"
+        self.prepared[name] = (self.generations[(task.collection_id, task.manifest)], tuple(b for b in kept if len(b)))
+        return PreparedChange(task, None, name, (name,), torch.cat(dropped))
+
+    def apply(self, collection_id: int, base: str | None, generation: int, change: PreparedChange) -> str | None:
+        old, batches = self.prepared.pop(str(change.segment))
+        current = self.generations.get((collection_id, base), ()) if base else ()
+        if len(current) < len(old) or any(a is not b for a, b in zip(current, old)):
+            return None  # compacted meanwhile
+        name = f"memory-{generation:09d}"
+        self.generations[(collection_id, name)] = (*batches, *current[len(old) :])
+        return name
+
+    def abandon(self, change: PreparedChange) -> None:
+        self.prepared.pop(str(change.segment), None)
 
     def release(self, collection_id: int, keep: Iterable[str | None]) -> None:
         kept = set(keep)

@@ -9,10 +9,17 @@ distributed engine plugs in by implementing the same two protocols, and
 Passage ids are assigned by the store (one counter per collection, never
 reused); a backend keeps whatever it needs to map them to its own slots.
 Deletes are tombstones in the store, visible at once: a search passes them as
-a *deleted mask*, and :meth:`IndexBackend.rebuild` drops them from the index.
+a *deleted mask*, and background maintenance drops them from the index.
 Writes are two-phase: :meth:`IndexBackend.write` prepares a new generation
 (named by a manifest string) that nobody sees until the store commits that
 name; :meth:`IndexBackend.release` then drops what no kept generation needs.
+
+Maintenance (merges, codec retraining, dropping tombstones) is three-phase so
+that it never holds up a commit: :meth:`IndexBackend.plan` names a step,
+:meth:`IndexBackend.prepare` does its work on another thread from immutable
+inputs, and :meth:`IndexBackend.apply` folds the result into whatever
+generation is current by then (cheap, on the writer thread). A backend that
+maintains itself (a distributed engine) plans nothing.
 """
 
 from __future__ import annotations
@@ -66,6 +73,30 @@ class IndexStats:
     kind: str  # backend-specific tier, e.g. "empty" | "exact" | "plaid"
     passages: int  # indexed passages, tombstoned ones included
     segments: int
+    tokens: int = 0  # token vectors stored
+    bytes: int = 0  # on disk
+
+
+@dataclass(frozen=True)
+class MaintenanceTask:
+    """A background step planned against one committed generation."""
+
+    collection_id: int
+    manifest: str  # the generation it was planned on
+    kind: str  # e.g. "merge" | "retrain"
+    segments: tuple[str, ...]  # the inputs a merge replaces
+    reason: str
+
+
+@dataclass(frozen=True)
+class PreparedChange:
+    """A prepared step's result, waiting for the writer to apply it."""
+
+    task: MaintenanceTask
+    codec: str | None  # retrain: the new codec
+    segment: object | None  # merge: what replaces the inputs (None: nothing was left)
+    written: tuple[str, ...]  # files it wrote
+    dropped_pids: torch.Tensor  # tombstoned passages in no segment once applied
 
 
 class IndexSnapshot(Protocol):
@@ -100,12 +131,23 @@ class IndexBackend(Protocol):
         Returns its manifest name; invisible until the store commits it."""
         ...
 
-    def rebuild(self, collection_id: int, generation: int, batch: PassageBatch) -> str:
-        """Prepare ``generation`` from ``batch`` alone (every live passage):
-        tombstones are gone from it and the index structure is fresh."""
+    def plan(self, collection_id: int, manifest: str | None, dead_pids: torch.Tensor) -> MaintenanceTask | None:
+        """The next background step for this generation, or None."""
         ...
 
-    def needs_rebuild(self, collection_id: int, manifest: str | None, dead_passages: int) -> bool: ...
+    def prepare(self, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
+        """Do the step's work (slow, off the writer thread): new data only,
+        kept from :meth:`release` until applied or abandoned."""
+        ...
+
+    def apply(self, collection_id: int, base: str | None, generation: int, change: PreparedChange) -> str | None:
+        """Prepare ``generation``: ``base`` with the change in it; None when
+        it no longer applies (its inputs are gone). Cheap."""
+        ...
+
+    def abandon(self, change: PreparedChange) -> None:
+        """Drop a prepared change that will not be applied."""
+        ...
 
     def release(self, collection_id: int, keep: Iterable[str | None]) -> None:
         """Drop the data of generations other than ``keep`` (after a commit,

@@ -1,47 +1,87 @@
-"""The PLAID backend: immutable segment files, snapshots assembled in memory.
+"""The PLAID backend: immutable segment files, searched segment by segment.
 
 A collection starts in an *exact* tier (fp16 token vectors, exhaustive
 MaxSim) and switches to PLAID (centroids + compressed residuals) once it
-outgrows ``exact_search_max_passages``: the first build trains the codec on
-the vectors already stored, with no re-encoding. Later commits append
-segments compressed with that codec; past ``MAX_SEGMENTS`` the newest ones are
-merged. A rebuild trains fresh centroids on every live passage.
+outgrows ``exact_search_max_passages``: that first build trains a codec on a
+sample of the vectors already stored. Every later commit compresses only its
+own passages with the current codec and writes one segment with its own IVF,
+so a commit costs O(its passages) and a snapshot opens only the new segment
+(memory-mapped) next to the ones it already holds.
+
+Everything else happens in the background (:mod:`app.engine.maintenance`)
+through :meth:`PlaidBackend.plan` / :meth:`prepare` / :meth:`apply`: tiered
+merges of adjacent segments (dropping tombstoned passages), and a new codec
+trained from vectors the index already holds when the collection has grown;
+segments keep the codec they were written with until a merge recompresses
+them. Nothing is ever re-encoded from text.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
 
-from app.engine.backend import IndexSnapshot, IndexStats, PassageBatch, SearchRequest, SearchResult
-from app.engine.index import IndexFiles, Manifest
+from app.engine.backend import (
+    IndexSnapshot,
+    IndexStats,
+    MaintenanceTask,
+    PassageBatch,
+    PreparedChange,
+    SearchRequest,
+    SearchResult,
+)
+from app.engine.index import IndexFiles, Manifest, SegmentEntry
 from app.settings import Settings
-from colbert_patches.codec import codec_from_state, codec_state, train_codec
-from colbert_patches.scorer import SnapshotScorer, load_extensions, search_params
+from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
+from colbert_patches.scorer import SnapshotScorer, load_extensions, search_params, segment_arrays
 
 logger = logging.getLogger("app.engine")
 
-MAX_SEGMENTS = 16
 # Filtered PLAID searches score every allowed passage when there are at most
 # this many (decompressing ~100 vectors each costs about 1 ms per 1,000).
 EXHAUSTIVE_SUBSET_MAX = 8192
+# Tiered merging: this many adjacent segments of one size tier become one.
+MERGE_FACTOR = 4
+# Past this many segments the smallest adjacent pair is merged whatever its tiers.
+MAX_SEGMENTS = 16
+# Vectors decompressed to train a new codec (a sample of the whole index).
+RETRAIN_SAMPLE = 1 << 19
+
+
+@dataclass
+class _Segment:
+    entry: SegmentEntry
+    pids: torch.Tensor
+    scorer: SnapshotScorer | None = None  # PLAID segments
+    embs: torch.Tensor | None = None  # exact-tier segments (fp16)
+    doclens: torch.Tensor | None = None
 
 
 class PlaidSnapshot:
     """An immutable, searchable view of one committed generation."""
 
-    def __init__(self, generation: int, slot_to_pid: torch.Tensor, kind: str, scorer=None, exact=None, files=None):
+    def __init__(self, generation: int, segments: list[_Segment], kind: str):
         self.generation = generation
-        self.files: dict[str, dict] = files or {}  # file name -> loaded state; reused by the next snapshot
-        self.slot_to_pid = slot_to_pid  # int64, ascending
+        self.segments = segments  # in pid order; reused by the next snapshot
         self.kind = kind  # "empty" | "exact" | "plaid"
-        self._scorer = scorer
-        self._exact = exact  # (packed fp32 vectors, doclens)
+        self.slot_to_pid = torch.cat([s.pids for s in segments]) if segments else torch.empty(0, dtype=torch.int64)
+        self._offsets = [0]
+        for s in segments:
+            self._offsets.append(self._offsets[-1] + int(s.pids.numel()))
+        self._exact: tuple[torch.Tensor, torch.Tensor] | None = None
+        if kind == "exact":
+            self._exact = (
+                torch.cat([s.embs for s in segments if s.embs is not None]).float(),
+                torch.cat([s.doclens for s in segments if s.doclens is not None]).to(torch.int64),
+            )
 
     @property
     def num_passages(self) -> int:
@@ -49,33 +89,28 @@ class PlaidSnapshot:
 
     @classmethod
     def empty(cls, generation: int = 0) -> PlaidSnapshot:
-        return cls(generation, torch.empty(0, dtype=torch.int64), "empty")
+        return cls(generation, [], "empty")
 
     @classmethod
     def load(
         cls, files: IndexFiles, generation: int, manifest_name: str | None, previous: PlaidSnapshot | None = None
     ) -> PlaidSnapshot:
-        """Load a generation, reading only files the previous snapshot lacks."""
+        """Open a generation, reading only segments the previous snapshot lacks."""
         if not manifest_name:
             return cls.empty(generation)
         manifest = files.read_manifest(manifest_name)
-        known = previous.files if previous is not None else {}
-        loaded = {name: known[name] if name in known else files.load(name) for name in manifest.files()}
-        segments = [loaded[name] for name in manifest.segments]
-        if not segments:
+        if not manifest.segments:
             return cls.empty(generation)
-        pids = torch.cat([s["pids"] for s in segments])
-        doclens = torch.cat([s["doclens"] for s in segments]).to(torch.int64)
-        if pids.numel() > 1 and not bool((pids[1:] > pids[:-1]).all()):
-            raise RuntimeError(f"{manifest_name}: passage ids are not ascending across segments")
-        if manifest.codec:
-            codec = codec_from_state(loaded[manifest.codec])
-            codes = torch.cat([s["codes"] for s in segments])
-            residuals = torch.cat([s["residuals"] for s in segments])
-            scorer = SnapshotScorer(codec, codes, residuals, doclens)
-            return cls(generation, pids, "plaid", scorer=scorer, files=loaded)
-        embs = torch.cat([s["embs"] for s in segments]).float()
-        return cls(generation, pids, "exact", exact=(embs, doclens), files=loaded)
+        known = {s.entry.name: s for s in previous.segments} if previous is not None else {}
+        codecs: dict[str, object] = {}
+        segments = []
+        for entry in manifest.segments:
+            segment = known.get(entry.name)
+            if segment is None:
+                segment = _open_segment(files, entry, codecs)
+            segments.append(segment)
+        kind = "plaid" if any(s.scorer is not None for s in segments) else "exact"
+        return cls(generation, segments, kind)
 
     def deleted_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
         if dead_pids.numel() == 0:
@@ -91,7 +126,8 @@ class PlaidSnapshot:
     ) -> SearchResult:
         """A filter is applied before ranking: a small allowed set is scored
         exhaustively (exact MaxSim on its stored vectors); a large one masks
-        PLAID's candidates, probing more cells until ``k`` are found."""
+        PLAID's candidates, probing more cells until ``k`` are found. Each
+        segment returns its best ``k``; the merged list keeps the best ``k``."""
         k = request.k
         if self.kind == "empty":
             return SearchResult([], [])
@@ -108,19 +144,33 @@ class PlaidSnapshot:
             centroid_score_threshold=request.centroid_score_threshold,
             ndocs=request.ndocs,
         )
-        if mask is not None and allowed_pids is not None and int(mask.sum()) <= EXHAUSTIVE_SUBSET_MAX:
-            slots = mask.nonzero().flatten()
-            if slots.numel() == 0:
-                return SearchResult([], [])
-            ranked, scores = self._scorer.rank(params, Q, pids=slots.tolist())
-        else:
-            ranked, scores = self._scorer.search(Q, params, mask, k)
-        ranked, scores = ranked[:k], scores[:k]
-        return SearchResult(self.slot_to_pid[torch.tensor(ranked, dtype=torch.int64)].tolist(), list(scores))
+        subset = mask is not None and allowed_pids is not None and int(mask.sum()) <= EXHAUSTIVE_SUBSET_MAX
+        pids: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        for n, segment in enumerate(self.segments):
+            assert segment.scorer is not None
+            part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
+            if part is not None and not bool(part.any()):
+                continue
+            if subset:
+                assert part is not None
+                ranked, values = segment.scorer.rank(params, Q, pids=part.nonzero().flatten().tolist())
+            else:
+                ranked, values = segment.scorer.search(Q, params, part, k)
+            ranked, values = list(ranked)[:k], list(values)[:k]
+            if ranked:
+                pids.append(segment.pids[torch.tensor(ranked, dtype=torch.int64)])
+                scores.append(torch.tensor(values, dtype=torch.float32))
+        if not pids:
+            return SearchResult([], [])
+        all_pids, all_scores = torch.cat(pids), torch.cat(scores)
+        top = all_scores.topk(min(k, all_scores.numel()))
+        return SearchResult(all_pids[top.indices].tolist(), top.values.tolist())
 
     def _search_exact(self, Q: torch.Tensor, k: int, mask: torch.Tensor | None) -> SearchResult:
         from colbert.modeling.colbert import colbert_score_packed
 
+        assert self._exact is not None
         embs, doclens = self._exact
         scores = colbert_score_packed(Q, embs, doclens)
         if mask is not None:
@@ -132,9 +182,32 @@ class PlaidSnapshot:
         return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
 
 
+def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segment:
+    state = files.load(entry.name)
+    if entry.codec is None:
+        return _Segment(entry, state["pids"], embs=state["embs"], doclens=state["doclens"].to(torch.int64))
+    codec = codecs.get(entry.codec)
+    if codec is None:
+        codec = codecs[entry.codec] = codec_from_state(files.load(entry.codec))
+    if "ivf" not in state:  # written before segments carried their IVF: build it here, once
+        state = {**state, **segment_arrays(state["codes"], state["residuals"], state["doclens"], _centroids(codec))}
+    return _Segment(entry, state["pids"], scorer=SnapshotScorer(codec, state))
+
+
+def _centroids(codec) -> int:
+    return int(codec.centroids.size(0))
+
+
 def _exact(batch: PassageBatch) -> dict:
     """A segment of the exact tier: the fp16 vectors themselves."""
     return {"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}
+
+
+def _entry(name: str, codec: str | None, batch: PassageBatch) -> SegmentEntry:
+    n = len(batch)
+    first = int(batch.pids[0]) if n else 0
+    last = int(batch.pids[-1]) if n else -1
+    return SegmentEntry(name, codec, n, int(batch.doclens.sum()), first, last)
 
 
 @dataclass(frozen=True)
@@ -146,6 +219,8 @@ class PlaidConfig:
     kmeans_niters: int
     rebuild_deleted_share: float
     rebuild_growth_factor: float
+    max_centroids: int = 4096
+    segment_max_passages: int = 200_000
 
     @classmethod
     def from_settings(cls, settings: Settings, dim: int, nbits: int) -> PlaidConfig:
@@ -157,6 +232,8 @@ class PlaidConfig:
             kmeans_niters=settings.kmeans_niters,
             rebuild_deleted_share=settings.rebuild_deleted_share,
             rebuild_growth_factor=settings.rebuild_growth_factor,
+            max_centroids=settings.plaid_max_centroids,
+            segment_max_passages=settings.segment_max_passages,
         )
 
 
@@ -166,92 +243,229 @@ class PlaidBackend:
     def __init__(self, config: PlaidConfig):
         self.config = config
         load_extensions()  # colbert's C++ search kernels (idempotent)
+        # Files a background step wrote and the writer has not applied yet:
+        # no release may remove them.
+        self._pinned: dict[int, set[str]] = {}
+        self._pin_lock = threading.Lock()
 
     def files(self, collection_id: int) -> IndexFiles:
         return IndexFiles(self.config.index_root / str(collection_id))
 
-    # -- writes ------------------------------------------------------------
+    # -- writes (the writer thread) ----------------------------------------
 
     def write(self, collection_id: int, base: str | None, generation: int, batch: PassageBatch) -> str:
         files = self.files(collection_id)
         files.ensure()
         manifest = files.read_manifest(base) if base else Manifest()
-        total = manifest.passages + len(batch)
-        if manifest.codec is None and total <= self.config.exact_search_max_passages:
-            manifest = replace(self._append(files, generation, manifest, _exact(batch)), appended_passages=total)
+        if manifest.codec is None and manifest.passages + len(batch) <= self.config.exact_search_max_passages:
+            entry = _entry(files.write_segment(generation, _exact(batch)), None, batch)
         elif manifest.codec is None:
-            # First PLAID build: train on every vector already stored, no re-encoding.
-            existing = [files.load(name) for name in manifest.segments]
-            merged = PassageBatch(
-                *(torch.cat([*(s[key] for s in existing), getattr(batch, key)]) for key in ("pids", "embs", "doclens"))
-            )
-            return self._build(files, generation, merged)
+            return self._first_build(files, generation, manifest, batch)
         else:
             codec = codec_from_state(files.load(manifest.codec))
-            manifest = self._append(files, generation, manifest, self._compress(codec, batch))
-            manifest = replace(manifest, appended_passages=manifest.appended_passages + len(batch))
-        return files.write_manifest(replace(manifest, generation=generation))
+            entry = _entry(files.write_segment(generation, self._compress(codec, batch)), manifest.codec, batch)
+        if len(manifest.segments) + 1 > 4 * MAX_SEGMENTS:
+            logger.warning(
+                "collection %d has %d segments: background merges are behind", collection_id, 4 * MAX_SEGMENTS
+            )
+        return files.write_manifest(replace(manifest, generation=generation, segments=(*manifest.segments, entry)))
 
-    def rebuild(self, collection_id: int, generation: int, batch: PassageBatch) -> str:
-        files = self.files(collection_id)
-        files.ensure()
-        if len(batch) <= self.config.exact_search_max_passages:
-            segments = (files.write_segment(generation, _exact(batch)),) if len(batch) else ()
-            return files.write_manifest(Manifest(generation, None, segments, 0, len(batch)))
-        return self._build(files, generation, batch)
-
-    def _build(self, files: IndexFiles, generation: int, batch: PassageBatch) -> str:
-        codec = train_codec(
-            batch.embs, dim=self.config.dim, nbits=self.config.nbits, kmeans_niters=self.config.kmeans_niters
+    def _first_build(self, files: IndexFiles, generation: int, manifest: Manifest, batch: PassageBatch) -> str:
+        """The switch to PLAID: a codec trained on a sample of every vector
+        stored so far (no re-encoding), one segment of all of them."""
+        existing = [files.load(s.name) for s in manifest.segments]
+        merged = PassageBatch(
+            *(torch.cat([*(s[key] for s in existing), getattr(batch, key)]) for key in ("pids", "embs", "doclens"))
         )
+        codec = self._train(merged.embs)
         codec_name = files.write_codec(generation, codec_state(codec))
-        segment = files.write_segment(generation, self._compress(codec, batch))
-        return files.write_manifest(Manifest(generation, codec_name, (segment,), len(batch), 0))
+        segment = files.write_segment(generation, self._compress(codec, merged))
+        entries = (_entry(segment, codec_name, merged),)
+        return files.write_manifest(Manifest(generation, codec_name, entries, len(merged)))
+
+    def _train(self, embs: torch.Tensor):
+        return train_codec(
+            embs,
+            dim=self.config.dim,
+            nbits=self.config.nbits,
+            kmeans_niters=self.config.kmeans_niters,
+            partitions=num_partitions_for(embs.size(0), self.config.max_centroids),
+        )
 
     @staticmethod
     def _compress(codec, batch: PassageBatch) -> dict:
         compressed = codec.compress(batch.embs.float())
-        return {
-            "pids": batch.pids,
-            "doclens": batch.doclens,
-            "codes": compressed.codes.to(torch.int32),
-            "residuals": compressed.residuals,
-        }
+        arrays = segment_arrays(compressed.codes, compressed.residuals, batch.doclens, _centroids(codec))
+        return {"pids": batch.pids, **arrays}
 
-    @staticmethod
-    def _append(files: IndexFiles, generation: int, manifest: Manifest, new_state: dict) -> Manifest:
-        """Add a segment; past MAX_SEGMENTS, merge the newest ones into it.
+    # -- background maintenance --------------------------------------------
 
-        Merging the tail keeps segment counts (files a snapshot opens) bounded
-        while big old segments are rewritten rarely, as in an LSM tree.
-        """
-        names = list(manifest.segments)
-        if len(names) + 1 > MAX_SEGMENTS:
-            tail, names = names[-(MAX_SEGMENTS // 2) :], names[: -(MAX_SEGMENTS // 2)]
-            states = [files.load(name) for name in tail] + [new_state]
-            new_state = {key: torch.cat([s[key] for s in states]) for key in new_state}
-        return replace(manifest, segments=(*names, files.write_segment(generation, new_state)))
-
-    def needs_rebuild(self, collection_id: int, manifest: str | None, dead_passages: int) -> bool:
+    def plan(self, collection_id: int, manifest: str | None, dead_pids: torch.Tensor) -> MaintenanceTask | None:
+        """The most useful background step for this generation, if any: a
+        new codec once the collection outgrew the current one; a segment
+        rewritten without its tombstones; segments on an old codec
+        recompressed; a tier of ``MERGE_FACTOR`` similar segments merged;
+        the smallest adjacent pair merged past ``MAX_SEGMENTS``."""
         if not manifest:
-            return False
+            return None
         m = self.files(collection_id).read_manifest(manifest)
-        if m.passages == 0:
-            return False
-        if dead_passages > self.config.rebuild_deleted_share * m.passages:
-            return True
-        return bool(m.codec and m.appended_passages > self.config.rebuild_growth_factor * m.built_passages)
+        if not m.segments:
+            return None
+        if m.codec is not None:
+            centroids = self._codec_centroids(collection_id, m.codec)
+            wanted = num_partitions_for(m.tokens, self.config.max_centroids)
+            if m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1) and wanted > centroids:
+                return MaintenanceTask(collection_id, manifest, "retrain", (), f"{centroids} -> {wanted} centroids")
+        dead = torch.sort(dead_pids).values
+        for s in m.segments:
+            n_dead = int(
+                torch.searchsorted(dead, s.last_pid, right=True) - torch.searchsorted(dead, s.first_pid, right=False)
+            )
+            if s.passages and n_dead > self.config.rebuild_deleted_share * s.passages:
+                return MaintenanceTask(collection_id, manifest, "merge", (s.name,), f"{n_dead} of {s.passages} deleted")
+        limit = self.config.segment_max_passages
+        old = [i for i, s in enumerate(m.segments) if s.codec != m.codec]
+        if old:
+            run = _run_from(m.segments, old[0], limit, lambda s: s.codec != m.codec)
+            names = tuple(s.name for s in run)
+            return MaintenanceTask(collection_id, manifest, "merge", names, "recompress with the current codec")
+        tiers = [int(math.log(max(s.passages, 1), MERGE_FACTOR)) for s in m.segments]
+        for i in range(len(m.segments) - MERGE_FACTOR + 1):
+            group = m.segments[i : i + MERGE_FACTOR]
+            if len(set(tiers[i : i + MERGE_FACTOR])) == 1 and sum(s.passages for s in group) <= limit:
+                return MaintenanceTask(
+                    collection_id, manifest, "merge", tuple(s.name for s in group), f"tier {tiers[i]}"
+                )
+        if len(m.segments) > MAX_SEGMENTS:
+            sizes = [a.passages + b.passages for a, b in zip(m.segments, m.segments[1:])]
+            i = sizes.index(min(sizes))
+            names = (m.segments[i].name, m.segments[i + 1].name)
+            return MaintenanceTask(collection_id, manifest, "merge", names, f"{len(m.segments)} segments")
+        return None
+
+    def _codec_centroids(self, collection_id: int, codec: str) -> int:
+        return int(self.files(collection_id).load(codec)["centroids"].size(0))
+
+    def prepare(self, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
+        """Do a planned step's work (slow; off the writer thread): new files
+        only, pinned until :meth:`apply` or :meth:`abandon`."""
+        with self._pin_lock:
+            before = set(self._pinned.get(task.collection_id, ()))
+        try:
+            return self._prepare(task, dead_pids)
+        except BaseException:
+            with self._pin_lock:
+                mine = self._pinned.get(task.collection_id, set()) - before
+            self._unpin(task.collection_id, mine)
+            raise
+
+    def _prepare(self, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
+        files = self.files(task.collection_id)
+        m = files.read_manifest(task.manifest)
+        if task.kind == "retrain":
+            codec = self._train(self._sample(files, m))
+            name = files.new_name("codec", m.generation)
+            self._pin(task.collection_id, {name})
+            files.write_codec(m.generation, codec_state(codec), name)
+            return PreparedChange(task, codec=name, segment=None, written=(name,), dropped_pids=torch.empty(0))
+        return self._merge(files, m, task, dead_pids)
+
+    def _merge(self, files: IndexFiles, m: Manifest, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
+        """The task's segments as one, without tombstones, on the current codec."""
+        entries = [s for s in m.segments if s.name in task.segments]
+        assert [s.name for s in entries] == list(task.segments)
+        current = codec_from_state(files.load(m.codec)) if m.codec else None
+        parts: list[_Part] = []
+        dropped: list[torch.Tensor] = []
+        codecs: dict[str, object] = {}
+        for source in entries:
+            state = files.load(source.name)
+            keep = ~torch.isin(state["pids"], dead_pids)
+            dropped.append(state["pids"][~keep])
+            parts.append(_select(state, keep, source, current, files, codecs))
+        entry: SegmentEntry | None = None
+        written: tuple[str, ...] = ()
+        if sum(p.passages for p in parts):
+            state = _concat(parts, current)
+            name = files.new_name("seg", m.generation)
+            self._pin(task.collection_id, {name})
+            files.write_segment(m.generation, state, name)
+            pids, tokens = state["pids"], int(state["doclens"].sum())
+            entry = SegmentEntry(name, m.codec, int(pids.numel()), tokens, int(pids[0]), int(pids[-1]))
+            written = (name,)
+        return PreparedChange(task, codec=None, segment=entry, written=written, dropped_pids=torch.cat(dropped))
+
+    def apply(self, collection_id: int, base: str | None, generation: int, change: PreparedChange) -> str | None:
+        """The current manifest with a prepared step in it (cheap; on the
+        writer thread), or None when it no longer applies."""
+        try:
+            if not base:
+                return None
+            files = self.files(collection_id)
+            m = files.read_manifest(base)
+            if change.task.kind == "retrain":
+                if m.codec is None:
+                    return None
+                return files.write_manifest(
+                    replace(m, generation=generation, codec=change.codec, codec_passages=m.passages)
+                )
+            names = [s.name for s in m.segments]
+            wanted = list(change.task.segments)
+            starts = [i for i in range(len(names)) if names[i : i + len(wanted)] == wanted]
+            if not starts:
+                return None  # merged or dropped meanwhile
+            i = starts[0]
+            new = (change.segment,) if change.segment is not None else ()
+            segments = (*m.segments[:i], *new, *m.segments[i + len(wanted) :])
+            return files.write_manifest(replace(m, generation=generation, segments=segments))
+        finally:
+            self._unpin(collection_id, set(change.written))
+
+    def abandon(self, change: PreparedChange) -> None:
+        self._unpin(change.task.collection_id, set(change.written))
+        files = self.files(change.task.collection_id)
+        for name in change.written:
+            (files.root / name).unlink(missing_ok=True)
+
+    def _sample(self, files: IndexFiles, m: Manifest) -> torch.Tensor:
+        """Up to ``RETRAIN_SAMPLE`` vectors drawn evenly from every segment,
+        decompressed with the codec each was written with."""
+        gen = torch.Generator().manual_seed(m.generation)
+        share = RETRAIN_SAMPLE / max(m.tokens, 1)
+        parts = []
+        codecs: dict[str, object] = {}
+        for entry in m.segments:
+            state = files.load(entry.name)
+            n = entry.tokens
+            take = torch.randperm(n, generator=gen)[: max(1, int(n * share))] if share < 1 else torch.arange(n)
+            if entry.codec is None:
+                parts.append(state["embs"][take].float())
+                continue
+            codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
+            parts.append(_decompress(codec, state["codes"][take], state["residuals"][take]))
+        return torch.cat(parts)
+
+    def _pin(self, collection_id: int, names: set[str]) -> None:
+        with self._pin_lock:
+            self._pinned.setdefault(collection_id, set()).update(names)
+
+    def _unpin(self, collection_id: int, names: set[str]) -> None:
+        with self._pin_lock:
+            self._pinned.get(collection_id, set()).difference_update(names)
 
     # -- housekeeping ------------------------------------------------------
 
     def release(self, collection_id: int, keep: Iterable[str | None]) -> None:
         files = self.files(collection_id)
-        files.remove_unreferenced(set().union(*(files.files_of(name) for name in keep)))
+        with self._pin_lock:
+            pinned = set(self._pinned.get(collection_id, ()))
+        files.remove_unreferenced(pinned.union(*(files.files_of(name) for name in keep)))
 
     def recover(self, committed: Mapping[int, str | None]) -> None:
         for collection_id, manifest in committed.items():
+            files = self.files(collection_id)
             try:
-                self.release(collection_id, [manifest])
+                files.remove_unreferenced(files.files_of(manifest), temp_files=True)
             except FileNotFoundError:
                 pass  # collection deleted meanwhile
         root = self.config.index_root
@@ -270,10 +484,83 @@ class PlaidBackend:
         self, collection_id: int, generation: int, manifest: str | None, previous: IndexSnapshot | None = None
     ) -> PlaidSnapshot:
         reuse = previous if isinstance(previous, PlaidSnapshot) else None
-        return PlaidSnapshot.load(self.files(collection_id), generation, manifest, reuse)
+        files = self.files(collection_id)
+        if manifest and not (files.root / manifest).exists():  # released (the manifest cache would hide it)
+            raise FileNotFoundError(manifest)
+        return PlaidSnapshot.load(files, generation, manifest, reuse)
 
     def stats(self, collection_id: int, manifest: str | None) -> IndexStats:
         if not manifest:
             return IndexStats("empty", 0, 0)
-        m = self.files(collection_id).read_manifest(manifest)
-        return IndexStats("plaid" if m.codec else "exact", m.passages, len(m.segments))
+        files = self.files(collection_id)
+        m = files.read_manifest(manifest)
+        return IndexStats("plaid" if m.codec else "exact", m.passages, len(m.segments), m.tokens, files.size(m.files()))
+
+
+def _run_from(segments, start: int, limit: int, member) -> list[SegmentEntry]:
+    """Adjacent segments from ``start`` that satisfy ``member``, up to
+    ``limit`` passages (at least one)."""
+    run = [segments[start]]
+    for s in segments[start + 1 :]:
+        if not member(s) or sum(r.passages for r in run) + s.passages > limit:
+            break
+        run.append(s)
+    return run
+
+
+def _decompress(codec, codes: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    if codes.numel() == 0:
+        return torch.empty(0, codec.dim, dtype=torch.float32)
+    return codec.decompress(ResidualEmbeddings(codes.to(torch.int32), residuals)).float()
+
+
+@dataclass
+class _Part:
+    """The kept passages of one segment on their way into a merged one."""
+
+    pids: torch.Tensor
+    doclens: torch.Tensor
+    codes: torch.Tensor | None = None  # on the current codec: as they are
+    residuals: torch.Tensor | None = None
+    embs: torch.Tensor | None = None  # otherwise: vectors to compress
+
+    @property
+    def passages(self) -> int:
+        return int(self.pids.numel())
+
+
+def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files: IndexFiles, codecs: dict) -> _Part:
+    doclens = state["doclens"].to(torch.int64)
+    tokens = torch.repeat_interleave(keep, doclens)
+    pids, kept_lens = state["pids"][keep], doclens[keep]
+    if entry.codec is None:
+        return _Part(pids, kept_lens, embs=state["embs"][tokens])
+    n = int(doclens.sum())
+    codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
+    codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
+    if current is not None and _same_codec(codec, current):
+        return _Part(pids, kept_lens, codes=codes, residuals=residuals)
+    return _Part(pids, kept_lens, embs=_decompress(codec, codes, residuals))
+
+
+def _same_codec(a, b) -> bool:
+    return a.centroids.shape == b.centroids.shape and torch.equal(a.centroids, b.centroids)
+
+
+def _concat(parts: list[_Part], current) -> dict:
+    """One segment from parts, all on the current codec (None: exact tier)."""
+    pids, doclens = torch.cat([p.pids for p in parts]), torch.cat([p.doclens for p in parts])
+    if current is None:
+        return {"pids": pids, "doclens": doclens, "embs": torch.cat([p.embs for p in parts if p.embs is not None])}
+    codes, residuals = [], []
+    for p in parts:
+        if p.codes is not None and p.residuals is not None:
+            codes.append(p.codes)
+            residuals.append(p.residuals)
+        else:
+            assert p.embs is not None
+            compressed = current.compress(p.embs.float())
+            codes.append(compressed.codes.to(torch.int32))
+            residuals.append(compressed.residuals)
+    arrays = segment_arrays(torch.cat(codes), torch.cat(residuals), doclens, _centroids(current))
+    return {"pids": pids, **arrays}

@@ -6,12 +6,19 @@ them into index commits; if it dies, another process takes the lease over and
 carries on from SQLite. A commit is: encode -> the backend prepares a new
 generation (segment files, manifest) -> one SQLite transaction that assigns
 passage ids, flips the document states and bumps the generation.
+
+Batches are sized to take about ``commit_target_s`` (from the measured cost
+per chunk) and collections with pending work take turns, so a small update
+waits for at most one short batch of someone else's bulk load. Merges and
+codec retraining run on the maintainer's thread
+(:mod:`app.engine.maintenance`); the writer only folds their results in.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ import torch
 
 from app.engine.backend import IndexBackend, PassageBatch
 from app.engine.lease import WriterLease
+from app.engine.maintenance import Maintainer, Submitted
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
 from app.store.index_state import Commit, IndexStateStore, PendingDocument
@@ -28,6 +36,8 @@ from app.store.schema import connect
 logger = logging.getLogger("app.engine")
 
 MAX_ATTEMPTS = 3  # tries of one batch before its documents are marked failed
+MIN_BATCH_CHUNKS = 16
+IDLE_POLL_MAX_S = 0.5  # an idle writer polls less often, up to this (a notify wakes it at once)
 
 
 @dataclass(frozen=True)
@@ -60,12 +70,18 @@ class IndexWriter:
         self.busy = False
         self.last_error: str | None = None
         self._failures: dict[int, int] = {}
+        self._seconds_per_chunk: float | None = None  # moving average of commit cost
+        self._served: dict[int, float] = {}  # collection -> when its last batch was committed
+        self.maintainer = Maintainer(
+            settings.database_path, backend, is_writer=lambda: self.lease.held, on_submit=self.notify
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
+        self.maintainer.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the writer to stop after its current step. The lease is given
@@ -73,6 +89,7 @@ class IndexWriter:
         be running); at process exit the OS drops it anyway."""
         self._stop.set()
         self._wake.set()
+        self.maintainer.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -89,15 +106,34 @@ class IndexWriter:
         return WriterState(
             role="writer" if self.lease.held else "reader",
             alive=self.alive,
-            busy=self.busy,
+            busy=self.busy or self.maintainer.busy,
             last_error=self.last_error,
             lease_holder_pid=self.lease.holder_pid(),
         )
+
+    def settled(self) -> bool:
+        """Nothing pending, no background step running or planned (tests and
+        benchmarks wait for this before comparing results)."""
+        if self.busy or self.maintainer.busy or not self.maintainer.changes.empty():
+            return False
+        conn = connect(self.settings.database_path)
+        try:
+            store = IndexStateStore(conn)
+            if store.pending_collections():
+                return False
+            return all(
+                self.backend.plan(c.id, c.manifest, torch.tensor(store.dead_passage_ids(c.id), dtype=torch.int64))
+                is None
+                for c in store.collections()
+            )
+        finally:
+            conn.close()
 
     def _run(self) -> None:
         conn = connect(self.settings.database_path)
         store = IndexStateStore(conn)
         recovered = False
+        idle_wait = self.settings.writer_poll_interval_s
         try:
             while not self._stop.is_set():
                 if not self.lease.held:
@@ -117,9 +153,12 @@ class IndexWriter:
                     self.last_error = type(exc).__name__
                     did_work = False
                     self._stop.wait(1.0)
-                if not did_work:
-                    self._wake.wait(self.settings.writer_poll_interval_s)
+                if did_work:
+                    idle_wait = self.settings.writer_poll_interval_s
+                else:
+                    self._wake.wait(idle_wait)
                     self._wake.clear()
+                    idle_wait = min(idle_wait * 2, max(IDLE_POLL_MAX_S, self.settings.writer_poll_interval_s))
         finally:
             conn.close()
             self.lease.release()
@@ -127,29 +166,55 @@ class IndexWriter:
     # -- work --------------------------------------------------------------
 
     def step(self, store: IndexStateStore) -> bool:
-        """One unit of work: commit the oldest pending batch, else rebuild
-        one collection that needs it. False when there was nothing to do."""
-        collection_id = store.oldest_pending_collection()
-        if collection_id is None:
-            collection_id = next(
-                (
-                    c.id
-                    for c in store.collections()
-                    if self.backend.needs_rebuild(c.id, c.manifest, store.dead_passage_count(c.id))
-                ),
-                None,
-            )
-            if collection_id is None:
-                return False
-            work = self.rebuild
-        else:
-            work = self.commit_pending
+        """One unit of work: fold in a finished maintenance step, else commit
+        a batch of the collection that waited longest. False when idle."""
+        try:
+            submitted = self.maintainer.changes.get_nowait()
+        except queue.Empty:
+            submitted = None
+        if submitted is not None:
+            self.apply_change(store, submitted)
+            return True
+        pending = store.pending_collections()
+        if not pending:
+            return False
+        collection_id = min(pending, key=lambda c: self._served.get(c, 0.0))
         self.busy = True
         try:
-            work(store, collection_id)
+            self.commit_pending(store, collection_id)
         finally:
             self.busy = False
+            self._served[collection_id] = time.monotonic()
+        self.maintainer.notify()
         return True
+
+    def apply_change(self, store: IndexStateStore, submitted: Submitted) -> None:
+        """Swap in a prepared merge or codec (cheap: a manifest and one transaction)."""
+        change = submitted.change
+        collection_id = change.task.collection_id
+        try:
+            col = store.collection(collection_id)
+            manifest = None
+            if col is not None:
+                manifest = self.backend.apply(collection_id, col.manifest, col.generation + 1, change)
+            if col is None or manifest is None:
+                self.backend.abandon(change)
+                submitted.outcome = "no longer applicable"
+                return
+            outcome = store.commit_maintenance(
+                collection_id, col.generation, col.generation + 1, manifest, change.dropped_pids.tolist()
+            )
+            submitted.outcome = outcome.value
+            if outcome is Commit.COLLECTION_DELETED:
+                self.backend.drop(collection_id)
+            elif outcome is Commit.LANDED:
+                self.backend.release(collection_id, [manifest, col.manifest])
+        except Exception as exc:
+            logger.exception("applying index maintenance of collection %d failed", collection_id)
+            submitted.outcome = f"failed: {type(exc).__name__}"
+            self.backend.abandon(change)
+        finally:
+            submitted.done.set()
 
     def _encode(self, pids: torch.Tensor, texts: list[str]) -> PassageBatch:
         if not texts:
@@ -157,18 +222,27 @@ class IndexWriter:
         embs, doclens = self.encoder.encode_documents(texts)
         return PassageBatch(pids, embs, torch.tensor(doclens, dtype=torch.int64))
 
+    def _chunk_budget(self) -> int:
+        """Chunks per commit: about ``commit_target_s`` of work at the
+        measured rate, within [MIN_BATCH_CHUNKS, commit_max_chunks]."""
+        limit = self.settings.commit_max_chunks
+        if self._seconds_per_chunk is None:
+            return min(limit, 256)
+        wanted = int(self.settings.commit_target_s / max(self._seconds_per_chunk, 1e-6))
+        return max(min(MIN_BATCH_CHUNKS, limit), min(limit, wanted))
+
     def _next_batch(self, store: IndexStateStore, collection_id: int) -> _Batch:
-        """The oldest pending documents, up to ``commit_max_chunks`` chunks;
-        a later pending version of the same id supersedes an earlier one."""
-        pending = store.pending_documents(collection_id)
-        last_of = {d.external_id: d.id for d in pending}
-        superseded = [d.id for d in pending if last_of[d.external_id] != d.id]
+        """The oldest pending documents, up to the chunk budget; a later
+        pending version of the same id supersedes an earlier one."""
+        budget = self._chunk_budget()
+        pending = store.pending_documents(collection_id, limit=max(budget, MIN_BATCH_CHUNKS))
+        superseded = store.later_pending_versions(collection_id, pending)
         if superseded:
-            store.supersede(superseded)
+            store.supersede(sorted(superseded))
         batch = _Batch([], [], [])
-        for d in (d for d in pending if last_of[d.external_id] == d.id):
+        for d in (d for d in pending if d.id not in superseded):
             chunks = store.chunk_texts(d.id)
-            if batch.documents and len(batch.chunk_ids) + len(chunks) > self.settings.commit_max_chunks:
+            if batch.documents and len(batch.chunk_ids) + len(chunks) > budget:
                 break
             batch.documents.append(d)
             batch.chunk_ids.extend(chunk_id for chunk_id, _ in chunks)
@@ -200,6 +274,9 @@ class IndexWriter:
             return
         # Keep the previous generation: other processes may be loading it.
         self.backend.release(collection_id, [manifest, col.manifest])
+        per_chunk = (time.perf_counter() - started) / max(len(batch.texts), 1)
+        previous = self._seconds_per_chunk
+        self._seconds_per_chunk = per_chunk if previous is None else 0.7 * previous + 0.3 * per_chunk
         logger.info(
             "collection %d generation %d: %d documents, %d passages (encode %.2fs, total %.2fs)",
             collection_id,
@@ -220,32 +297,3 @@ class IndexWriter:
             return
         self._failures.pop(key, None)
         store.fail([d.id for d in documents], f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}")
-
-    # -- rebuild -----------------------------------------------------------
-
-    def rebuild(self, store: IndexStateStore, collection_id: int) -> None:
-        """Fresh index structure from re-encoded live passages, swapped in at commit."""
-        started = time.time()
-        col = store.collection(collection_id)
-        if col is None:
-            return
-        purge = store.deleted_documents(collection_id)  # tombstones now: in no index after this
-        live = store.live_passages(collection_id)
-        pids = torch.tensor([p.passage_id for p in live], dtype=torch.int64)
-        batch = self._encode(pids, [passage_text(p.title, p.text) for p in live])
-        generation = col.generation + 1
-        manifest = self.backend.rebuild(collection_id, generation, batch)
-        outcome = store.commit_rebuild(collection_id, col.generation, generation, manifest, purge)
-        if outcome is Commit.COLLECTION_DELETED:
-            self.backend.drop(collection_id)
-            return
-        if outcome is Commit.STALE:  # a commit landed meanwhile; this rebuild's files go at the next commit
-            return
-        self.backend.release(collection_id, [manifest, col.manifest])
-        logger.info(
-            "collection %d rebuilt at generation %d: %d passages in %.1fs",
-            collection_id,
-            generation,
-            len(live),
-            time.time() - started,
-        )

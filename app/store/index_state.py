@@ -68,12 +68,34 @@ class IndexStateStore:
         ).fetchone()
         return row["collection_id"] if row is not None else None
 
-    def pending_documents(self, collection_id: int) -> list[PendingDocument]:
+    def pending_collections(self) -> list[int]:
+        """Collections with pending documents, the one waiting longest first."""
         rows = self.conn.execute(
-            "SELECT id, external_id, title FROM documents WHERE collection_id = ? AND state = 'pending' ORDER BY id",
-            (collection_id,),
+            """SELECT collection_id, MIN(id) AS oldest FROM documents WHERE state = 'pending'
+               GROUP BY collection_id ORDER BY oldest"""
+        ).fetchall()
+        return [r["collection_id"] for r in rows]
+
+    def pending_documents(self, collection_id: int, limit: int | None = None) -> list[PendingDocument]:
+        rows = self.conn.execute(
+            """SELECT id, external_id, title FROM documents WHERE collection_id = ? AND state = 'pending'
+               ORDER BY id LIMIT ?""",
+            (collection_id, -1 if limit is None else limit),
         ).fetchall()
         return [PendingDocument(**dict(r)) for r in rows]
+
+    def later_pending_versions(self, collection_id: int, documents: list[PendingDocument]) -> set[int]:
+        """Which of ``documents`` a later pending version of the same id overtakes."""
+        superseded = set()
+        for d in documents:
+            row = self.conn.execute(
+                """SELECT 1 FROM documents WHERE collection_id = ? AND external_id = ? AND state = 'pending'
+                   AND id > ? LIMIT 1""",
+                (collection_id, d.external_id, d.id),
+            ).fetchone()
+            if row is not None:
+                superseded.add(d.id)
+        return superseded
 
     def chunk_texts(self, document_id: int) -> list[tuple[int, str]]:
         """(chunk id, text) of one document, in order."""
@@ -89,6 +111,15 @@ class IndexStateStore:
                WHERE d.collection_id = ? AND d.state = 'deleted' AND c.passage_id IS NOT NULL""",
             (collection_id,),
         ).fetchone()[0]
+
+    def dead_passage_ids(self, collection_id: int) -> list[int]:
+        """Passage ids of deleted documents still in the index (tombstones)."""
+        rows = self.conn.execute(
+            """SELECT c.passage_id FROM documents d JOIN chunks c ON c.document_id = d.id
+               WHERE d.collection_id = ? AND d.state = 'deleted' AND c.passage_id IS NOT NULL""",
+            (collection_id,),
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def deleted_documents(self, collection_id: int) -> list[int]:
         rows = self.conn.execute(
@@ -165,10 +196,12 @@ class IndexStateStore:
             )
         return Commit.LANDED
 
-    def commit_rebuild(
-        self, collection_id: int, old_generation: int, generation: int, manifest: str, purge: list[int]
+    def commit_maintenance(
+        self, collection_id: int, old_generation: int, generation: int, manifest: str, dropped_pids: list[int]
     ) -> Commit:
-        """Swap in a rebuilt generation and purge the tombstones it dropped."""
+        """Swap in a generation from background maintenance and purge the
+        deleted documents whose passages it dropped (a document's passages
+        always sit in one segment, so they go together)."""
         with transaction(self.conn):
             col = self.collection(collection_id)
             if col is None:
@@ -179,5 +212,15 @@ class IndexStateStore:
                 "UPDATE collections SET generation = ?, manifest = ?, version = version + 1 WHERE id = ?",
                 (generation, manifest, collection_id),
             )
-            self.conn.executemany("DELETE FROM documents WHERE id = ?", [(i,) for i in purge])
+            self.conn.executemany(
+                """DELETE FROM documents WHERE state = 'deleted' AND id =
+                   (SELECT document_id FROM chunks WHERE collection_id = ? AND passage_id = ?)""",
+                [(collection_id, pid) for pid in dropped_pids],
+            )
+            # Pending versions overtaken before they were indexed: nothing to drop.
+            self.conn.execute(
+                """DELETE FROM documents WHERE collection_id = ? AND state = 'deleted' AND NOT EXISTS
+                   (SELECT 1 FROM chunks c WHERE c.document_id = documents.id AND c.passage_id IS NOT NULL)""",
+                (collection_id,),
+            )
         return Commit.LANDED

@@ -277,9 +277,9 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
             await upsert(client, "plaid", docs[i : i + 15])
         await client.delete("/v1/collections/plaid/documents/doc-3")
         service = running.app.state.service
-        while service.writer.busy:  # a growth rebuild may be running
-            import asyncio
+        import asyncio
 
+        while not service.writer.settled():  # a codec retraining or a merge may be due
             await asyncio.sleep(0.1)
         before = {
             q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries

@@ -12,7 +12,7 @@ import colbert_patches
 from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
 from colbert_patches.model_loading import EncoderOptions, load_checkpoint
 from colbert_patches.persistence import atomic_torch_save, atomic_write_json
-from colbert_patches.scorer import SnapshotScorer, search_params
+from colbert_patches.scorer import SnapshotScorer, search_params, segment_arrays
 from models.build_default_checkpoint import bundled_minilm_dir, orthogonal_projection
 
 
@@ -93,7 +93,12 @@ def test_snapshot_scorer_finds_documents_and_skips_dead_ones():
     embs, doclens = _clustered(300, 12)
     codec = train_codec(embs, dim=128, nbits=2)
     compressed = codec.compress(embs)
-    scorer = SnapshotScorer(codec, compressed.codes, compressed.residuals, doclens)
+    arrays = segment_arrays(compressed.codes, compressed.residuals, doclens, codec.centroids.size(0))
+    scorer = SnapshotScorer(codec, arrays)
+    # Padded at write time as upstream's StridedTensor would pad at load: no copy of a mapped file.
+    assert scorer.embeddings_strided.codes_strided.tensor.data_ptr() == arrays["codes"].data_ptr()
+    assert scorer.embeddings_strided.residuals_strided.tensor.data_ptr() == arrays["residuals"].data_ptr()
+    assert scorer.ivf.tensor.data_ptr() == arrays["ivf"].data_ptr()
     params = search_params(10, query_maxlen=12)
     for target in (0, 17, 299):
         Q = embs[target * 12 : (target + 1) * 12].unsqueeze(0)

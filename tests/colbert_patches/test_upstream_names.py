@@ -297,10 +297,12 @@ def test_kernel_and_tensor_names():
     from colbert.modeling.colbert import ColBERT, colbert_score_packed
     from colbert.search.index_storage import IndexScorer
     from colbert.search.strided_tensor import StridedTensor
+    from colbert.search.strided_tensor_core import StridedTensorCore
 
     assert params(ResidualEmbeddings.__init__) == ["self", "codes", "residuals"]
-    # SnapshotScorer pads codes and residuals by 512 rows, as load_chunks does.
-    assert "num_embeddings += 512" in inspect.getsource(ResidualEmbeddings.load_chunks)
+    # segment_arrays pads each strided tensor by its longest row, so StridedTensor's own
+    # padding (a copy of the whole tensor) never runs.
+    assert "self.offsets[-2] + self.max_stride > self.tensor.size(0)" in inspect.getsource(StridedTensorCore.__init__)
     assert params(StridedTensor.__init__) == ["self", "packed_tensor", "lengths", "dim", "use_gpu"]
     assert params(colbert_score_packed) == ["Q", "D_packed", "D_lengths", "config"]
     # load_extensions sets, per class, the attributes try_load_torch_extensions would, from

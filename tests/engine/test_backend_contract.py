@@ -129,17 +129,55 @@ def test_an_allowed_set_restricts_results(backend):
     assert sorted(hits) == [3, 77, 101, 119]
 
 
-def test_rebuild_keeps_only_the_passages_it_is_given(backend):
+def maintain(backend, name: str, generation: int, dead: torch.Tensor) -> tuple[str, int, set[int]]:
+    """Run background steps until the backend plans none (as the maintainer
+    and the writer would): (manifest, generation, passage ids dropped)."""
+    dropped: set[int] = set()
+    for _ in range(50):
+        task = backend.plan(C, name, dead)
+        if task is None:
+            return name, generation, dropped
+        change = backend.prepare(task, dead)
+        applied = backend.apply(C, name, generation + 1, change)
+        assert applied is not None
+        backend.release(C, [applied, name])
+        name, generation = applied, generation + 1
+        dropped |= set(change.dropped_pids.tolist())
+        dead = dead[~torch.isin(dead, change.dropped_pids)]  # the store purges them in the same commit
+    raise AssertionError("maintenance never settles")
+
+
+def test_maintenance_drops_tombstones_and_keeps_results(backend):
     name = commit(backend, 0, 60, None, 1)
-    assert backend.needs_rebuild(C, name, dead_passages=30)
-    assert not backend.needs_rebuild(C, name, dead_passages=0)
-    live = list(range(0, 60, 2))
-    rebuilt = backend.rebuild(C, 2, PassageBatch(*_select(batch(0, TEXTS[:60]), live)))
-    backend.release(C, [rebuilt, name])
-    snapshot = backend.load(C, 2, rebuilt)
+    dead = torch.tensor([i for i in range(60) if i % 2], dtype=torch.int64)
+    before = backend.load(C, 1, name)
+    Q = ENCODER.encode_queries(["the bison is green number 24"])
+    expected = before.search(Q, SearchRequest(10), before.deleted_mask(dead))
+    assert backend.plan(C, name, torch.empty(0, dtype=torch.int64)) is None  # nothing to do without deletes
+    name, generation, dropped = maintain(backend, name, 1, dead)
+    assert dropped == set(dead.tolist())
+    snapshot = backend.load(C, generation, name)
     assert snapshot.num_passages == 30
-    assert backend.stats(C, rebuilt).passages == 30
-    assert set(search(snapshot, "the bison is green", k=30)) <= set(live)
+    assert backend.stats(C, name).passages == 30
+    after = snapshot.search(Q, SearchRequest(10))
+    assert after.scores == pytest.approx(expected.scores, abs=1e-4)  # ties may swap ids, scores may not
+    assert after.passage_ids[0] == expected.passage_ids[0] == 24
+
+
+def test_a_step_prepared_on_an_older_generation_carries_later_commits_over(backend):
+    name = commit(backend, 0, 60, None, 1)
+    dead = torch.tensor(list(range(0, 40)), dtype=torch.int64)
+    task = backend.plan(C, name, dead)
+    assert task is not None
+    change = backend.prepare(task, dead)
+    later = commit(backend, 60, 70, name, 2)  # a commit lands while the step is prepared
+    applied = backend.apply(C, later, 3, change)
+    assert applied is not None
+    backend.release(C, [applied, later])
+    snapshot = backend.load(C, 3, applied)
+    assert snapshot.num_passages == 30  # 20 survivors of the first 60, and the 10 committed meanwhile
+    assert search(snapshot, TEXTS[65], k=1) == [65]
+    assert search(snapshot, TEXTS[45], k=1) == [45]
 
 
 def test_released_generations_are_gone_and_recover_drops_uncommitted_ones(backend):
@@ -152,17 +190,11 @@ def test_released_generations_are_gone_and_recover_drops_uncommitted_ones(backen
     assert backend.load(C, 3, third).num_passages == 30
     with pytest.raises(FileNotFoundError):
         backend.load(C, 4, uncommitted)
-    rebuilt = backend.rebuild(C, 5, batch(0, TEXTS[:5]))
-    backend.release(C, [rebuilt])  # nothing of the earlier generations is kept
+    fifth = backend.write(C, third, 5, batch(30, TEXTS[30:35]))
+    backend.release(C, [fifth])  # nothing of the earlier generations is kept
     with pytest.raises(FileNotFoundError):
         backend.load(C, 3, third)
-    assert backend.load(C, 5, rebuilt).num_passages == 5
+    assert backend.load(C, 5, fifth).num_passages == 35
     backend.drop(C)
     with pytest.raises(FileNotFoundError):
-        backend.load(C, 5, rebuilt)
-
-
-def _select(b: PassageBatch, keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    offsets = (torch.cumsum(b.doclens, 0) - b.doclens).tolist()
-    rows = [b.embs[offsets[i] : offsets[i] + int(b.doclens[i])] for i in keep]
-    return b.pids[keep], torch.cat(rows), b.doclens[keep]
+        backend.load(C, 5, fifth)

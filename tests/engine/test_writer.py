@@ -1,4 +1,4 @@
-"""The index writer's commit, supersede, failure and rebuild logic, over a
+"""The index writer's commit, supersede, failure and maintenance logic, over a
 real SQLite store, the fake encoder and the in-memory fake backend."""
 
 from __future__ import annotations
@@ -107,7 +107,19 @@ async def test_a_batch_that_keeps_failing_is_marked_failed_after_max_attempts(en
     assert state.collection(c).generation == 0  # nothing half-committed
 
 
-async def test_a_rebuild_drops_tombstones_and_purges_their_rows(env):
+def maintain(w: IndexWriter, state: IndexStateStore, collection_id: int) -> bool:
+    """One background step as the maintainer thread would prepare it, folded
+    in by the writer (False: nothing was planned)."""
+    submitted = w.maintainer.prepare_step(state, collection_id, state.collection(collection_id).manifest)
+    if submitted is None:
+        return False
+    w.maintainer.changes.put(submitted)
+    assert w.step(state) is True
+    assert submitted.done.is_set() and submitted.outcome == "landed"
+    return True
+
+
+async def test_maintenance_drops_tombstones_and_purges_their_rows(env):
     settings, store, state = env
     c = (await store.create_collection("docs", None)).id
     await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(4)])
@@ -115,13 +127,79 @@ async def test_a_rebuild_drops_tombstones_and_purges_their_rows(env):
     w.step(state)
     await store.delete_document(c, "d0")
     await store.delete_document(c, "d1")
-    assert w.backend.needs_rebuild(c, state.collection(c).manifest, state.dead_passage_count(c))
-    assert w.step(state) is True  # the rebuild
+    assert state.dead_passage_count(c) == 2
+    assert maintain(w, state, c) is True
     col = state.collection(c)
     assert w.backend.stats(c, col.manifest).passages == 2
     assert state.dead_passage_count(c) == 0 and state.deleted_documents(c) == []
-    assert sorted(search(w, state, c, "note", k=10)) == [2, 3]  # passage ids survive a rebuild
+    assert sorted(search(w, state, c, "note", k=10)) == [2, 3]  # passage ids survive maintenance
+    assert maintain(w, state, c) is False
     assert w.step(state) is False
+
+
+async def test_commits_made_while_a_step_is_prepared_are_kept(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(4)])
+    w = writer(settings)
+    w.step(state)
+    for i in range(3):
+        await store.delete_document(c, f"d{i}")
+    submitted = w.maintainer.prepare_step(state, c, state.collection(c).manifest)
+    assert submitted is not None
+    await store.insert_pending(c, [doc("late", "a late note")])
+    assert w.step(state) is True  # a commit lands before the step is folded in
+    w.maintainer.changes.put(submitted)
+    assert w.step(state) is True
+    assert submitted.outcome == "landed"
+    assert sorted(search(w, state, c, "note", k=10)) == [3, 4]
+    assert state.dead_passage_count(c) == 0
+
+
+async def test_a_failing_background_step_backs_off_and_commits_go_on(env):
+    settings, store, state = env
+
+    class FailingPrepare(FakeInMemoryBackend):
+        def prepare(self, task, dead_pids):
+            raise MemoryError("a background step ran out of memory")
+
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(2)])
+    w = writer(settings, FailingPrepare())
+    w.step(state)
+    await store.delete_document(c, "d0")
+    assert w.maintainer.prepare_step(state, c, state.collection(c).manifest) is None
+    assert w.maintainer.last_error == "MemoryError"
+    assert c in w.maintainer._backoff  # not retried at once
+    await store.insert_pending(c, [doc("e", "more notes")])
+    assert w.step(state) is True
+    assert state.collection(c).generation == 2
+    assert 2 in search(w, state, c, "more notes", k=10)
+
+
+async def test_collections_take_turns_so_a_small_update_skips_a_bulk_backlog(env):
+    settings, store, state = env  # commit_max_chunks=4: the bulk load takes 5 commits
+    bulk = (await store.create_collection("bulk", None)).id
+    small = (await store.create_collection("small", None)).id
+    await store.insert_pending(bulk, [doc(f"b{i}", f"bulk {i}") for i in range(20)])
+    w = writer(settings)
+    assert w.step(state) is True  # the bulk collection's first batch
+    [(_, row)] = await store.insert_pending(small, [doc("one", "a small update")])
+    assert w.step(state) is True
+    assert (await store.document_states([row]))[row] == ("live", None)
+    assert len(await store.list_documents(bulk, limit=100, offset=0)) < 20  # bulk still pending
+
+
+def test_batches_are_sized_to_the_commit_target(tmp_path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4096, commit_target_s=1.0)
+    w = writer(settings)
+    assert w._chunk_budget() == 256  # nothing measured yet
+    w._seconds_per_chunk = 0.01
+    assert w._chunk_budget() == 100
+    w._seconds_per_chunk = 10.0
+    assert w._chunk_budget() == 16  # never below the floor
+    w._seconds_per_chunk = 1e-6
+    assert w._chunk_budget() == 4096  # never above the cap
 
 
 async def test_a_collection_deleted_during_a_commit_leaves_nothing_behind(env):

@@ -1,0 +1,139 @@
+"""Background index maintenance: merges and codec retraining off the writer
+thread, so no commit ever waits for them.
+
+The maintainer runs next to the writer in the process holding the writer
+lease. For each collection it asks the backend for a step
+(:meth:`IndexBackend.plan`), does the step's work on its own thread
+(:meth:`IndexBackend.prepare`: new files only) and hands the result to the
+writer, which folds it into the current generation between commits (cheap).
+A step that fails backs off for that collection (doubling, up to
+``MAX_BACKOFF_S``); a process killed during one leaves only unreferenced
+files, removed at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.backend import IndexBackend, PreparedChange
+from app.store.index_state import IndexStateStore
+from app.store.schema import connect
+
+logger = logging.getLogger("app.engine")
+
+MAX_BACKOFF_S = 600.0
+
+
+@dataclass
+class Submitted:
+    """A prepared change on its way to the writer."""
+
+    change: PreparedChange
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: str = ""
+
+
+class Maintainer:
+    def __init__(self, database_path, backend: IndexBackend, is_writer, on_submit, poll_s: float = 5.0):
+        self.database_path = database_path
+        self.backend = backend
+        self._is_writer = is_writer  # () -> bool: this process holds the writer lease
+        self._on_submit = on_submit  # () -> None: wakes the writer
+        self.poll_s = poll_s
+        self.changes: queue.Queue[Submitted] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff: dict[int, tuple[float, float]] = {}  # collection -> (until, seconds)
+        self.busy = False
+        self.last_error: str | None = None
+        self.steps_done = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="index-maintainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self) -> None:
+        """Something was committed or deleted: look for work again."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        conn = connect(self.database_path)
+        store = IndexStateStore(conn)
+        try:
+            while not self._stop.is_set():
+                did_work = self._is_writer() and self.run_once(store)
+                if not did_work:
+                    self._wake.wait(self.poll_s)
+                    self._wake.clear()
+        finally:
+            conn.close()
+
+    def run_once(self, store: IndexStateStore) -> bool:
+        """Prepare and hand over at most one step per collection, waiting
+        for the writer to fold each in."""
+        did_work = False
+        for col in store.collections():
+            if self._stop.is_set():
+                break
+            submitted = self.prepare_step(store, col.id, col.manifest)
+            if submitted is None:
+                continue
+            self.changes.put(submitted)
+            self._on_submit()
+            while not submitted.done.wait(0.5):
+                if self._stop.is_set():
+                    return did_work
+            self._backoff.pop(col.id, None)
+            self.steps_done += 1
+            did_work = True
+        return did_work
+
+    def prepare_step(self, store: IndexStateStore, collection_id: int, manifest: str | None) -> Submitted | None:
+        """Plan and prepare one step for a collection (None: nothing to do,
+        or it failed and backs off)."""
+        until, _ = self._backoff.get(collection_id, (0.0, 0.0))
+        if time.monotonic() < until:
+            return None
+        try:
+            dead = torch.tensor(store.dead_passage_ids(collection_id), dtype=torch.int64)
+            task = self.backend.plan(collection_id, manifest, dead)
+            if task is None:
+                return None
+            self.busy = True
+            started = time.perf_counter()
+            change = self.backend.prepare(task, dead)
+        except Exception as exc:  # back off; commits go on regardless
+            self._failed(collection_id, exc)
+            return None
+        finally:
+            self.busy = False
+        logger.info(
+            "collection %d: %s of %s (%s) prepared in %.1fs",
+            collection_id,
+            task.kind,
+            ", ".join(task.segments) or "a new codec",
+            task.reason,
+            time.perf_counter() - started,
+        )
+        self.last_error = None
+        return Submitted(change)
+
+    def _failed(self, collection_id: int, exc: Exception) -> None:
+        logger.exception("index maintenance of collection %d failed", collection_id)
+        _, seconds = self._backoff.get(collection_id, (0.0, 2.5))
+        seconds = min(seconds * 2, MAX_BACKOFF_S)
+        self._backoff[collection_id] = (time.monotonic() + seconds, seconds)
+        self.last_error = type(exc).__name__
