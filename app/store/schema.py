@@ -5,6 +5,10 @@ writer's commit turns it ``live`` and the previous live row of the same
 external id ``deleted`` in one transaction. Passage ids are assigned at that
 commit, per collection, from a counter that never goes back, so a passage id
 always names the same chunk text.
+
+Keyword search has one FTS5 index per collection, of live chunks only,
+created and dropped with the collection and kept up to date by triggers on
+``documents`` (``app/store/keyword_index.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from app.store import keyword_index
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -41,6 +47,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS documents_live
     ON documents(collection_id, external_id) WHERE state = 'live';
 CREATE INDEX IF NOT EXISTS documents_by_state ON documents(collection_id, state, id);
 CREATE INDEX IF NOT EXISTS documents_by_external ON documents(collection_id, external_id);
+-- The idle writer's look for the oldest pending document: a search of the
+-- pending rows alone, not a scan of every version ever stored.
+CREATE INDEX IF NOT EXISTS documents_pending ON documents(state, id) WHERE state = 'pending';
 CREATE TABLE IF NOT EXISTS chunks (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
     document_id   INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
@@ -55,16 +64,6 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS chunks_by_pid ON chunks(collection_id, passage_id);
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, ord);
--- Keyword search (BM25) over chunk text; rows follow chunks through triggers.
-CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(
-    text, content='chunks', content_rowid='id', tokenize='porter unicode61'
-);
-CREATE TRIGGER IF NOT EXISTS chunks_fts_insert AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, text) VALUES (new.id, new.text);
-END;
-CREATE TRIGGER IF NOT EXISTS chunks_fts_delete AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
-END;
 -- Background ingestion jobs: uploaded files are stored with the job, so an
 -- acknowledged upload survives a crash and is processed after a restart.
 CREATE TABLE IF NOT EXISTS jobs (
@@ -124,9 +123,18 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 def initialise(path: Path) -> None:
+    """Create or migrate the database, in one transaction (every process
+    runs this at start; the first one migrates, the others find nothing to do)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path)
     try:
-        conn.executescript(SCHEMA)
+        # executescript commits an open transaction first, so the script opens its own.
+        conn.executescript("BEGIN IMMEDIATE;" + SCHEMA)
+        try:
+            keyword_index.reconcile(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
     finally:
         conn.close()

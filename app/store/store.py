@@ -15,6 +15,7 @@ from pathlib import Path
 import aiosqlite
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.store import keyword_index
 from app.store.filters import compile_filter
 from app.store.jobs import Jobs
 from app.store.schema import PRAGMAS, initialise
@@ -107,11 +108,14 @@ class Store:
 
     async def create_collection(self, name: str, description: str | None) -> CollectionRow:
         try:
-            async with self._write_lock:
-                await self.db.execute(
+            async with self.transaction():
+                cur = await self.db.execute(
                     "INSERT INTO collections(name, description, created_at) VALUES (?, ?, ?)",
                     (name, description, time.time()),
                 )
+                assert cur.lastrowid is not None
+                for sql in keyword_index.create_statements(cur.lastrowid):
+                    await self.db.execute(sql)
         except sqlite3.IntegrityError:
             raise CollectionExists(f"collection {name!r} already exists") from None
         return await self.get_collection(name)
@@ -144,7 +148,9 @@ class Store:
 
     async def delete_collection(self, name: str) -> int:
         row = await self.get_collection(name)
-        async with self._write_lock:
+        async with self.transaction():
+            for sql in keyword_index.drop_statements(row.id):
+                await self.db.execute(sql)
             await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
         return row.id
 
@@ -323,18 +329,18 @@ class Store:
     async def keyword_search(
         self, collection_id: int, query: str, k: int, where: dict | None
     ) -> list[tuple[int, float]]:
-        """(passage id, BM25 score) of live chunks, best first (SQLite FTS5)."""
+        """(passage id, BM25 score) of live chunks, best first, from the
+        collection's own FTS5 index (its cost and its IDF are the collection's
+        alone)."""
         terms = [t for t in re.findall(r"\w+", query.lower()) if t]
         if not terms:
             return []
         match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
         condition, params = compile_filter(where)
-        rows = await self._all(
-            f"""SELECT c.passage_id, -bm25(chunks_fts) AS score
-                FROM chunks_fts JOIN chunks c ON c.id = chunks_fts.rowid JOIN documents d ON d.id = c.document_id
-                WHERE chunks_fts MATCH ? AND c.collection_id = ? AND d.state = 'live'
-                  AND c.passage_id IS NOT NULL AND ({condition})
-                ORDER BY bm25(chunks_fts) LIMIT ?""",
-            (match, collection_id, *params, k),
-        )
+        try:
+            rows = await self._all(keyword_index.search_sql(collection_id, condition), (match, *params, k))
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # dropped with its collection meanwhile
+                raise CollectionNotFound("the collection was deleted") from None
+            raise
         return [(r[0], float(r[1])) for r in rows]
