@@ -43,6 +43,9 @@ from colbert_patches.scorer import load_extensions
 
 logger = logging.getLogger("app.engine")
 
+# The document encoder on a CPU when ENCODER_RUNTIME=auto (on a CUDA GPU: torch).
+AUTO_CPU_RUNTIME = "torch"
+
 COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 __all__ = ["DocumentInput", "SearchHit", "SearchService", "UploadedFile"]
@@ -78,7 +81,11 @@ def load_encoder(settings: Settings):
         query_maxlen=settings.query_maxlen,
     )
     load_extensions()
-    encoder = ColBERTEncoder(checkpoint, options)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runtime: str = settings.encoder_runtime
+    if runtime == "auto":
+        runtime = "torch" if device == "cuda" else AUTO_CPU_RUNTIME
+    encoder = ColBERTEncoder(checkpoint, options, runtime=runtime, models_dir=settings.models_dir, device=device)
     encoder.encode_queries(["warm up"])
     return encoder
 
@@ -117,7 +124,7 @@ class SearchService:
         self.backend = self._backend_factory(self.settings, self.encoder)
         self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
-        self.snapshots = SnapshotCache(self.store, self.backend, self._run)
+        self.snapshots = SnapshotCache(self.store, self.backend, self._run, self.settings.snapshot_cache_bytes)
         self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
         jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held)

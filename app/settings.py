@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     doc_maxlen: int | None = None
     query_maxlen: int | None = None
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
+    encoder_runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
 
     # Index lifecycle.
     exact_search_max_passages: int = Field(default=1024, ge=0)
@@ -42,6 +43,7 @@ class Settings(BaseSettings):
     segment_max_passages: int = Field(default=200_000, ge=1000)
     commit_max_chunks: int = Field(default=4096, ge=1)
     commit_target_s: float = Field(default=1.0, gt=0)
+    snapshot_cache_bytes: int = Field(default=8 << 30, ge=0, description="0: no limit")
     writer_poll_interval_s: float = Field(default=0.1, gt=0)
     kmeans_niters: int = Field(default=4, ge=1)
     ncells: int | None = None

@@ -98,6 +98,10 @@ class FakeInMemorySnapshot:
     def num_passages(self) -> int:
         return len(self._passages)
 
+    @property
+    def memory_bytes(self) -> int:
+        return sum(D.numel() * D.element_size() for _, D in self._passages)
+
     def deleted_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
         if dead_pids.numel() == 0:
             return None

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.engine.encoder import length_batches as batch_by_length
+
 # Windows are sorted by length and batched up to this many padded tokens, so
 # short sentences are not padded to the length of a passage.
 BATCH_TOKENS = 4096
@@ -59,12 +61,4 @@ def pad_rows(rows: list[dict[str, list[int]]], names: Sequence[str], pad_id: int
 
 def length_batches(rows: list[dict[str, list[int]]]) -> list[list[int]]:
     """Row indices sorted by length, cut into batches of at most BATCH_TOKENS padded tokens."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    batches: list[list[int]] = []
-    for i in order:
-        width = len(rows[i]["input_ids"])  # the longest so far, since sorted
-        if batches and (len(batches[-1]) + 1) * width <= BATCH_TOKENS:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    return batch_by_length([len(r["input_ids"]) for r in rows], BATCH_TOKENS)

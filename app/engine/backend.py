@@ -107,6 +107,12 @@ class IndexSnapshot(Protocol):
     @property
     def num_passages(self) -> int: ...
 
+    @property
+    def memory_bytes(self) -> int:
+        """What holding it costs (mapped files and private arrays), for the
+        snapshot cache's budget."""
+        ...
+
     def deleted_mask(self, dead_pids: torch.Tensor) -> torch.Tensor | None:
         """A mask of live passages for :meth:`search` (None: nothing deleted).
         Computed once per store version and reused by every search."""

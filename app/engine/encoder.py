@@ -6,6 +6,8 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -19,14 +21,15 @@ logger = logging.getLogger("app.engine")
 BATCH_TOKENS = 4096
 
 
-def length_batches(token_ids: list[list[int]], batch_tokens: int) -> list[list[int]]:
-    """Indices of ``token_ids`` grouped into length-sorted batches whose
-    padded size (rows x longest row) stays within ``batch_tokens``."""
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into length-sorted batches whose padded
+    size (rows x longest row) stays within ``batch_tokens``: short texts are
+    not padded to the length of long ones."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        width = len(token_ids[i])  # the longest so far: the order is ascending
+        width = lengths[i]  # the longest so far: the order is ascending
         if current and (len(current) + 1) * width > batch_tokens:
             batches.append(current)
             current = []
@@ -47,15 +50,59 @@ def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-class ColBERTEncoder:
-    """One checkpoint (model + tokenizers), loaded once, used by every thread."""
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 
-    def __init__(self, checkpoint: str, options: EncoderOptions):
+
+class OnnxDocumentModel:
+    """The checkpoint's transformer + projection on onnxruntime (an export
+    by ``models/export_colbert_onnx.py``); masking and normalisation as
+    ``ColBERT.doc`` does them."""
+
+    def __init__(self, path: Path, skiplist: list[int], pad_id: int, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.skiplist = torch.tensor(skiplist or [-1], dtype=torch.long)
+        self.pad_id = pad_id
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised token vectors (b, L, dim), kept positions (b, L, 1))."""
+        out = self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        kept = mask.bool() & ~torch.isin(ids, self.skiplist) & (ids != self.pad_id)
+        D = torch.nn.functional.normalize(torch.from_numpy(out) * kept.unsqueeze(-1), p=2, dim=2)
+        return D, kept.unsqueeze(-1)
+
+
+class ColBERTEncoder:
+    """One checkpoint (model + tokenizers), loaded once, used by every thread.
+
+    ``runtime`` chooses what runs the document forward: ``torch`` (on a CUDA
+    GPU when ``device`` says so), or onnxruntime on an export of the same
+    weights, ``onnx`` (fp32, the same vectors) or ``onnx-int8`` (dynamic int8,
+    about 2.5x faster on a CPU, vectors within a few hundredths: see
+    BENCHMARKS.md for what that costs in retrieval). Queries always run on
+    torch (one short forward per search)."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        options: EncoderOptions,
+        runtime: str = "torch",
+        models_dir: Path | None = None,
+        device: str = "cpu",
+    ):
         colbert_patches.apply()
         started = time.perf_counter()
         self.checkpoint_name = checkpoint
         self.options = options
-        self.checkpoint = load_checkpoint(checkpoint, options)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown encoder runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        self.checkpoint = load_checkpoint(checkpoint, options, device=device)
+        self.runtime = runtime
         config = self.checkpoint.colbert_config
         self.dim = int(config.dim)
         self.nbits = int(config.nbits) if config.nbits in (1, 2, 4, 8) else 2
@@ -68,13 +115,24 @@ class ColBERTEncoder:
         self.chunk_lock = threading.Lock()
         self._chunk_tokenizer = copy.deepcopy(self.checkpoint.doc_tokenizer.tok)
         self._pad_id = int(self.checkpoint.doc_tokenizer.tok.pad_token_id or 0)
+        self._onnx: OnnxDocumentModel | None = None
+        if runtime != "torch":
+            from models.export_colbert_onnx import FP32_FILE, INT8_FILE, ensure_colbert_onnx
+
+            if models_dir is None:
+                raise ValueError("an onnx encoder runtime needs a models directory for its export")
+            export = ensure_colbert_onnx(models_dir, self.checkpoint, checkpoint)
+            skiplist = [k for k in getattr(self.checkpoint, "skiplist", {}) if isinstance(k, int)]
+            path = export / (INT8_FILE if runtime == "onnx-int8" else FP32_FILE)
+            self._onnx = OnnxDocumentModel(path, skiplist, self._pad_id, torch.get_num_threads())
         logger.info(
-            "loaded checkpoint %s (dim=%d, doc_maxlen=%d, augmentation=%s, markers=%s) in %.1fs",
+            "loaded checkpoint %s (dim=%d, doc_maxlen=%d, augmentation=%s, markers=%s, documents on %s) in %.1fs",
             checkpoint,
             self.dim,
             self.doc_maxlen,
             options.query_augmentation,
             options.marker_tokens,
+            runtime if device == "cpu" or runtime != "torch" else f"torch ({device})",
             time.perf_counter() - started,
         )
 
@@ -108,10 +166,13 @@ class ColBERTEncoder:
             token_ids = self.checkpoint.doc_tokenizer.token_ids(texts)
         vectors: list[torch.Tensor] = [torch.empty(0)] * len(texts)
         with torch.inference_mode():
-            for batch in length_batches(token_ids, BATCH_TOKENS):
+            for batch in length_batches([len(t) for t in token_ids], BATCH_TOKENS):
                 ids, mask = pad_batch([token_ids[i] for i in batch], self._pad_id)
-                D, kept = self.checkpoint.doc(ids, mask, keep_dims="return_mask", to_cpu=True)
-                D = D.to(torch.float16)
+                if self._onnx is not None:
+                    D, kept = self._onnx(ids, mask)
+                else:
+                    D, kept = self.checkpoint.doc(ids, mask, keep_dims="return_mask", to_cpu=True)
+                D, kept = D.to(torch.float16), kept.cpu()
                 for row, i in enumerate(batch):
                     vectors[i] = D[row][kept[row, :, 0]]
         return torch.cat(vectors), [int(v.size(0)) for v in vectors]

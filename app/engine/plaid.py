@@ -63,6 +63,11 @@ class _Segment:
     scorer: SnapshotScorer | None = None  # PLAID segments
     embs: torch.Tensor | None = None  # exact-tier segments (fp16)
     doclens: torch.Tensor | None = None
+    nbytes: int = 0  # its arrays, mapped or not
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class PlaidSnapshot:
@@ -86,6 +91,13 @@ class PlaidSnapshot:
     @property
     def num_passages(self) -> int:
         return int(self.slot_to_pid.numel())
+
+    @property
+    def memory_bytes(self) -> int:
+        total = _nbytes(self.slot_to_pid) + sum(s.nbytes for s in self.segments)
+        if self._exact is not None:
+            total += sum(_nbytes(t) for t in self._exact)
+        return total
 
     @classmethod
     def empty(cls, generation: int = 0) -> PlaidSnapshot:
@@ -184,14 +196,16 @@ class PlaidSnapshot:
 
 def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segment:
     state = files.load(entry.name)
+    nbytes = sum(_nbytes(t) for t in state.values() if isinstance(t, torch.Tensor))
     if entry.codec is None:
-        return _Segment(entry, state["pids"], embs=state["embs"], doclens=state["doclens"].to(torch.int64))
+        embs, doclens = state["embs"], state["doclens"].to(torch.int64)
+        return _Segment(entry, state["pids"], embs=embs, doclens=doclens, nbytes=nbytes)
     codec = codecs.get(entry.codec)
     if codec is None:
         codec = codecs[entry.codec] = codec_from_state(files.load(entry.codec))
     if "ivf" not in state:  # written before segments carried their IVF: build it here, once
         state = {**state, **segment_arrays(state["codes"], state["residuals"], state["doclens"], _centroids(codec))}
-    return _Segment(entry, state["pids"], scorer=SnapshotScorer(codec, state))
+    return _Segment(entry, state["pids"], scorer=SnapshotScorer(codec, state), nbytes=nbytes)
 
 
 def _centroids(codec) -> int:

@@ -5,12 +5,19 @@ A search reads (generation, manifest, version) from the store in one read,
 loads that generation if this process holds an older one (reusing what the
 old snapshot already holds), and recomputes the deleted mask only when the
 store's version moved (a delete or a commit).
+
+The cache holds at most ``snapshot_cache_bytes`` of snapshots (their
+``memory_bytes``: mapped index files and private arrays), evicting the least
+recently searched collection first; collections deleted by another process
+are dropped at the next sweep (every ``SWEEP_S`` seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +30,7 @@ from app.store.store import Store
 logger = logging.getLogger("app.engine")
 
 LOAD_ATTEMPTS = 5
+SWEEP_S = 10.0
 
 
 @dataclass
@@ -33,12 +41,19 @@ class CachedSnapshot:
 
 
 class SnapshotCache:
-    def __init__(self, store: Store, backend: IndexBackend, run: Callable[..., Awaitable[Any]]):
+    def __init__(self, store: Store, backend: IndexBackend, run: Callable[..., Awaitable[Any]], budget_bytes: int = 0):
         self.store = store
         self.backend = backend
         self._run = run  # runs blocking loads on the search thread
-        self._cache: dict[int, CachedSnapshot] = {}
+        self.budget_bytes = budget_bytes  # 0: no limit
+        self._cache: OrderedDict[int, CachedSnapshot] = OrderedDict()  # least recently searched first
         self._locks: dict[int, asyncio.Lock] = {}
+        self._swept = time.monotonic()
+        self.evictions = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.snapshot.memory_bytes for c in self._cache.values())
 
     def cached(self, collection_id: int) -> CachedSnapshot | None:
         """The snapshot this process holds for a collection, if any."""
@@ -50,6 +65,8 @@ class SnapshotCache:
 
     async def get(self, name: str) -> tuple[int, CachedSnapshot]:
         """(collection id, its current snapshot)."""
+        if time.monotonic() - self._swept > SWEEP_S:
+            await self.sweep()
         for attempt in range(LOAD_ATTEMPTS):
             try:
                 return await self._current(name)
@@ -77,8 +94,28 @@ class SnapshotCache:
                     snapshot = await self._run(self.backend.load, collection_id, generation, manifest, previous)
                     cached = CachedSnapshot(snapshot)
                     self._cache[collection_id] = cached
+                    self._evict(keep=collection_id)
+        self._cache.move_to_end(collection_id)
         if cached.version != version:
             dead = await self.store.dead_passage_ids(collection_id)
             cached.alive = cached.snapshot.deleted_mask(torch.tensor(dead, dtype=torch.int64))
             cached.version = version
         return collection_id, cached
+
+    def _evict(self, keep: int) -> None:
+        """Least recently searched first, until within the budget (the
+        collection just loaded stays, whatever its size)."""
+        if not self.budget_bytes:
+            return
+        while self.bytes > self.budget_bytes and len(self._cache) > 1:
+            victim = next(c for c in self._cache if c != keep)
+            logger.info("evicting collection %d from the snapshot cache (budget %d bytes)", victim, self.budget_bytes)
+            self.forget(victim)
+            self.evictions += 1
+
+    async def sweep(self) -> None:
+        """Forget collections that no longer exist (deleted by any process)."""
+        self._swept = time.monotonic()
+        existing = {c.id for c in await self.store.list_collections()}
+        for collection_id in [c for c in self._cache if c not in existing]:
+            self.forget(collection_id)

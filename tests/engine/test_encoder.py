@@ -12,9 +12,8 @@ from colbert_patches.model_loading import EncoderOptions
 
 def test_length_batches_cover_every_text_once_within_the_budget():
     lengths = [5, 40, 3, 40, 12, 7, 39, 1, 25, 40, 2]
-    rows = [[0] * n for n in lengths]
-    batches = length_batches(rows, batch_tokens=80)
-    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    batches = length_batches(lengths, batch_tokens=80)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         widths = [lengths[i] for i in b]
         assert widths == sorted(widths)
@@ -24,7 +23,7 @@ def test_length_batches_cover_every_text_once_within_the_budget():
 
 
 def test_a_text_longer_than_the_budget_gets_a_batch_of_its_own():
-    batches = length_batches([[0] * 10, [0] * 500], batch_tokens=64)
+    batches = length_batches([10, 500], batch_tokens=64)
     assert batches == [[0], [1]]
 
 
@@ -44,3 +43,27 @@ def test_encoding_matches_upstream_doc_from_text(checkpoint_dir):
     assert doclens == [int(n) for n in expected_lens]
     assert embs.dtype == torch.float16 and embs.shape == expected.shape
     assert torch.allclose(embs.float(), expected.float(), atol=2e-3)
+
+
+@pytest.mark.slow
+def test_onnx_runtimes_encode_like_torch_from_one_cached_export(checkpoint_dir, tmp_path):
+    from models.export_colbert_onnx import DONE_MARKER, export_dir_name
+
+    options = EncoderOptions.for_checkpoint(str(checkpoint_dir))
+    texts = ["a", "the quick brown fox, jumps over the lazy dog! " * 8, "short one", "mid length text " * 5]
+    reference, lens = ColBERTEncoder(str(checkpoint_dir), options).encode_documents(texts)
+    fp32 = ColBERTEncoder(str(checkpoint_dir), options, runtime="onnx", models_dir=tmp_path)
+    export = tmp_path / export_dir_name(str(checkpoint_dir))
+    assert (export / DONE_MARKER).exists()
+    stamp = (export / "model.onnx").stat().st_mtime_ns
+    embs, doclens = fp32.encode_documents(texts)
+    assert doclens == lens  # the same positions kept (punctuation skiplist, padding)
+    assert torch.allclose(embs.float(), reference.float(), atol=2e-3)
+    int8 = ColBERTEncoder(str(checkpoint_dir), options, runtime="onnx-int8", models_dir=tmp_path)
+    assert (export / "model.onnx").stat().st_mtime_ns == stamp  # exported once, reused
+    embs8, doclens8 = int8.encode_documents(texts)
+    assert doclens8 == lens
+    cosine = (embs8.float() * reference.float()).sum(-1)
+    assert float(cosine.min()) > 0.8 and float(cosine.mean()) > 0.97
+    with pytest.raises(ValueError, match="unknown encoder runtime"):
+        ColBERTEncoder(str(checkpoint_dir), options, runtime="tensorrt")
