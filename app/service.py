@@ -14,6 +14,7 @@ slower per search (see BENCHMARKS.md). The event loop only awaits it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -163,12 +164,19 @@ class SearchService:
 
     async def describe_collection(self, row: CollectionRow) -> dict:
         counts = await self.store.collection_counts(row.id)
+        stats = None
+        if self.backend is not None:
+            try:
+                stats = self.backend.stats(row.id, row.manifest)
+            except FileNotFoundError:  # a newer generation replaced it meanwhile
+                stats = None
         return {
             "name": row.name,
             "description": row.description,
             "created_at": row.created_at,
             "generation": row.generation,
             **counts,
+            "index": dataclasses.asdict(stats) if stats is not None else None,
         }
 
     async def list_collections(self) -> list[dict]:

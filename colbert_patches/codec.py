@@ -58,8 +58,9 @@ def num_partitions_for(num_embeddings: int, max_partitions: int | None = None) -
     encoder)."""
     n = max(int(num_embeddings), 1)
     upstream = 2 ** int(math.floor(math.log2(16 * math.sqrt(n))))
-    # faiss needs at least one training point per centroid; keep a few per centroid.
-    cap = 2 ** int(math.floor(math.log2(max(n // 4, 1))))
+    # k-means wants tens of points per centroid (upstream's rule gives ~17 at
+    # 70k vectors, the first PLAID build of a small collection); keep >= 32.
+    cap = 2 ** int(math.floor(math.log2(max(n // 32, 1))))
     partitions = max(1, min(upstream, cap))
     if max_partitions:
         partitions = min(partitions, 2 ** int(math.floor(math.log2(max(max_partitions, 1)))))

@@ -39,6 +39,14 @@ class CollectionCreate(Strict):
     description: StrictStr | None = Field(default=None, max_length=10_000)
 
 
+class IndexOut(BaseModel):
+    kind: str = Field(description="the backend's tier, e.g. empty, exact or plaid")
+    passages: int = Field(description="indexed passages, deleted ones not yet merged away included")
+    segments: int
+    tokens: int = Field(description="token vectors stored")
+    bytes: int = Field(description="index size on disk")
+
+
 class CollectionOut(BaseModel):
     name: str
     description: str | None
@@ -47,6 +55,7 @@ class CollectionOut(BaseModel):
     documents: int
     pending_documents: int
     chunks: int
+    index: IndexOut | None = Field(default=None, description="None until the models are loaded")
 
 
 class CollectionList(BaseModel):
