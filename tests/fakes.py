@@ -25,7 +25,10 @@ WORD = re.compile(r"\w+|[^\w\s]")
 class FakeTokenizer:
     """Words and punctuation as tokens, in the call shape of a HF fast tokenizer."""
 
-    def __call__(self, text: str, add_special_tokens: bool = False, return_offsets_mapping: bool = False, **_):
+    def __call__(self, text, add_special_tokens: bool = False, return_offsets_mapping: bool = False, **_):
+        if isinstance(text, list):  # a batch: lists per text, as a fast tokenizer returns them
+            rows = [self(t, add_special_tokens, return_offsets_mapping) for t in text]
+            return {key: [row[key] for row in rows] for key in (rows[0] if rows else {"input_ids": []})}
         matches = list(WORD.finditer(text))
         out = {"input_ids": [_word_id(m.group().lower()) for m in matches]}
         if return_offsets_mapping:

@@ -54,9 +54,10 @@ class SentenceChunker:
             return 1
         return offsets[len(offsets) - self.overlap - 1][0]
 
-    def split(self, text: str) -> list[Passage]:
+    def split(self, text: str, tokens: int | None = None) -> list[Passage]:
+        """``tokens``: the stripped text's token count, when the caller knows it."""
         stripped = text.strip()
-        if len(self._count(stripped)) <= self.budget:
+        if (tokens if tokens is not None else len(self._count(stripped))) <= self.budget:
             start = text.find(stripped)
             return [Passage(stripped, start, start + len(stripped))]
         passages: list[Passage] = []

@@ -36,7 +36,7 @@ def passage_text(title: str | None, text: str) -> str:
 
 
 class Splitter(Protocol):
-    def split(self, text: str) -> list[Passage]: ...
+    def split(self, text: str, tokens: int | None = None) -> list[Passage]: ...
 
 
 class ChunkingEncoder(Protocol):
@@ -64,14 +64,28 @@ class DocumentPreparer:
 
     def prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
         with self.encoder.chunk_lock:
-            return [self._prepare_one(doc) for doc in docs]
+            # One batched tokenizer call for every title and whole text (most
+            # documents fit one passage: their text is not tokenized again).
+            titles = [d.title.strip() if d.title and d.title.strip() else None for d in docs]
+            texts = [d.text.strip() for d in docs]
+            counts = self._counts([t or "" for t in titles] + texts)
+            title_tokens, text_tokens = counts[: len(docs)], counts[len(docs) :]
+            return [
+                self._prepare_one(doc, title, n_title, n_text)
+                for doc, title, n_title, n_text in zip(docs, titles, title_tokens, text_tokens)
+            ]
 
-    def _prepare_one(self, doc: DocumentInput) -> NewDocument:
+    def _counts(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        ids = self.encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(row) for row in ids]
+
+    def _prepare_one(self, doc: DocumentInput, title: str | None, title_tokens: int, text_tokens: int) -> NewDocument:
         assert doc.id is not None, "document ids are assigned before chunking"
-        title = doc.title.strip() if doc.title and doc.title.strip() else None
         budget = self.encoder.passage_token_budget
         if title:
-            budget -= len(self.encoder.tokenizer(title, add_special_tokens=False)["input_ids"]) + 1
+            budget -= title_tokens + 1
         chunker = self._splitter(max(budget, MIN_BUDGET))
         if doc.sections:
             passages = [
@@ -87,7 +101,7 @@ class DocumentPreparer:
                 for p in chunker.split(doc.text[sec.char_start : sec.char_end])
             ]
         else:
-            passages = chunker.split(doc.text)
+            passages = chunker.split(doc.text, tokens=text_tokens)
         digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
         return NewDocument(doc.id, title, doc.metadata or {}, digest, passages)
 

@@ -74,8 +74,10 @@ class SemanticChunker:
             embed_model=SemanticChunker._embedding, include_metadata=False, include_prev_next_rel=False
         )
 
-    def split(self, text: str) -> list[Passage]:
+    def split(self, text: str, tokens: int | None = None) -> list[Passage]:
         from llama_index.core import Document
+
+        del tokens  # a short text may still change topic: always asked of the parser
 
         passages: list[Passage] = []
         search_from = 0

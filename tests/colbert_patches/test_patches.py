@@ -149,16 +149,11 @@ def test_no_multiprocessing_or_stray_bars_in_indexing(monkeypatch, capsys):
     assert captured.out == "" and "it/s" not in captured.err
 
 
-def test_centroid_assignment_is_batched_for_cpu_memory():
+def test_centroid_assignment_is_the_exact_nearest_centroid():
     colbert_patches.apply()
-    from colbert_patches import codec as codec_patch
 
     embs, _ = _clustered(40, 10)
     codec = train_codec(embs, dim=128, nbits=2)
     expected = (codec.centroids @ embs.T).max(dim=0).indices
-    original = codec_patch.ASSIGN_BATCH_SCORES
-    try:
-        codec_patch.ASSIGN_BATCH_SCORES = codec.centroids.size(0) * 7  # force many small batches
-        assert torch.equal(codec.compress_into_codes(embs, out_device="cpu"), expected)
-    finally:
-        codec_patch.ASSIGN_BATCH_SCORES = original
+    assert torch.equal(codec.compress_into_codes(embs, out_device="cpu"), expected)
+    assert codec.compress_into_codes(embs[:0], out_device="cpu").numel() == 0

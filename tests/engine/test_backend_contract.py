@@ -151,7 +151,7 @@ def test_maintenance_drops_tombstones_and_keeps_results(backend):
     name = commit(backend, 0, 60, None, 1)
     dead = torch.tensor([i for i in range(60) if i % 2], dtype=torch.int64)
     before = backend.load(C, 1, name)
-    Q = ENCODER.encode_queries(["the bison is green number 24"])
+    Q = ENCODER.encode_queries(["the eland is red and number 24 of the herd"])
     expected = before.search(Q, SearchRequest(10), before.deleted_mask(dead))
     assert backend.plan(C, name, torch.empty(0, dtype=torch.int64)) is None  # nothing to do without deletes
     name, generation, dropped = maintain(backend, name, 1, dead)
@@ -161,7 +161,8 @@ def test_maintenance_drops_tombstones_and_keeps_results(backend):
     assert backend.stats(C, name).passages == 30
     after = snapshot.search(Q, SearchRequest(10))
     assert after.scores == pytest.approx(expected.scores, abs=1e-4)  # ties may swap ids, scores may not
-    assert after.passage_ids[0] == expected.passage_ids[0] == 24
+    assert 24 in after.passage_ids[:2] and 24 in expected.passage_ids[:2]
+    assert set(after.passage_ids) <= set(range(0, 60, 2))
 
 
 def test_a_step_prepared_on_an_older_generation_carries_later_commits_over(backend):
