@@ -261,6 +261,7 @@ class PlaidBackend:
         # no release may remove them.
         self._pinned: dict[int, set[str]] = {}
         self._pin_lock = threading.Lock()
+        self._centroid_counts: dict[tuple[int, str], int] = {}
 
     def files(self, collection_id: int) -> IndexFiles:
         return IndexFiles(self.config.index_root / str(collection_id))
@@ -358,7 +359,10 @@ class PlaidBackend:
         return None
 
     def _codec_centroids(self, collection_id: int, codec: str) -> int:
-        return int(self.files(collection_id).load(codec)["centroids"].size(0))
+        key = (collection_id, codec)  # codec files never change once written
+        if key not in self._centroid_counts:
+            self._centroid_counts[key] = int(self.files(collection_id).load(codec)["centroids"].size(0))
+        return self._centroid_counts[key]
 
     def prepare(self, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
         """Do a planned step's work (slow; off the writer thread): new files

@@ -178,7 +178,8 @@ class IndexWriter:
         pending = store.pending_collections()
         if not pending:
             return False
-        collection_id = min(pending, key=lambda c: self._served.get(c, 0.0))
+        # Priority documents (small upserts) first; otherwise collections take turns.
+        collection_id, _ = min(pending, key=lambda c: (not c[1], self._served.get(c[0], 0.0)))
         self.busy = True
         try:
             self.commit_pending(store, collection_id)

@@ -15,6 +15,8 @@ from app.store.store import Store
 
 # A document row's state, as an upsert result reports it.
 RESULT_STATUS = {"live": "indexed", "deleted": "superseded"}
+# Upserts of at most this many documents skip the queue of bulk loads.
+PRIORITY_MAX_DOCUMENTS = 16
 
 
 class DocumentIngest:
@@ -47,7 +49,9 @@ class DocumentIngest:
     async def upsert(self, collection_id: int, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
         self.validate(docs)
         prepared = await asyncio.to_thread(self.preparer.prepare, docs)  # tokenizer only: not the model thread
-        inserted = await self.store.insert_pending(collection_id, prepared)
+        # A small upsert is indexed before documents of bulk loads queued earlier.
+        priority = 1 if len(docs) <= PRIORITY_MAX_DOCUMENTS else 0
+        inserted = await self.store.insert_pending(collection_id, prepared, priority=priority)
         self.notify()
         results = [
             {"id": ext, "status": "unchanged" if row is None else "pending", "row": row} for ext, row in inserted

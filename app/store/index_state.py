@@ -68,18 +68,19 @@ class IndexStateStore:
         ).fetchone()
         return row["collection_id"] if row is not None else None
 
-    def pending_collections(self) -> list[int]:
-        """Collections with pending documents, the one waiting longest first."""
+    def pending_collections(self) -> list[tuple[int, bool]]:
+        """(collection, has priority documents) for collections with pending
+        documents, the one waiting longest first."""
         rows = self.conn.execute(
-            """SELECT collection_id, MIN(id) AS oldest FROM documents WHERE state = 'pending'
-               GROUP BY collection_id ORDER BY oldest"""
+            """SELECT collection_id, MIN(id) AS oldest, MAX(priority) AS urgent FROM documents
+               WHERE state = 'pending' GROUP BY collection_id ORDER BY oldest"""
         ).fetchall()
-        return [r["collection_id"] for r in rows]
+        return [(r["collection_id"], bool(r["urgent"])) for r in rows]
 
     def pending_documents(self, collection_id: int, limit: int | None = None) -> list[PendingDocument]:
         rows = self.conn.execute(
             """SELECT id, external_id, title FROM documents WHERE collection_id = ? AND state = 'pending'
-               ORDER BY id LIMIT ?""",
+               ORDER BY priority DESC, id LIMIT ?""",
             (collection_id, -1 if limit is None else limit),
         ).fetchall()
         return [PendingDocument(**dict(r)) for r in rows]
@@ -183,6 +184,16 @@ class IndexStateStore:
                 state = self.conn.execute("SELECT state FROM documents WHERE id = ?", (d.id,)).fetchone()
                 if state is None or state["state"] != "pending":
                     continue  # deleted while it was being indexed: its passages stay dead
+                newer = self.conn.execute(
+                    """SELECT 1 FROM documents WHERE collection_id = ? AND external_id = ? AND state = 'live'
+                       AND id > ?""",
+                    (collection_id, d.external_id, d.id),
+                ).fetchone()
+                if newer is not None:  # a later version (a priority upsert) went live first: this one is superseded
+                    self.conn.execute(
+                        "UPDATE documents SET state = 'deleted', updated_at = ? WHERE id = ?", (now, d.id)
+                    )
+                    continue
                 self.conn.execute(
                     """UPDATE documents SET state = 'deleted', updated_at = ?
                        WHERE collection_id = ? AND external_id = ? AND state = 'live'""",

@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS documents (
     state         TEXT NOT NULL CHECK (state IN ('pending', 'live', 'deleted', 'failed')),
     error         TEXT,
     created_at    REAL NOT NULL,
-    updated_at    REAL NOT NULL
+    updated_at    REAL NOT NULL,
+    priority      INTEGER NOT NULL DEFAULT 0     -- 1: a small upsert, indexed before bulk loads
 );
 CREATE UNIQUE INDEX IF NOT EXISTS documents_live
     ON documents(collection_id, external_id) WHERE state = 'live';
@@ -122,6 +123,23 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+# Columns added after a table's first release: (table, column, definition),
+# then what depends on them.
+ADDED_COLUMNS = [("documents", "priority", "INTEGER NOT NULL DEFAULT 0")]
+AFTER_COLUMNS = """
+CREATE INDEX IF NOT EXISTS documents_pending_first
+    ON documents(collection_id, priority DESC, id) WHERE state = 'pending';
+"""
+
+
+def _migrate_columns(conn: sqlite3.Connection) -> None:
+    for table, column, definition in ADDED_COLUMNS:
+        if column not in {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    for statement in filter(str.strip, AFTER_COLUMNS.split(";")):
+        conn.execute(statement)
+
+
 def initialise(path: Path) -> None:
     """Create or migrate the database, in one transaction (every process
     runs this at start; the first one migrates, the others find nothing to do)."""
@@ -131,6 +149,7 @@ def initialise(path: Path) -> None:
         # executescript commits an open transaction first, so the script opens its own.
         conn.executescript("BEGIN IMMEDIATE;" + SCHEMA)
         try:
+            _migrate_columns(conn)
             keyword_index.reconcile(conn)
         except BaseException:
             conn.execute("ROLLBACK")

@@ -157,12 +157,13 @@ class Store:
     # -- documents ---------------------------------------------------------
 
     async def insert_pending(
-        self, collection_id: int, docs: list[NewDocument], job_file: int | None = None
+        self, collection_id: int, docs: list[NewDocument], job_file: int | None = None, priority: int = 0
     ) -> list[tuple[str, int | None]]:
         """Insert the batch in one transaction.
 
         Returns (external_id, row id) per document; row id None means the
-        live version already has this exact content (nothing to do).
+        live version already has this exact content (nothing to do). The
+        writer indexes pending documents of higher ``priority`` first.
         """
         now = time.time()
         out: list[tuple[str, int | None]] = []
@@ -190,9 +191,9 @@ class Store:
                     continue
                 cur = await self.db.execute(
                     """INSERT INTO documents(collection_id, external_id, title, metadata, content_hash, state,
-                                             created_at, updated_at)
-                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)""",
-                    (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now),
+                                             created_at, updated_at, priority)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
+                    (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now, priority),
                 )
                 doc_id = cur.lastrowid
                 await self.db.executemany(

@@ -190,6 +190,32 @@ async def test_collections_take_turns_so_a_small_update_skips_a_bulk_backlog(env
     assert len(await store.list_documents(bulk, limit=100, offset=0)) < 20  # bulk still pending
 
 
+async def test_a_small_upsert_skips_the_bulk_backlog_of_its_own_collection(env):
+    settings, store, state = env  # commit_max_chunks=4: the bulk load takes 5 commits
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"b{i}", f"bulk {i}") for i in range(20)])
+    w = writer(settings)
+    assert w.step(state) is True
+    [(_, row)] = await store.insert_pending(c, [doc("one", "a small update")], priority=1)
+    assert w.step(state) is True
+    assert (await store.document_states([row]))[row] == ("live", None)
+    assert len(state.pending_documents(c)) == 13  # the batch was filled up with bulk documents
+
+
+async def test_an_older_version_indexed_after_a_newer_one_never_replaces_it(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, old)] = await store.insert_pending(c, [doc("x", "first version")])
+    await store.insert_pending(c, [doc(f"b{i}", f"bulk {i}") for i in range(8)])
+    [(_, new)] = await store.insert_pending(c, [doc("x", "second version")], priority=1)
+    w = writer(settings)
+    while w.step(state):
+        pass
+    states = await store.document_states([old, new])
+    assert states[new] == ("live", None)
+    assert states[old][0] == "deleted"
+
+
 def test_batches_are_sized_to_the_commit_target(tmp_path):
     settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4096, commit_target_s=1.0)
     w = writer(settings)

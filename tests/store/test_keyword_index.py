@@ -238,7 +238,7 @@ async def test_the_writers_pending_lookups_search_the_pending_index(store, looku
     conn = connect(store.path)
     statements: list[str] = []
     conn.set_trace_callback(statements.append)
-    assert getattr(IndexStateStore(conn), lookup)() in (c, [c])
+    assert getattr(IndexStateStore(conn), lookup)() in (c, [(c, False)])
     conn.set_trace_callback(None)
     [sql] = statements
     plan = [r["detail"] for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
