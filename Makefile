@@ -1,4 +1,4 @@
-.PHONY: setup run dev serve test test-fast lint bench
+.PHONY: setup run dev serve test test-fast lint bench bench-scale
 
 setup:
 	./scripts/setup.sh
@@ -30,3 +30,9 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m bench.msmarco_mini
+
+# Scale on one node (bench/scale.py): a stand-in-encoder run to 1M passages and
+# a real-encoder run to 100k (hours on 2 cores). Smaller sizes and parts, e.g.
+#   make bench-scale BENCH_SCALE_ARGS="--engine-passages 20000 --skip-real"
+bench-scale: setup
+	.venv/bin/python -m bench.scale $(BENCH_SCALE_ARGS)
