@@ -70,7 +70,7 @@ class IndexWriter:
         self.busy = False
         self.last_error: str | None = None
         self._failures: dict[int, int] = {}
-        self._seconds_per_chunk: float | None = None  # moving average of commit cost
+        self._seconds_per_chunk: float | None = None  # moving average of encoding cost
         self._served: dict[int, float] = {}  # collection -> when its last batch was committed
         self.maintainer = Maintainer(
             settings.database_path, backend, is_writer=lambda: self.lease.held, on_submit=self.notify
@@ -217,26 +217,27 @@ class IndexWriter:
         finally:
             submitted.done.set()
 
-    def _encode(self, pids: torch.Tensor, texts: list[str]) -> PassageBatch:
-        if not texts:
-            return PassageBatch.empty(self.encoder.dim)
-        embs, doclens = self.encoder.encode_documents(texts)
-        return PassageBatch(pids, embs, torch.tensor(doclens, dtype=torch.int64))
-
-    def _chunk_budget(self) -> int:
-        """Chunks per commit: about ``commit_target_s`` of work at the
-        measured rate, within [MIN_BATCH_CHUNKS, commit_max_chunks]."""
+    def _slice_chunks(self) -> int:
+        """Chunks encoded between two looks for priority documents: about
+        ``commit_target_s`` of encoding at the measured rate."""
         limit = self.settings.commit_max_chunks
         if self._seconds_per_chunk is None:
-            return min(limit, 256)
+            return min(limit, 64)
         wanted = int(self.settings.commit_target_s / max(self._seconds_per_chunk, 1e-6))
         return max(min(MIN_BATCH_CHUNKS, limit), min(limit, wanted))
 
-    def _next_batch(self, store: IndexStateStore, collection_id: int) -> _Batch:
-        """The oldest pending documents, up to the chunk budget; a later
-        pending version of the same id supersedes an earlier one."""
-        budget = self._chunk_budget()
-        pending = store.pending_documents(collection_id, limit=max(budget, MIN_BATCH_CHUNKS))
+    def _next_batch(
+        self, store: IndexStateStore, collection_id: int, priority_only: bool = False, exclude: frozenset = frozenset()
+    ) -> _Batch:
+        """Pending documents, priority ones first, then the oldest, up to
+        ``commit_max_chunks`` chunks; a later pending version of the same id
+        supersedes an earlier one."""
+        budget = self.settings.commit_max_chunks
+        pending = [
+            d
+            for d in store.pending_documents(collection_id, limit=budget + len(exclude), priority_only=priority_only)
+            if d.id not in exclude
+        ]
         superseded = store.later_pending_versions(collection_id, pending)
         if superseded:
             store.supersede(sorted(superseded))
@@ -250,20 +251,39 @@ class IndexWriter:
             batch.texts.extend(passage_text(d.title, text) for _, text in chunks)
         return batch
 
-    def commit_pending(self, store: IndexStateStore, collection_id: int) -> None:
+    def commit_pending(
+        self, store: IndexStateStore, collection_id: int, priority_only: bool = False, exclude: frozenset = frozenset()
+    ) -> None:
+        """Encode and commit one batch. A long batch (a bulk load) is encoded
+        in slices of about ``commit_target_s``; between slices, priority
+        documents of any collection are committed on their own, so a small
+        upsert never waits for a whole bulk batch."""
         started = time.perf_counter()
-        col = store.collection(collection_id)
-        if col is None:
-            return
-        batch = self._next_batch(store, collection_id)
+        interleave = not priority_only
+        batch = self._next_batch(store, collection_id, priority_only, exclude)
         if not batch.documents:
             return
-        generation = col.generation + 1
+        in_flight = exclude | frozenset(d.id for d in batch.documents)
         try:
-            pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
-            encoded = self._encode(pids, batch.texts)
+            parts: list[tuple[torch.Tensor, list[int]]] = []
+            done = 0
+            while done < len(batch.texts):
+                n = self._slice_chunks()
+                sliced = time.perf_counter()
+                parts.append(self.encoder.encode_documents(batch.texts[done : done + n]))
+                self._measured(time.perf_counter() - sliced, min(n, len(batch.texts) - done))
+                done += n
+                if interleave and done < len(batch.texts):
+                    self._commit_priority(store, in_flight)
             encode_s = time.perf_counter() - started
-            manifest = self.backend.write(collection_id, col.manifest, generation, encoded)
+            col = store.collection(collection_id)  # read after encoding: priority commits may have moved it
+            if col is None:
+                return
+            generation = col.generation + 1
+            pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
+            doclens = torch.tensor([n for _, lens in parts for n in lens], dtype=torch.int64)
+            embs = torch.cat([e for e, _ in parts]) if parts else torch.empty(0, self.encoder.dim)
+            manifest = self.backend.write(collection_id, col.manifest, generation, PassageBatch(pids, embs, doclens))
             outcome = store.commit_append(
                 collection_id, col.generation, generation, manifest, col.next_pid, batch.chunk_ids, batch.documents
             )
@@ -275,9 +295,6 @@ class IndexWriter:
             return
         # Keep the previous generation: other processes may be loading it.
         self.backend.release(collection_id, [manifest, col.manifest])
-        per_chunk = (time.perf_counter() - started) / max(len(batch.texts), 1)
-        previous = self._seconds_per_chunk
-        self._seconds_per_chunk = per_chunk if previous is None else 0.7 * previous + 0.3 * per_chunk
         logger.info(
             "collection %d generation %d: %d documents, %d passages (encode %.2fs, total %.2fs)",
             collection_id,
@@ -287,6 +304,17 @@ class IndexWriter:
             encode_s,
             time.perf_counter() - started,
         )
+
+    def _commit_priority(self, store: IndexStateStore, in_flight: frozenset) -> None:
+        """Commit the priority documents of every collection (not those of the batch in flight)."""
+        for collection_id, urgent in store.pending_collections():
+            if urgent:
+                self.commit_pending(store, collection_id, priority_only=True, exclude=in_flight)
+
+    def _measured(self, seconds: float, chunks: int) -> None:
+        per_chunk = seconds / max(chunks, 1)
+        previous = self._seconds_per_chunk
+        self._seconds_per_chunk = per_chunk if previous is None else 0.7 * previous + 0.3 * per_chunk
 
     def _failed(self, store: IndexStateStore, collection_id: int, documents: list[PendingDocument], exc: Exception):
         """Back off and retry; after MAX_ATTEMPTS mark the batch failed."""

@@ -77,11 +77,15 @@ class IndexStateStore:
         ).fetchall()
         return [(r["collection_id"], bool(r["urgent"])) for r in rows]
 
-    def pending_documents(self, collection_id: int, limit: int | None = None) -> list[PendingDocument]:
+    def pending_documents(
+        self, collection_id: int, limit: int | None = None, priority_only: bool = False
+    ) -> list[PendingDocument]:
+        """Pending documents, priority ones first, then in order of arrival."""
         rows = self.conn.execute(
-            """SELECT id, external_id, title FROM documents WHERE collection_id = ? AND state = 'pending'
+            """SELECT id, external_id, title FROM documents
+               WHERE collection_id = ? AND state = 'pending' AND priority >= ?
                ORDER BY priority DESC, id LIMIT ?""",
-            (collection_id, -1 if limit is None else limit),
+            (collection_id, 1 if priority_only else 0, -1 if limit is None else limit),
         ).fetchall()
         return [PendingDocument(**dict(r)) for r in rows]
 

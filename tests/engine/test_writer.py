@@ -216,30 +216,50 @@ async def test_an_older_version_indexed_after_a_newer_one_never_replaces_it(env)
     assert states[old][0] == "deleted"
 
 
-def test_batches_are_sized_to_the_commit_target(tmp_path):
+def test_bulk_batches_are_encoded_in_slices_of_the_commit_target(tmp_path):
     settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4096, commit_target_s=1.0)
     w = writer(settings)
-    assert w._chunk_budget() == 256  # nothing measured yet
+    assert w._slice_chunks() == 64  # nothing measured yet
     w._seconds_per_chunk = 0.01
-    assert w._chunk_budget() == 100
+    assert w._slice_chunks() == 100
     w._seconds_per_chunk = 10.0
-    assert w._chunk_budget() == 16  # never below the floor
+    assert w._slice_chunks() == 16  # never below the floor
     w._seconds_per_chunk = 1e-6
-    assert w._chunk_budget() == 4096  # never above the cap
+    assert w._slice_chunks() == 4096  # never above the cap
 
 
-async def test_a_collection_deleted_during_a_commit_leaves_nothing_behind(env):
-    settings, store, state = env
-    c = (await store.create_collection("docs", None)).id
-    await store.insert_pending(c, [doc("a", "text")])
-    w = writer(settings)
-    original = w.backend.write
+async def test_a_priority_upsert_is_committed_between_slices_of_a_bulk_batch(tmp_path):
+    import asyncio
 
-    def write_then_delete(*args):
-        name = original(*args)
-        state.conn.execute("DELETE FROM collections WHERE id = ?", (c,))
-        return name
+    settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4096)
+    store = Store(settings.database_path)
+    await store.open()
+    conn = connect(settings.database_path)
+    state = IndexStateStore(conn)
+    loop = asyncio.get_running_loop()
+    try:
+        bulk = (await store.create_collection("bulk", None)).id
+        small = (await store.create_collection("small", None)).id
+        await store.insert_pending(bulk, [doc(f"b{i}", f"bulk {i}") for i in range(200)])
+        w = writer(settings)
+        w._seconds_per_chunk = 1.0 / 50  # slices of 50 chunks
+        rows: list[int] = []
+        original = w.encoder.encode_documents
+        order: list[str] = []
 
-    w.backend.write = write_then_delete
-    w.step(state)
-    assert w.backend.generations == {}
+        def encode(texts):
+            order.append(texts[0].split()[0])
+            if not rows:  # a small upsert arrives while the bulk batch is being encoded
+                insert = store.insert_pending(small, [doc("one", "small update")], priority=1)
+                rows.append(asyncio.run_coroutine_threadsafe(insert, loop).result()[0][1])
+            return original(texts)
+
+        w.encoder.encode_documents = encode
+        assert await asyncio.to_thread(w.step, state) is True
+        assert order[:2] == ["bulk", "small"]  # encoded after the first slice, not after the whole batch
+        assert state.collection(small).generation == 1 and state.collection(bulk).generation == 1
+        assert (await store.document_states(rows))[rows[0]] == ("live", None)
+        assert state.pending_documents(bulk) == []  # the whole bulk batch landed too
+    finally:
+        conn.close()
+        await store.close()
