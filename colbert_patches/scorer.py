@@ -109,6 +109,28 @@ class SnapshotScorer(IndexScorer):
     def num_passages(self) -> int:
         return int(self.doclens.numel())
 
+    def get_cells(self, Q, ncells):
+        """Upstream's, with the query-centroid scores computed once per query
+        and codec: every segment of a snapshot on one codec shares them."""
+        key = (Q.data_ptr(), tuple(Q.shape), ncells)
+        cached = getattr(self.codec, "_cells_of_query", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        result = super().get_cells(Q, ncells)
+        self.codec._cells_of_query = (key, result)
+        return result
+
+    def rank_once(self, params: SearchParams, Q: torch.Tensor, alive=None):
+        """One PLAID pass: (slots, scores), best first, tombstones dropped
+        before scoring; fewer than k when the probed cells hold fewer."""
+        filter_fn = None
+        if alive is not None:
+
+            def filter_fn(slots):
+                return slots[alive[slots.long()]]
+
+        return self.rank(params, Q, filter_fn=filter_fn)
+
     def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
         """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).
 

@@ -7,6 +7,9 @@ Layout under ``indexes/<collection id>/``:
   either fp16 token vectors (exact tier, small collections) or PLAID codes +
   residuals with the segment's own IVF, padded as the scorer reads them, so
   a segment is memory-mapped as it is and loads in O(1);
+- ``sample-<generation>-<token>.pt``: while the codec is still small, a sample
+  of a segment's original vectors, which the next codec is trained on
+  (dropped from the manifest once the codec has its full size);
 - ``codec-<generation>-<token>.pt``: centroids and residual buckets; each
   PLAID segment names the codec it was compressed with;
 - ``manifest-<generation>-<token>.json``: which codec new writes use and which
@@ -32,7 +35,7 @@ import torch
 
 from colbert_patches.persistence import atomic_torch_save, atomic_write_json, fsync_dir
 
-_GENERATION_FILE = re.compile(r"^(seg|codec|manifest)-(\d+)(-[0-9a-f]+)?\.(pt|json)$")
+_GENERATION_FILE = re.compile(r"^(seg|codec|sample|manifest)-(\d+)(-[0-9a-f]+)?\.(pt|json)$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class SegmentEntry:
     tokens: int
     first_pid: int
     last_pid: int
+    sample: str | None = None  # original vectors kept for training the next codec
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class Manifest:
     codec: str | None = None  # the codec new writes use; None: exact tier
     segments: tuple[SegmentEntry, ...] = field(default_factory=tuple)
     codec_passages: int = 0  # passages in the index when that codec was trained
+    codec_tokens: int = 0  # and token vectors
 
     @property
     def passages(self) -> int:
@@ -66,7 +71,8 @@ class Manifest:
 
     def files(self) -> set[str]:
         codecs = {s.codec for s in self.segments if s.codec}
-        return {*(s.name for s in self.segments), *codecs, *([self.codec] if self.codec else [])}
+        samples = {s.sample for s in self.segments if s.sample}
+        return {*(s.name for s in self.segments), *codecs, *samples, *([self.codec] if self.codec else [])}
 
     def to_json(self) -> dict:
         return {**asdict(self), "segments": [asdict(s) for s in self.segments], "format": 2}
@@ -120,7 +126,13 @@ class IndexFiles:
         codec = data.get("codec")
         if data.get("format", 1) >= 2:
             segments = tuple(SegmentEntry(**s) for s in data["segments"])
-            return Manifest(int(data["generation"]), codec, segments, int(data.get("codec_passages", 0)))
+            return Manifest(
+                int(data["generation"]),
+                codec,
+                segments,
+                int(data.get("codec_passages", 0)),
+                int(data.get("codec_tokens", 0)),
+            )
         # Format 1 (one codec, segments by name): describe each segment from its file.
         entries = []
         for name in data.get("segments", ()):

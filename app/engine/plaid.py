@@ -41,6 +41,7 @@ from app.engine.backend import (
 from app.engine.index import IndexFiles, Manifest, SegmentEntry
 from app.settings import Settings
 from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
+from colbert_patches.persistence import atomic_torch_save
 from colbert_patches.scorer import SnapshotScorer, load_extensions, search_params, segment_arrays
 
 logger = logging.getLogger("app.engine")
@@ -48,12 +49,19 @@ logger = logging.getLogger("app.engine")
 # Filtered PLAID searches score every allowed passage when there are at most
 # this many (decompressing ~100 vectors each costs about 1 ms per 1,000).
 EXHAUSTIVE_SUBSET_MAX = 8192
+# Segments up to this many passages are scored exhaustively (decompressing
+# ~70 vectors per passage costs less than PLAID's pipeline on a tiny segment).
+SMALL_SEGMENT_PASSAGES = 512
 # Tiered merging: this many adjacent segments of one size tier become one.
 MERGE_FACTOR = 4
 # Past this many segments the smallest adjacent pair is merged whatever its tiers.
 MAX_SEGMENTS = 16
-# Vectors decompressed to train a new codec (a sample of the whole index).
-RETRAIN_SAMPLE = 1 << 19
+# Original vectors kept (across segments) for training the next codec: k-means
+# wants ~64 per centroid. Decompressed vectors train measurably worse codecs
+# (-0.008 nDCG@10 on msmarco-mini, BENCHMARKS.md), so segments written while
+# the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
+# at a rate that yields about this many by the next retraining.
+RETRAIN_SAMPLE = 1 << 18
 
 
 @dataclass
@@ -157,6 +165,17 @@ class PlaidSnapshot:
             ndocs=request.ndocs,
         )
         subset = mask is not None and allowed_pids is not None and int(mask.sum()) <= EXHAUSTIVE_SUBSET_MAX
+        result = self._search_segments(Q, params, mask, k, subset, expand=False)
+        available = int(mask.sum()) if mask is not None else self.num_passages
+        if len(result.passage_ids) < min(k, available):
+            # The probed cells held too few live passages (tiny or heavily
+            # deleted collections): probe more cells until k are found.
+            result = self._search_segments(Q, params, mask, k, subset, expand=True)
+        return result
+
+    def _search_segments(self, Q, params, mask, k: int, subset: bool, expand: bool) -> SearchResult:
+        """Each segment's best ``k`` merged: a small segment (or a small
+        allowed subset) is scored exhaustively, a large one by one PLAID pass."""
         pids: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
         for n, segment in enumerate(self.segments):
@@ -164,11 +183,13 @@ class PlaidSnapshot:
             part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
             if part is not None and not bool(part.any()):
                 continue
-            if subset:
-                assert part is not None
-                ranked, values = segment.scorer.rank(params, Q, pids=part.nonzero().flatten().tolist())
-            else:
+            if subset or segment.scorer.num_passages <= SMALL_SEGMENT_PASSAGES:
+                slots = part.nonzero().flatten() if part is not None else torch.arange(segment.scorer.num_passages)
+                ranked, values = segment.scorer.rank(params, Q, pids=slots.tolist())
+            elif expand:
                 ranked, values = segment.scorer.search(Q, params, part, k)
+            else:
+                ranked, values = segment.scorer.rank_once(params, Q, part)
             ranked, values = list(ranked)[:k], list(values)[:k]
             if ranked:
                 pids.append(segment.pids[torch.tensor(ranked, dtype=torch.int64)])
@@ -279,6 +300,7 @@ class PlaidBackend:
         else:
             codec = codec_from_state(files.load(manifest.codec))
             entry = _entry(files.write_segment(generation, self._compress(codec, batch)), manifest.codec, batch)
+            entry = replace(entry, sample=self._originals(files, manifest, codec, batch.embs))
         if len(manifest.segments) + 1 > 4 * MAX_SEGMENTS:
             logger.warning(
                 "collection %d has %d segments: background merges are behind", collection_id, 4 * MAX_SEGMENTS
@@ -294,17 +316,34 @@ class PlaidBackend:
         )
         codec = self._train(merged.embs)
         codec_name = files.write_codec(generation, codec_state(codec))
-        segment = files.write_segment(generation, self._compress(codec, merged))
-        entries = (_entry(segment, codec_name, merged),)
-        return files.write_manifest(Manifest(generation, codec_name, entries, len(merged)))
+        built = Manifest(generation, codec_name, (), len(merged), int(merged.doclens.sum()))
+        entry = _entry(files.write_segment(generation, self._compress(codec, merged)), codec_name, merged)
+        entry = replace(entry, sample=self._originals(files, built, codec, merged.embs))
+        return files.write_manifest(replace(built, segments=(entry,)))
 
-    def _train(self, embs: torch.Tensor):
+    def _originals(self, files: IndexFiles, manifest: Manifest, codec, embs: torch.Tensor) -> str | None:
+        """A file with a sample of a new segment's original vectors, while
+        the codec is below its largest size (the next retraining's training
+        set), at a rate that gives about RETRAIN_SAMPLE by then."""
+        if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
+            return None
+        rate = RETRAIN_SAMPLE / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
+        n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
+        take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]
+        name = files.new_name("sample", manifest.generation)
+        atomic_torch_save({"embs": embs[take].to(torch.float16).contiguous()}, files.root / name)
+        return name
+
+    def _train(self, embs: torch.Tensor, tokens: int | None = None):
+        """A codec sized for ``tokens`` vectors (default: the ones given),
+        trained on ``embs``; never more centroids than ``embs`` supports."""
+        wanted = num_partitions_for(tokens or embs.size(0), self.config.max_centroids)
         return train_codec(
             embs,
             dim=self.config.dim,
             nbits=self.config.nbits,
             kmeans_niters=self.config.kmeans_niters,
-            partitions=num_partitions_for(embs.size(0), self.config.max_centroids),
+            partitions=min(wanted, num_partitions_for(embs.size(0))),
         )
 
     @staticmethod
@@ -381,7 +420,7 @@ class PlaidBackend:
         files = self.files(task.collection_id)
         m = files.read_manifest(task.manifest)
         if task.kind == "retrain":
-            codec = self._train(self._sample(files, m))
+            codec = self._train(self._sample(files, m), tokens=m.tokens)
             name = files.new_name("codec", m.generation)
             self._pin(task.collection_id, {name})
             files.write_codec(m.generation, codec_state(codec), name)
@@ -411,6 +450,12 @@ class PlaidBackend:
             pids, tokens = state["pids"], int(state["doclens"].sum())
             entry = SegmentEntry(name, m.codec, int(pids.numel()), tokens, int(pids[0]), int(pids[-1]))
             written = (name,)
+            samples = [p.sample for p in parts if p.sample is not None]
+            if samples:  # the inputs' originals, still wanted for the next codec
+                sample = files.new_name("sample", m.generation)
+                self._pin(task.collection_id, {sample})
+                atomic_torch_save({"embs": torch.cat(samples)}, files.root / sample)
+                entry, written = replace(entry, sample=sample), (name, sample)
         return PreparedChange(task, codec=None, segment=entry, written=written, dropped_pids=torch.cat(dropped))
 
     def apply(self, collection_id: int, base: str | None, generation: int, change: PreparedChange) -> str | None:
@@ -424,9 +469,11 @@ class PlaidBackend:
             if change.task.kind == "retrain":
                 if m.codec is None:
                     return None
-                return files.write_manifest(
-                    replace(m, generation=generation, codec=change.codec, codec_passages=m.passages)
-                )
+                segments = m.segments
+                if self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids:
+                    segments = tuple(replace(e, sample=None) for e in segments)  # no later codec to train
+                retrained = replace(m, codec=change.codec, codec_passages=m.passages, codec_tokens=m.tokens)
+                return files.write_manifest(replace(retrained, generation=generation, segments=segments))
             names = [s.name for s in m.segments]
             wanted = list(change.task.segments)
             starts = [i for i in range(len(names)) if names[i : i + len(wanted)] == wanted]
@@ -446,14 +493,19 @@ class PlaidBackend:
             (files.root / name).unlink(missing_ok=True)
 
     def _sample(self, files: IndexFiles, m: Manifest) -> torch.Tensor:
-        """Up to ``RETRAIN_SAMPLE`` vectors drawn evenly from every segment,
-        decompressed with the codec each was written with."""
+        """The training set of a new codec: the original vectors segments
+        kept (see :meth:`_originals`); when they are too few, vectors drawn
+        evenly from every segment, decompressed with the codec each was
+        written with."""
+        kept = [files.load(e.sample)["embs"] for e in m.segments if e.sample]
+        if sum(k.size(0) for k in kept) >= RETRAIN_SAMPLE // 2:
+            return torch.cat(kept).float()
+        states = [(entry, files.load(entry.name)) for entry in m.segments]
         gen = torch.Generator().manual_seed(m.generation)
         share = RETRAIN_SAMPLE / max(m.tokens, 1)
         parts = []
         codecs: dict[str, object] = {}
-        for entry in m.segments:
-            state = files.load(entry.name)
+        for entry, state in states:
             n = entry.tokens
             take = torch.randperm(n, generator=gen)[: max(1, int(n * share))] if share < 1 else torch.arange(n)
             if entry.codec is None:
@@ -461,7 +513,7 @@ class PlaidBackend:
                 continue
             codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
             parts.append(_decompress(codec, state["codes"][take], state["residuals"][take]))
-        return torch.cat(parts)
+        return torch.cat([*parts, *(k.float() for k in kept)])
 
     def _pin(self, collection_id: int, names: set[str]) -> None:
         with self._pin_lock:
@@ -541,6 +593,7 @@ class _Part:
     codes: torch.Tensor | None = None  # on the current codec: as they are
     residuals: torch.Tensor | None = None
     embs: torch.Tensor | None = None  # otherwise: vectors to compress
+    sample: torch.Tensor | None = None  # original vectors kept for codec training
 
     @property
     def passages(self) -> int:
@@ -551,14 +604,15 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     doclens = state["doclens"].to(torch.int64)
     tokens = torch.repeat_interleave(keep, doclens)
     pids, kept_lens = state["pids"][keep], doclens[keep]
+    sample = files.load(entry.sample)["embs"] if entry.sample else None
     if entry.codec is None:
-        return _Part(pids, kept_lens, embs=state["embs"][tokens])
+        return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample)
     n = int(doclens.sum())
     codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
     codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
     if current is not None and _same_codec(codec, current):
-        return _Part(pids, kept_lens, codes=codes, residuals=residuals)
-    return _Part(pids, kept_lens, embs=_decompress(codec, codes, residuals))
+        return _Part(pids, kept_lens, codes=codes, residuals=residuals, sample=sample)
+    return _Part(pids, kept_lens, embs=_decompress(codec, codes, residuals), sample=sample)
 
 
 def _same_codec(a, b) -> bool:

@@ -1,0 +1,64 @@
+"""PLAID-specific behaviour beyond the backend contract: segments carry a
+sample of original vectors until the codec has its full size; a retrained
+codec learns from those originals; segments of several codecs search as one."""
+
+from __future__ import annotations
+
+import torch
+
+import app.engine.plaid as plaid_module
+from app.engine.backend import SearchRequest
+from tests.engine.test_backend_contract import ENCODER, TEXTS, batch, plaid, search
+
+C = 1
+
+
+def commit(backend, start, end, base, generation):
+    name = backend.write(C, base, generation, batch(start, TEXTS[start:end]))
+    backend.release(C, [name, base])
+    return name
+
+
+def test_originals_are_kept_for_the_next_codec_and_dropped_at_full_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 1500)  # sized for this small collection
+    backend = plaid(tmp_path, exact_max=20)
+    backend.config = type(backend.config)(**{**backend.config.__dict__, "max_centroids": 32})
+    name = commit(backend, 0, 30, None, 1)  # the first build: a small codec
+    for g, start in enumerate(range(30, 150, 30), start=2):
+        name = commit(backend, start, start + 30, name, g)
+    files = backend.files(C)
+    m = files.read_manifest(name)
+    assert all(e.sample for e in m.segments)
+    kept = torch.cat([files.load(e.sample)["embs"] for e in m.segments])
+    originals = batch(0, TEXTS[:150]).embs
+    assert bool(torch.isin(kept.float()[:, 0], originals.float()[:, 0]).all())  # originals, not reconstructions
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "retrain"
+    assert torch.equal(backend._sample(files, m), kept.float())
+    change = backend.prepare(task, torch.empty(0, dtype=torch.int64))
+    retrained = backend.apply(C, name, 6, change)
+    backend.release(C, [retrained])
+    after = files.read_manifest(retrained)
+    assert backend._codec_centroids(C, after.codec) == 32  # its full size: no later codec to train
+    assert not any(e.sample for e in after.segments)
+    assert not list(files.root.glob("sample-*"))  # released with the manifests that named them
+    snapshot = backend.load(C, 6, retrained)
+    assert search(snapshot, TEXTS[77], k=1) == [77]
+
+
+def test_segments_of_two_codecs_search_as_one(tmp_path):
+    backend = plaid(tmp_path, exact_max=20)
+    name = commit(backend, 0, 40, None, 1)
+    for g, start in enumerate(range(40, 160, 40), start=2):
+        name = commit(backend, start, start + 40, name, g)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "retrain"
+    name = backend.apply(C, name, 5, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
+    later = backend.write(C, name, 6, batch(160, [f"the quokka is mauve and number {i}" for i in range(160, 200)]))
+    m = backend.files(C).read_manifest(later)
+    assert len({e.codec for e in m.segments}) == 2
+    snapshot = backend.load(C, 6, later)
+    assert search(snapshot, "the quokka is mauve and number 170", k=1) == [170]
+    assert search(snapshot, TEXTS[5], k=1) == [5]
+    Q = ENCODER.encode_queries(["the quokka is mauve"])
+    assert len(snapshot.search(Q, SearchRequest(60)).passage_ids) == 60  # k found across segments and codecs
