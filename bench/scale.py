@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--loader-batch", type=int, default=250, help="documents per POST of the loader during probes")
     load.add_argument("--visible-timeout", type=float, default=300.0)
     load.add_argument("--raw-sample", type=int, default=1000, help="passages for the bare encoder figure")
+    load.add_argument(
+        "--bare-runtimes",
+        type=lambda text: [r.strip() for r in text.split(",") if r.strip()],
+        default=[],
+        metavar="R,R,..",
+        help="encoder runtimes to time bare besides the server's (torch, onnx, onnx-int8)",
+    )
     load.add_argument("--poll-interval", type=float, default=0.5, help="seconds between collection polls")
     load.add_argument("--settle-timeout", type=float, default=4 * 3600.0)
     load.add_argument("--seed", type=int, default=0)
@@ -180,6 +187,7 @@ def engine_checkpoint(server, monitor, feeder, corpus, probes, size, options) ->
     if not options.skip_cold_start:
         point["cold_start"] = sc.cold_start(server, SCALE, queries[0], options.settle_timeout)
         point["memory_after_cold_start"] = server.memory(writer_pid(server))
+    point["server_errors_so_far"] = sc.SERVER_ERRORS.summary()["count"]
     return point
 
 
@@ -199,6 +207,7 @@ def engine_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
         options.out / f"scale-{_STAMP}-engine-server.log",
     )
     result: dict = {"encoder": "StandInEncoder (bench/standin.py)", "workers": options.workers, "checkpoints": []}
+    sc.SERVER_ERRORS.reset()
     server.start()
     monitor = sc.Monitor(server, [SCALE, SIDE], options.poll_interval)
     try:
@@ -219,25 +228,59 @@ def engine_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
     finally:
         monitor.stop()
         server.stop()
+        result["server_errors"] = sc.SERVER_ERRORS.summary()
     result["server_log"] = str(server.log_path)
     return result
 
 
-def bare_encoder(checkpoint: Path, texts: list[str]) -> dict:
-    """The bare model forward on ``texts``: ColBERTEncoder.encode_documents, as the writer calls it."""
-    from app.engine.encoder import ColBERTEncoder
-    from colbert_patches.model_loading import EncoderOptions
-    from colbert_patches.scorer import load_extensions
+def server_settings(server: Server):
+    """The Settings the real server runs with (its data directory and the ``--set`` overrides)."""
+    from app.settings import Settings
 
-    load_extensions()
-    encoder = ColBERTEncoder(str(checkpoint), EncoderOptions.for_checkpoint(str(checkpoint)))
+    prefix = "COLBERT_SERVER_"
+    overrides = {k[len(prefix) :].lower(): v for k, v in server.extra_env.items() if k.startswith(prefix)}
+    return Settings(_env_file=None, **{**overrides, "data_dir": server.data_dir})
+
+
+def resolved_runtime(settings) -> str:
+    import torch
+
+    from app.service import AUTO_CPU_RUNTIME
+
+    if settings.encoder_runtime != "auto":
+        return settings.encoder_runtime
+    return "torch" if torch.cuda.is_available() else AUTO_CPU_RUNTIME
+
+
+def bare_encoder(settings, texts: list[str]) -> dict:
+    """The bare encoder on ``texts``: the server's own loader and
+    ``encode_documents`` (what the writer calls), outside the server."""
+    from app.service import load_encoder
+
+    encoder = load_encoder(settings)
     encoder.encode_documents(texts[:32])  # warm
     started = time.perf_counter()
     _, doclens = encoder.encode_documents(texts)
     seconds = time.perf_counter() - started
     del encoder
     gc.collect()
-    return {"passages": len(texts), "seconds": seconds, "passages_per_s": len(texts) / seconds, "tokens": sum(doclens)}
+    return {
+        "runtime": resolved_runtime(settings),
+        "passages": len(texts),
+        "seconds": seconds,
+        "passages_per_s": len(texts) / seconds,
+        "tokens": sum(doclens),
+    }
+
+
+def bare_encoders(server: Server, texts: list[str], extra_runtimes: list[str]) -> dict[str, dict]:
+    """The server's runtime first, then each of ``extra_runtimes``."""
+    settings = server_settings(server)
+    out = {resolved_runtime(settings): bare_encoder(settings, texts)}
+    for runtime in extra_runtimes:
+        if runtime not in out:
+            out[runtime] = bare_encoder(settings.model_copy(update={"encoder_runtime": runtime}), texts)
+    return out
 
 
 def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
@@ -252,6 +295,7 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
     )
     result: dict = {"encoder": "ColBERTEncoder (the configured checkpoint)", "workers": options.workers}
     result["checkpoints"] = []
+    sc.SERVER_ERRORS.reset()
     server.start()
     monitor = sc.Monitor(server, [SCALE], options.poll_interval)
     try:
@@ -260,8 +304,10 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
         # msmarco-mini and distractors.
         step = max(1, options.real_passages // max(1, options.raw_sample))
         sample = [corpus.passage(i)["text"] for i in range(0, options.real_passages, step)][: options.raw_sample]
-        result["bare_encoder"] = bare_encoder(server.data_dir / "models" / "colbert-minilm-l6", sample)
-        print(f"  bare encoder: {result['bare_encoder']['passages_per_s']:.1f} passages/s", flush=True)
+        result["bare_encoders"] = bare_encoders(server, sample, options.bare_runtimes)
+        result["bare_encoder"] = next(iter(result["bare_encoders"].values()))  # the server's runtime
+        for runtime, bare in result["bare_encoders"].items():
+            print(f"  bare encoder ({runtime}): {bare['passages_per_s']:.1f} passages/s", flush=True)
         create_collections(server, [SCALE])
         monitor.start()
         feeder = sc.Feeder(corpus, options.batch)
@@ -272,6 +318,7 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
             point.update(ndcg(server, corpus, SCALE))
             point["memory"] = server.memory(writer_pid(server))
             point["disk"] = index_report(server, monitor)
+            point["server_errors_so_far"] = sc.SERVER_ERRORS.summary()["count"]
             result["checkpoints"].append(point)
             print(
                 f"  {size:,}: ingest {point['ingest']['passages_per_s']:.1f} passages/s, nDCG@10 {point['ndcg@10']:.3f}"
@@ -281,12 +328,15 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
         total = sum(p["ingest"]["passages"] for p in result["checkpoints"])
         result["ingest_passages_per_s"] = total / total_s if total_s else None
         result["ingest_vs_bare_encoder"] = result["ingest_passages_per_s"] / result["bare_encoder"]["passages_per_s"]
+        fastest = max(b["passages_per_s"] for b in result["bare_encoders"].values())
+        result["ingest_vs_fastest_bare_encoder"] = result["ingest_passages_per_s"] / fastest
     except BaseException:
         print(server.log_tail())
         raise
     finally:
         monitor.stop()
         server.stop()
+        result["server_errors"] = sc.SERVER_ERRORS.summary()
     result["server_log"] = str(server.log_path)
     return result
 
@@ -340,8 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     path.write_text(json.dumps(results, indent=2, default=str))
     for partial in options.out.glob(f"scale-{_STAMP}.partial-*.json"):
         partial.unlink()
-    print(f"\nwrote {path}\n")
-    print(markdown(results))
+    section = markdown(results)
+    path.with_suffix(".md").write_text(section + "\n")
+    print(f"\nwrote {path} and {path.with_suffix('.md').name}\n")
+    print(section)
 
 
 if __name__ == "__main__":

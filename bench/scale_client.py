@@ -40,18 +40,63 @@ def spread(values: list[float], scale: float = 1.0) -> dict:
     }
 
 
-def search(client: httpx.Client, collection: str, query: str, k: int = 10) -> tuple[list[str], float]:
+class ServerErrors:
+    """5xx answers and dropped connections that a request was retried past:
+    server faults, counted in the results rather than ending a long run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: list[tuple[float, str, str]] = []
+
+    def record(self, where: str, detail: str) -> None:
+        with self._lock:
+            self.events.append((time.time(), where, detail))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.events.clear()
+
+    def summary(self) -> dict:
+        with self._lock:
+            return {"count": len(self.events), "first": [f"{w}: {d}" for _, w, d in self.events[:5]]}
+
+
+SERVER_ERRORS = ServerErrors()
+RETRIES = 3
+
+
+def post(client: httpx.Client, url: str, body: dict, retry: bool = True) -> httpx.Response:
+    """POST; with ``retry``, a 5xx or a dropped connection is recorded in
+    :data:`SERVER_ERRORS` and tried again (1, 2, 4 s apart)."""
+    if not retry:
+        r = client.post(url, json=body)
+        r.raise_for_status()
+        return r
+    for attempt in range(RETRIES + 1):
+        try:
+            r = client.post(url, json=body)
+            if r.status_code < 500:
+                r.raise_for_status()
+                return r
+            detail = f"{r.status_code} {r.text[:300]}"
+        except httpx.TransportError as exc:
+            detail = repr(exc)
+        SERVER_ERRORS.record(f"POST {url}", detail)
+        if attempt == RETRIES:
+            raise RuntimeError(f"POST {url} failed {RETRIES + 1} times; last: {detail}")
+        time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def search(client: httpx.Client, collection: str, query: str, k: int = 10, retry: bool = True):
     """(document ids ranked, server-side took_ms)."""
-    r = client.post(f"/v1/collections/{collection}/search", json={"query": query, "k": k})
-    r.raise_for_status()
-    body = r.json()
+    body = post(client, f"/v1/collections/{collection}/search", {"query": query, "k": k}, retry).json()
     return [hit["document_id"] for hit in body["results"]], float(body.get("took_ms", 0.0))
 
 
 def upsert(client: httpx.Client, collection: str, docs: list[dict], wait: bool) -> dict[str, int]:
     """Statuses of the upsert's results, counted."""
-    r = client.post(f"/v1/collections/{collection}/documents", json={"documents": docs, "wait": wait})
-    r.raise_for_status()
+    r = post(client, f"/v1/collections/{collection}/documents", {"documents": docs, "wait": wait})
     counts: dict[str, int] = {}
     for result in r.json()["results"]:
         counts[result["status"]] = counts.get(result["status"], 0) + 1
@@ -221,7 +266,7 @@ def ingest(server: Server, monitor: Monitor, feeder: Feeder, name: str, stop: in
                     time.sleep(0.2)
                 try:
                     counts = upsert(client, name, docs, wait=False)
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, RuntimeError) as exc:
                     errors.append(exc)
                     return
                 with lock:
@@ -334,7 +379,7 @@ def upsert_visible(server: Server, feeder: Feeder, probes: ProbeTexts, target: s
                 docs = feeder.take(10**9, options.loader_batch)
                 try:
                     upsert(client, loaded, docs, wait=True)
-                except httpx.HTTPError as exc:
+                except (httpx.HTTPError, RuntimeError) as exc:
                     loader_errors.append(exc)
                     return
                 loaded_passages.append(len(docs))
@@ -388,7 +433,7 @@ def cold_start(server: Server, name: str, query: str, timeout: float) -> dict:
         try:
             with httpx.Client(base_url=server.base, timeout=TIMEOUT, headers=CLOSE) as client:
                 t0 = time.perf_counter()
-                search(client, name, query)
+                search(client, name, query, retry=False)
                 first_search_ms = (time.perf_counter() - t0) * 1000
             return {
                 "stop_s": stop_s,

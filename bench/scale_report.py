@@ -20,6 +20,8 @@ def _get(d: dict | None, *keys, default=None):
 def _fmt(value, digits: int = 0, unit: str = "") -> str:
     if value is None:
         return "–"
+    if isinstance(value, str):
+        return value
     if isinstance(value, float):
         return f"{value:,.{digits}f}{unit}"
     return f"{value:,}{unit}"
@@ -108,8 +110,9 @@ def goals_table(results: dict) -> list[str]:
     rows = [
         (
             "ingest, real encoder, passages/s",
-            f"{_fmt(real.get('ingest_passages_per_s'), 1)} ({_fmt(real.get('ingest_vs_bare_encoder'), 2)}× the bare "
-            f"encoder, {_fmt(_get(real, 'bare_encoder', 'passages_per_s'), 1)}/s)",
+            f"{_fmt(real.get('ingest_passages_per_s'), 1)} ({_fmt(real.get('ingest_vs_fastest_bare_encoder'), 2)}× "
+            f"the fastest bare encoder measured; the server's runtime, {_fmt(_get(real, 'bare_encoder', 'runtime'))}, "
+            f"bare: {_fmt(_get(real, 'bare_encoder', 'passages_per_s'), 1)}/s)",
             f"≥ {2.5 * TODAY_REAL_INGEST:.1f}, and ≥ 0.9× the fastest encoder runtime",
         ),
         (
@@ -178,13 +181,27 @@ def markdown(results: dict) -> str:
         out += [
             "### Real encoder (the default checkpoint)",
             "",
-            f"Bare encoder in the same run (`ColBERTEncoder.encode_documents`, {_fmt(_get(real, 'bare_encoder', 'passages'))} "
-            f"passages): {_fmt(_get(real, 'bare_encoder', 'passages_per_s'), 1)} passages/s; ingest over the whole run "
-            f"{_fmt(real.get('ingest_passages_per_s'), 1)} passages/s ({_fmt(real.get('ingest_vs_bare_encoder'), 2)}×).",
+            f"Bare encoder in the same run (the server's loader and `encode_documents`, outside the server, "
+            f"{_fmt(_get(real, 'bare_encoder', 'passages'))} passages spread over the run's corpus): "
+            + ", ".join(
+                f"{runtime} {_fmt(b.get('passages_per_s'), 1)} passages/s"
+                for runtime, b in (real.get("bare_encoders") or {"?": real.get("bare_encoder") or {}}).items()
+            )
+            + f"; ingest over the whole run {_fmt(real.get('ingest_passages_per_s'), 1)} passages/s, "
+            f"{_fmt(real.get('ingest_vs_bare_encoder'), 2)}× the server's runtime, "
+            f"{_fmt(real.get('ingest_vs_fastest_bare_encoder'), 2)}× the fastest measured.",
             "",
             *real_table(real),
             "",
         ]
+    for key in ("engine", "real"):
+        errors = _get(results, key, "server_errors", default={})
+        if errors.get("count"):
+            out += [
+                f"Server errors in the {key} run, retried past (5xx or dropped connections): {errors['count']}; "
+                f"first: {'; '.join(e.replace('|', '/')[:200] for e in errors['first'][:2])}",
+                "",
+            ]
     out += ["### Against the goals of issue 10", "", *goals_table(results), ""]
     out += [f"![{Path(p).stem}]({p})" for p in results.get("plots", [])]
     return "\n".join(out)

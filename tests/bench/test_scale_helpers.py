@@ -61,3 +61,51 @@ def test_report_tolerates_missing_parts():
     )
     assert "| 10 | 5 |" in text
     assert len(goals_table({})) == 12
+
+
+def test_report_names_server_errors():
+    results = {
+        "engine": {"checkpoints": [], "server_errors": {"count": 2, "first": ["POST /x: 500 database is locked"]}}
+    }
+    assert "Server errors in the engine run, retried past (5xx or dropped connections): 2" in markdown(results)
+
+
+def test_post_retries_server_errors_and_counts_them(monkeypatch):
+    import httpx
+    import pytest
+
+    from bench import scale_client
+
+    monkeypatch.setattr(scale_client.time, "sleep", lambda s: None)
+    answers = iter([httpx.Response(500, text="database is locked"), httpx.Response(200, json={"ok": True})])
+    client = httpx.Client(base_url="http://test", transport=httpx.MockTransport(lambda request: next(answers)))
+    scale_client.SERVER_ERRORS.reset()
+    assert scale_client.post(client, "/x", {}).json() == {"ok": True}
+    assert scale_client.SERVER_ERRORS.summary() == {"count": 1, "first": ["POST /x: 500 database is locked"]}
+    refused = httpx.Client(base_url="http://test", transport=httpx.MockTransport(lambda r: httpx.Response(422)))
+    with pytest.raises(httpx.HTTPStatusError):  # a client error is not retried
+        scale_client.post(refused, "/x", {})
+    assert scale_client.SERVER_ERRORS.summary()["count"] == 1
+    scale_client.SERVER_ERRORS.reset()
+
+
+def test_report_of_a_real_run():
+    real = {
+        "bare_encoder": {"runtime": "torch", "passages": 300, "passages_per_s": 28.7},
+        "bare_encoders": {"torch": {"passages_per_s": 28.7}, "onnx": {"passages_per_s": 23.0}},
+        "ingest_passages_per_s": 18.1,
+        "ingest_vs_bare_encoder": 0.63,
+        "ingest_vs_fastest_bare_encoder": 0.63,
+        "checkpoints": [
+            {
+                "checkpoint": 5000,
+                "ingest": {"documents": 5000, "passages_per_s": 18.1},
+                "ndcg@10": 0.72,
+                "search_ms": {"p50": 75.0},
+            }
+        ],
+    }
+    text = markdown({"real": real})
+    assert "torch 28.7 passages/s, onnx 23.0 passages/s" in text
+    assert "| 5,000 | 18.1 | 0.63 | 0.720 | 75.0 |" in text
+    assert "| nDCG@10 msmarco-mini at 5k | 0.720 |" in text
