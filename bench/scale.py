@@ -27,6 +27,7 @@ prints a Markdown section for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -196,6 +197,23 @@ def _get_documents(monitor: sc.Monitor) -> int | None:
     return latest.documents if latest else None
 
 
+@contextlib.contextmanager
+def serving(server: Server, monitor, result: dict):
+    """One run's server and monitor: the server log's tail printed if the run
+    fails; both stopped and the server errors recorded whatever happens; the
+    log's path recorded when it succeeds."""
+    try:
+        yield
+    except BaseException:
+        print(server.log_tail())
+        raise
+    finally:
+        monitor.stop()
+        server.stop()
+        result["server_errors"] = sc.SERVER_ERRORS.summary()
+    result["server_log"] = str(server.log_path)
+
+
 def engine_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
     sizes = checkpoints(options.engine_passages, options.engine_checkpoints)
     server = Server(
@@ -210,7 +228,7 @@ def engine_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
     sc.SERVER_ERRORS.reset()
     server.start()
     monitor = sc.Monitor(server, [SCALE, SIDE], options.poll_interval)
-    try:
+    with serving(server, monitor, result):
         result["first_ready_s"] = server.wait_ready()
         create_collections(server, [SCALE, SIDE])
         result["memory_at_start"] = server.memory(writer_pid(server))
@@ -222,14 +240,6 @@ def engine_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
             result["checkpoints"].append(engine_checkpoint(server, monitor, feeder, corpus, probes, size, options))
             write_partial(result, options, "engine")
         result["peak"] = monitor.peak_memory(started, time.monotonic())
-    except BaseException:
-        print(server.log_tail())
-        raise
-    finally:
-        monitor.stop()
-        server.stop()
-        result["server_errors"] = sc.SERVER_ERRORS.summary()
-    result["server_log"] = str(server.log_path)
     return result
 
 
@@ -298,7 +308,7 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
     sc.SERVER_ERRORS.reset()
     server.start()
     monitor = sc.Monitor(server, [SCALE], options.poll_interval)
-    try:
+    with serving(server, monitor, result):
         result["first_ready_s"] = server.wait_ready()
         # Evenly spread over the passages this run ingests: the same mix of
         # msmarco-mini and distractors.
@@ -330,14 +340,6 @@ def real_run(corpus: ScaleCorpus, workdir: Path, options) -> dict:
         result["ingest_vs_bare_encoder"] = result["ingest_passages_per_s"] / result["bare_encoder"]["passages_per_s"]
         fastest = max(b["passages_per_s"] for b in result["bare_encoders"].values())
         result["ingest_vs_fastest_bare_encoder"] = result["ingest_passages_per_s"] / fastest
-    except BaseException:
-        print(server.log_tail())
-        raise
-    finally:
-        monitor.stop()
-        server.stop()
-        result["server_errors"] = sc.SERVER_ERRORS.summary()
-    result["server_log"] = str(server.log_path)
     return result
 
 

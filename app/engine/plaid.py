@@ -221,12 +221,17 @@ def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segm
     if entry.codec is None:
         embs, doclens = state["embs"], state["doclens"].to(torch.int64)
         return _Segment(entry, state["pids"], embs=embs, doclens=doclens, nbytes=nbytes)
-    codec = codecs.get(entry.codec)
-    if codec is None:
-        codec = codecs[entry.codec] = codec_from_state(files.load(entry.codec))
+    codec = _codec(files, entry.codec, codecs)
     if "ivf" not in state:  # written before segments carried their IVF: build it here, once
         state = {**state, **segment_arrays(state["codes"], state["residuals"], state["doclens"], _centroids(codec))}
     return _Segment(entry, state["pids"], scorer=SnapshotScorer(codec, state), nbytes=nbytes)
+
+
+def _codec(files: IndexFiles, name: str, cache: dict):
+    """A codec file, loaded once per ``cache`` (one load or step)."""
+    if name not in cache:
+        cache[name] = codec_from_state(files.load(name))
+    return cache[name]
 
 
 def _centroids(codec) -> int:
@@ -511,7 +516,7 @@ class PlaidBackend:
             if entry.codec is None:
                 parts.append(state["embs"][take].float())
                 continue
-            codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
+            codec = _codec(files, entry.codec, codecs)
             parts.append(_decompress(codec, state["codes"][take], state["residuals"][take]))
         return torch.cat([*parts, *(k.float() for k in kept)])
 
@@ -609,7 +614,7 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
         return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample)
     n = int(doclens.sum())
     codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
-    codec = codecs.get(entry.codec) or codecs.setdefault(entry.codec, codec_from_state(files.load(entry.codec)))
+    codec = _codec(files, entry.codec, codecs)
     if current is not None and _same_codec(codec, current):
         return _Part(pids, kept_lens, codes=codes, residuals=residuals, sample=sample)
     return _Part(pids, kept_lens, embs=_decompress(codec, codes, residuals), sample=sample)

@@ -61,13 +61,6 @@ class IndexStateStore:
         ).fetchone()
         return IndexedCollection(**dict(row)) if row is not None else None
 
-    def oldest_pending_collection(self) -> int | None:
-        """The collection of the oldest pending document (first in, first out)."""
-        row = self.conn.execute(
-            "SELECT collection_id FROM documents WHERE state = 'pending' ORDER BY id LIMIT 1"
-        ).fetchone()
-        return row["collection_id"] if row is not None else None
-
     def pending_collections(self) -> list[tuple[int, bool]]:
         """(collection, has priority documents) for collections with pending
         documents, the one waiting longest first."""

@@ -11,7 +11,7 @@ from app.store import keyword_index
 from app.store.index_state import IndexStateStore
 from app.store.schema import connect, initialise
 from app.store.store import Store
-from tests.store.test_store import doc, make_live
+from tests.store.test_store import doc, granite_in_two_collections, make_live
 
 
 def indexed_chunks(store, collection_id: int) -> set[int]:
@@ -103,12 +103,7 @@ async def test_pending_replaced_failed_deleted_and_purged_versions_are_never_mat
 
 
 async def test_deleting_a_collection_drops_its_index_and_a_search_racing_it_is_not_found(store):
-    a = (await store.create_collection("a", None)).id
-    b = (await store.create_collection("b", None)).id
-    await store.insert_pending(a, [doc("x", "granite quarry")])
-    await store.insert_pending(b, [doc("y", "granite countertop")])
-    make_live(store, a)
-    make_live(store, b)
+    a, b = await granite_in_two_collections(store)
     await store.delete_collection("a")
     names = schema_names(store.path)
     assert not {n for n in names if n.startswith(keyword_index.table_name(a))}
@@ -228,7 +223,7 @@ def test_a_failed_migration_leaves_the_old_database_whole(tmp_path, monkeypatch)
     assert schema_names(path) == before
 
 
-@pytest.mark.parametrize("lookup", ["oldest_pending_collection", "pending_collections"])
+@pytest.mark.parametrize("lookup", ["pending_collections"])
 async def test_the_writers_pending_lookups_search_the_pending_index(store, lookup):
     """The idle writer asks several times a second: never a scan of every document version."""
     c = (await store.create_collection("docs", None)).id

@@ -33,6 +33,17 @@ def make_live(store, collection_id: int) -> None:
     conn.close()
 
 
+async def granite_in_two_collections(store) -> tuple[int, int]:
+    """Collections "a" and "b", one live document each, both about granite."""
+    a = (await store.create_collection("a", None)).id
+    b = (await store.create_collection("b", None)).id
+    await store.insert_pending(a, [doc("x", "granite quarry")])
+    await store.insert_pending(b, [doc("y", "granite countertop")])
+    make_live(store, a)
+    make_live(store, b)
+    return a, b
+
+
 async def test_collections_are_unique_and_deletable(store):
     row = await store.create_collection("docs", "first")
     assert (row.name, row.description, row.generation, row.manifest) == ("docs", "first", 0, None)
@@ -84,12 +95,7 @@ async def test_a_deleted_document_leaves_search_at_once(store):
 
 
 async def test_keyword_search_ignores_other_collections_and_punctuation_only_queries(store):
-    a = (await store.create_collection("a", None)).id
-    b = (await store.create_collection("b", None)).id
-    await store.insert_pending(a, [doc("x", "granite quarry")])
-    await store.insert_pending(b, [doc("y", "granite countertop")])
-    make_live(store, a)
-    make_live(store, b)
+    a, b = await granite_in_two_collections(store)
     hits = await store.fetch_hits(b, [pid for pid, _ in await store.keyword_search(b, "granite", 10, None)])
     assert [h.document_id for h in hits.values()] == ["y"]
     assert await store.keyword_search(a, "?!", 10, None) == []
