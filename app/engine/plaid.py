@@ -307,9 +307,8 @@ class PlaidBackend:
             entry = _entry(files.write_segment(generation, self._compress(codec, batch)), manifest.codec, batch)
             entry = replace(entry, sample=self._originals(files, manifest, codec, batch.embs))
         if len(manifest.segments) + 1 > 4 * MAX_SEGMENTS:
-            logger.warning(
-                "collection %d has %d segments: background merges are behind", collection_id, 4 * MAX_SEGMENTS
-            )
+            count = len(manifest.segments) + 1
+            logger.warning("collection %d has %d segments: background merges are behind", collection_id, count)
         return files.write_manifest(replace(manifest, generation=generation, segments=(*manifest.segments, entry)))
 
     def _first_build(self, files: IndexFiles, generation: int, manifest: Manifest, batch: PassageBatch) -> str:
