@@ -11,8 +11,6 @@ reuse upstream's own functions in the calling thread.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
 from types import SimpleNamespace
@@ -23,25 +21,58 @@ import torch
 ASSIGN_BATCH_SCORES = 1 << 24
 
 
+# Codecs up to this many centroids assign exactly (one blocked matrix product).
+EXACT_ASSIGN_MAX_CENTROIDS = 1024
+# Larger ones search a coarse inverted file over their own centroids: lists
+# of about this many centroids, this many lists probed per vector. Measured on
+# msmarco-mini's 352k token vectors against 4,096 centroids
+# (bench/codec_training.py): 3.5x faster than exact, the exact nearest
+# centroid for 96% of vectors, the rest within 0.005 cosine of it, nDCG@10
+# 0.7209 against 0.7208 exact.
+CENTROIDS_PER_LIST = 32
+ASSIGN_NPROBE = 8
+
+
+def centroid_index(centroids: torch.Tensor):
+    """A faiss inner-product index over ``centroids`` for nearest-centroid
+    assignment: exact (flat) for small codecs, else a coarse inverted file
+    trained on the centroids themselves (deterministic: faiss's seeded k-means)."""
+    import faiss
+    import numpy as np
+
+    points = np.ascontiguousarray(centroids.float().numpy())
+    dim = points.shape[1]
+    if points.shape[0] <= EXACT_ASSIGN_MAX_CENTROIDS:
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(points)
+        return flat
+    nlist = points.shape[0] // CENTROIDS_PER_LIST
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.min_points_per_centroid = 1  # the centroids are all there is to train on
+    ivf.cp.seed = 1234
+    ivf.train(points)
+    ivf.add(points)
+    ivf.nprobe = min(ASSIGN_NPROBE, nlist)
+    return ivf
+
+
 def compress_into_codes(self, embs, out_device):
     """Nearest centroid per vector.
 
     Upstream materialises 2^29 scores per batch (2 GiB in fp32 on CPU, the
-    server's peak memory during every commit). On CPU this asks faiss (an
-    exact inner-product search, blocked matrix products with the argmax fused,
-    on every core: about 2x torch's matmul + max); on GPU, torch in batches.
+    server's peak memory during every commit) and scores every vector
+    against every centroid. On CPU this asks faiss (:func:`centroid_index`:
+    exact for small codecs, a coarse inverted file over the centroids for
+    large ones, every core); on GPU, torch in batches, exactly.
     """
     if not self.use_gpu:
-        import faiss
         import numpy as np
 
         if embs.size(0) == 0:
             return torch.empty(0, dtype=torch.int64)
         index = getattr(self, "_faiss_index", None)
         if index is None:
-            index = faiss.IndexFlatIP(self.centroids.size(1))
-            index.add(np.ascontiguousarray(self.centroids.float().numpy()))
-            self._faiss_index = index
+            index = self._faiss_index = centroid_index(self.centroids)
         _, codes = index.search(np.ascontiguousarray(embs.float().numpy()), 1)
         return torch.from_numpy(codes[:, 0]).to(torch.int64)
     codes = []
@@ -52,10 +83,37 @@ def compress_into_codes(self, embs, out_device):
     return torch.cat(codes) if codes else torch.empty(0, dtype=torch.int64)
 
 
+_upstream_binarize = None
+
+
+def binarize(self, residuals):
+    """Upstream's packed residual buckets, 2x faster on CPU: a bucket is the
+    count of cutoffs below the value (``torch.bucketize``'s answer), its
+    bits laid out and packed as upstream does."""
+    if self.use_gpu:
+        assert _upstream_binarize is not None  # set by apply()
+        return _upstream_binarize(self, residuals)
+    import numpy as np
+
+    values = residuals.float()
+    buckets = torch.zeros(values.shape, dtype=torch.uint8)
+    for cutoff in self.bucket_cutoffs.tolist():
+        buckets += values > cutoff
+    b = buckets.numpy()
+    bits = np.empty((*b.shape, self.nbits), dtype=np.uint8)
+    for j in range(self.nbits):
+        bits[..., j] = (b >> j) & 1
+    return torch.from_numpy(np.packbits(bits.reshape(b.shape[0], -1), axis=1))
+
+
 def apply() -> None:
+    global _upstream_binarize
     from colbert.indexing.codecs.residual import ResidualCodec
 
+    if _upstream_binarize is None:
+        _upstream_binarize = ResidualCodec.binarize
     ResidualCodec.compress_into_codes = compress_into_codes
+    ResidualCodec.binarize = binarize
 
 
 # k-means trains on at most this many vectors per centroid (faiss's own
@@ -111,21 +169,20 @@ def train_codec(
 
     config = ColBERTConfig(dim=dim, nbits=nbits, kmeans_niters=kmeans_niters, gpus=0)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    with contextlib.redirect_stdout(io.StringIO()):
-        # Upstream's compute_faiss_kmeans, minus verbose=True (faiss prints from C++).
-        kmeans = faiss.Kmeans(
-            dim,
-            partitions,
-            niter=kmeans_niters,
-            gpu=False,
-            verbose=False,
-            seed=seed,
-            max_points_per_centroid=POINTS_PER_CENTROID,
-        )
-        kmeans.train(sample.float().numpy())
-        centroids = torch.nn.functional.normalize(torch.from_numpy(kmeans.centroids), dim=-1).float()
-        helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)
-        cutoffs, weights, avg_residual = CollectionIndexer._compute_avg_residual(helper, centroids, heldout)
+    # Upstream's compute_faiss_kmeans, minus verbose=True (faiss prints from C++).
+    kmeans = faiss.Kmeans(
+        dim,
+        partitions,
+        niter=kmeans_niters,
+        gpu=False,
+        verbose=False,
+        seed=seed,
+        max_points_per_centroid=POINTS_PER_CENTROID,
+    )
+    kmeans.train(sample.float().numpy())
+    centroids = torch.nn.functional.normalize(torch.from_numpy(kmeans.centroids), dim=-1).float()
+    helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)
+    cutoffs, weights, avg_residual = CollectionIndexer._compute_avg_residual(helper, centroids, heldout)
     return ResidualCodec(
         config=config, centroids=centroids, avg_residual=avg_residual, bucket_cutoffs=cutoffs, bucket_weights=weights
     )

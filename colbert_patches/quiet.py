@@ -41,10 +41,18 @@ class _SilentTqdm:
         pass
 
 
+def _print(*parts, **_kwargs):
+    logger.debug(" ".join(str(p) for p in parts))
+
+
 def apply() -> None:
+    import colbert.indexing.collection_indexer as collection_indexer
     import colbert.utils.utils as utils
 
     utils.print_message = _print_message
+    # A bare print() in the residual statistics of codec training: shadowed in
+    # that module alone (redirecting sys.stdout would swallow every thread's).
+    collection_indexer.print = _print
     import colbert.indexing.codecs.residual  # noqa: F401
     import colbert.modeling.checkpoint  # noqa: F401  (load before walking modules)
     import colbert.search.index_loader  # noqa: F401

@@ -6,7 +6,9 @@ lease. For each collection it asks the backend for a step
 (:meth:`IndexBackend.plan`), does the step's work on its own thread
 (:meth:`IndexBackend.prepare`: new files only) and hands the result to the
 writer, which folds it into the current generation between commits (cheap).
-A step that fails backs off for that collection (doubling, up to
+The thread runs at a lower CPU priority (``NICENESS``, Linux; the
+threads it starts for k-means inherit it), so on a busy machine commits and
+searches come first and maintenance takes what is left. A step that fails backs off for that collection (doubling, up to
 ``MAX_BACKOFF_S``); a process killed during one leaves only unreferenced
 files, removed at the next start.
 """
@@ -14,6 +16,7 @@ files, removed at the next start.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,6 +31,18 @@ from app.store.schema import connect
 logger = logging.getLogger("app.engine")
 
 MAX_BACKOFF_S = 600.0
+NICENESS = 5  # of the maintainer thread, above the process's own
+
+
+def lower_thread_priority(niceness: int) -> bool:
+    """Raise the calling thread's nice value by ``niceness`` (Linux: threads
+    are tasks with a nice value each); False where the OS does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + niceness, 19))
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 @dataclass
@@ -70,6 +85,7 @@ class Maintainer:
         self._wake.set()
 
     def _run(self) -> None:
+        lower_thread_priority(NICENESS)
         conn = connect(self.database_path)
         store = IndexStateStore(conn)
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
 
+import colbert_patches
 from app.engine.backend import (
     IndexSnapshot,
     IndexStats,
@@ -282,6 +283,9 @@ class PlaidBackend:
 
     def __init__(self, config: PlaidConfig):
         self.config = config
+        # The codec patches (faiss centroid assignment, fast residual packing,
+        # quiet training) whatever encoder the service runs with; idempotent.
+        colbert_patches.apply()
         load_extensions()  # colbert's C++ search kernels (idempotent)
         # Files a background step wrote and the writer has not applied yet:
         # no release may remove them.

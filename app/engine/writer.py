@@ -37,7 +37,17 @@ logger = logging.getLogger("app.engine")
 
 MAX_ATTEMPTS = 3  # tries of one batch before its documents are marked failed
 MIN_BATCH_CHUNKS = 16
+# A bulk commit (encoding, compression and files, the SQLite transaction) is
+# sized to take about this many commit targets: commits stay seconds apart
+# however large the index, and a priority upsert waits for at most the
+# non-encoding part of one.
+COMMIT_SLICES = 3
+FIRST_BATCH_CHUNKS = 1024  # before any commit has been timed
 IDLE_POLL_MAX_S = 0.5  # an idle writer polls less often, up to this (a notify wakes it at once)
+
+
+def _moving_average(previous: float | None, value: float) -> float:
+    return value if previous is None else 0.7 * previous + 0.3 * value
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class IndexWriter:
         self.last_error: str | None = None
         self._failures: dict[int, int] = {}
         self._seconds_per_chunk: float | None = None  # moving average of encoding cost
+        self._commit_seconds_per_chunk: float | None = None  # moving average of a whole commit's cost
         self._served: dict[int, float] = {}  # collection -> when its last batch was committed
         self.maintainer = Maintainer(
             settings.database_path, backend, is_writer=lambda: self.lease.held, on_submit=self.notify
@@ -226,13 +237,23 @@ class IndexWriter:
         wanted = int(self.settings.commit_target_s / max(self._seconds_per_chunk, 1e-6))
         return max(min(MIN_BATCH_CHUNKS, limit), min(limit, wanted))
 
+    def _batch_chunks(self) -> int:
+        """Chunks per bulk commit: about ``COMMIT_SLICES x commit_target_s``
+        at the measured cost of a whole commit, within [MIN_BATCH_CHUNKS,
+        commit_max_chunks]."""
+        limit = self.settings.commit_max_chunks
+        if self._commit_seconds_per_chunk is None:
+            return min(limit, FIRST_BATCH_CHUNKS)
+        wanted = int(COMMIT_SLICES * self.settings.commit_target_s / max(self._commit_seconds_per_chunk, 1e-6))
+        return max(min(MIN_BATCH_CHUNKS, limit), min(limit, wanted))
+
     def _next_batch(
         self, store: IndexStateStore, collection_id: int, priority_only: bool = False, exclude: frozenset = frozenset()
     ) -> _Batch:
         """Pending documents, priority ones first, then the oldest, up to
-        ``commit_max_chunks`` chunks; a later pending version of the same id
+        :meth:`_batch_chunks` chunks; a later pending version of the same id
         supersedes an earlier one."""
-        budget = self.settings.commit_max_chunks
+        budget = self._batch_chunks()
         pending = [
             d
             for d in store.pending_documents(collection_id, limit=budget + len(exclude), priority_only=priority_only)
@@ -242,8 +263,10 @@ class IndexWriter:
         if superseded:
             store.supersede(sorted(superseded))
         batch = _Batch([], [], [])
-        for d in (d for d in pending if d.id not in superseded):
-            chunks = store.chunk_texts(d.id)
+        kept = [d for d in pending if d.id not in superseded]
+        texts = store.chunks_of([d.id for d in kept])
+        for d in kept:
+            chunks = texts[d.id]
             if batch.documents and len(batch.chunk_ids) + len(chunks) > budget:
                 break
             batch.documents.append(d)
@@ -267,10 +290,12 @@ class IndexWriter:
         try:
             parts: list[tuple[torch.Tensor, list[int]]] = []
             done = 0
+            own_s = 0.0  # this batch's own work, not the priority commits in between
             while done < len(batch.texts):
                 n = self._slice_chunks()
                 sliced = time.perf_counter()
                 parts.append(self.encoder.encode_documents(batch.texts[done : done + n]))
+                own_s += time.perf_counter() - sliced
                 self._measured(time.perf_counter() - sliced, min(n, len(batch.texts) - done))
                 done += n
                 if interleave and done < len(batch.texts):
@@ -283,10 +308,15 @@ class IndexWriter:
             pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
             doclens = torch.tensor([n for _, lens in parts for n in lens], dtype=torch.int64)
             embs = torch.cat([e for e, _ in parts]) if parts else torch.empty(0, self.encoder.dim)
+            written = time.perf_counter()
             manifest = self.backend.write(collection_id, col.manifest, generation, PassageBatch(pids, embs, doclens))
+            write_s = time.perf_counter() - written
             outcome = store.commit_append(
                 collection_id, col.generation, generation, manifest, col.next_pid, batch.chunk_ids, batch.documents
             )
+            own_s += time.perf_counter() - written
+            if not priority_only:
+                self._commit_measured(own_s, len(batch.texts))
         except Exception as exc:
             self._failed(store, collection_id, batch.documents, exc)
             return
@@ -296,12 +326,13 @@ class IndexWriter:
         # Keep the previous generation: other processes may be loading it.
         self.backend.release(collection_id, [manifest, col.manifest])
         logger.info(
-            "collection %d generation %d: %d documents, %d passages (encode %.2fs, total %.2fs)",
+            "collection %d generation %d: %d documents, %d passages (encode %.2fs, index files %.2fs, total %.2fs)",
             collection_id,
             generation,
             len(batch.documents),
             len(batch.texts),
             encode_s,
+            write_s,
             time.perf_counter() - started,
         )
 
@@ -312,9 +343,10 @@ class IndexWriter:
                 self.commit_pending(store, collection_id, priority_only=True, exclude=in_flight)
 
     def _measured(self, seconds: float, chunks: int) -> None:
-        per_chunk = seconds / max(chunks, 1)
-        previous = self._seconds_per_chunk
-        self._seconds_per_chunk = per_chunk if previous is None else 0.7 * previous + 0.3 * per_chunk
+        self._seconds_per_chunk = _moving_average(self._seconds_per_chunk, seconds / max(chunks, 1))
+
+    def _commit_measured(self, seconds: float, chunks: int) -> None:
+        self._commit_seconds_per_chunk = _moving_average(self._commit_seconds_per_chunk, seconds / max(chunks, 1))
 
     def _failed(self, store: IndexStateStore, collection_id: int, documents: list[PendingDocument], exc: Exception):
         """Back off and retry; after MAX_ATTEMPTS mark the batch failed."""

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from app.store.schema import transaction
+from app.store.schema import SQL_VARIABLES, transaction
 
 
 @dataclass(frozen=True)
@@ -83,24 +83,41 @@ class IndexStateStore:
         return [PendingDocument(**dict(r)) for r in rows]
 
     def later_pending_versions(self, collection_id: int, documents: list[PendingDocument]) -> set[int]:
-        """Which of ``documents`` a later pending version of the same id overtakes."""
-        superseded = set()
-        for d in documents:
-            row = self.conn.execute(
-                """SELECT 1 FROM documents WHERE collection_id = ? AND external_id = ? AND state = 'pending'
-                   AND id > ? LIMIT 1""",
-                (collection_id, d.external_id, d.id),
-            ).fetchone()
-            if row is not None:
-                superseded.add(d.id)
-        return superseded
+        """Which of ``documents`` a later pending version of the same id overtakes.
+
+        One lookup per slice of ids through ``documents_by_external`` (a
+        pending row's later versions are few): per-document probes of the
+        pending rows made a bulk batch cost O(pending x batch)."""
+        newest: dict[str, int] = {}
+        ids = sorted({d.external_id for d in documents})
+        for start in range(0, len(ids), SQL_VARIABLES):
+            part = ids[start : start + SQL_VARIABLES]
+            rows = self.conn.execute(
+                f"""SELECT external_id, MAX(id) FROM documents INDEXED BY documents_by_external
+                    WHERE collection_id = ? AND external_id IN ({",".join("?" * len(part))})
+                    AND state = 'pending' GROUP BY external_id""",
+                (collection_id, *part),
+            ).fetchall()
+            newest.update((r[0], r[1]) for r in rows)
+        return {d.id for d in documents if newest.get(d.external_id, d.id) > d.id}
 
     def chunk_texts(self, document_id: int) -> list[tuple[int, str]]:
         """(chunk id, text) of one document, in order."""
-        rows = self.conn.execute(
-            "SELECT id, text FROM chunks WHERE document_id = ? ORDER BY ord", (document_id,)
-        ).fetchall()
-        return [(r["id"], r["text"]) for r in rows]
+        return self.chunks_of([document_id]).get(document_id, [])
+
+    def chunks_of(self, document_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
+        """(chunk id, text) of each document, in order, in one query per slice of ids."""
+        out: dict[int, list[tuple[int, str]]] = {d: [] for d in document_ids}
+        for start in range(0, len(document_ids), SQL_VARIABLES):
+            part = document_ids[start : start + SQL_VARIABLES]
+            rows = self.conn.execute(
+                f"""SELECT document_id, id, text FROM chunks INDEXED BY chunks_by_document
+                    WHERE document_id IN ({",".join("?" * len(part))}) ORDER BY document_id, ord""",
+                part,
+            ).fetchall()
+            for r in rows:
+                out[r[0]].append((r[1], r[2]))
+        return out
 
     def dead_passage_count(self, collection_id: int) -> int:
         """Indexed passages of deleted documents (tombstones a rebuild would drop)."""

@@ -20,6 +20,9 @@ from pathlib import Path
 
 from app.store import keyword_index
 
+# Bound parameters per "IN (...)" list: well under SQLite's limit on any build.
+SQL_VARIABLES = 500
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,

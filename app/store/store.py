@@ -18,7 +18,7 @@ from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.store import keyword_index
 from app.store.filters import compile_filter
 from app.store.jobs import Jobs
-from app.store.schema import PRAGMAS, initialise
+from app.store.schema import PRAGMAS, SQL_VARIABLES, initialise
 
 
 @dataclass(frozen=True)
@@ -216,8 +216,8 @@ class Store:
 
     async def document_states(self, doc_ids: list[int]) -> dict[int, tuple[str, str | None]]:
         states: dict[int, tuple[str, str | None]] = {}
-        for i in range(0, len(doc_ids), 500):
-            part = doc_ids[i : i + 500]
+        for i in range(0, len(doc_ids), SQL_VARIABLES):
+            part = doc_ids[i : i + SQL_VARIABLES]
             rows = await self._all(
                 f"SELECT id, state, error FROM documents WHERE id IN ({','.join('?' * len(part))})", part
             )

@@ -157,3 +157,46 @@ def test_centroid_assignment_is_the_exact_nearest_centroid():
     expected = (codec.centroids @ embs.T).max(dim=0).indices
     assert torch.equal(codec.compress_into_codes(embs, out_device="cpu"), expected)
     assert codec.compress_into_codes(embs[:0], out_device="cpu").numel() == 0
+
+
+def test_binarize_packs_the_same_bytes_as_upstream():
+    from colbert_patches import codec as codec_patch
+
+    colbert_patches.apply()
+    embs, _ = _clustered(40, 10)
+    codec = train_codec(embs, dim=128, nbits=2)
+    residuals = embs - codec.lookup_centroids(codec.compress_into_codes(embs, out_device="cpu"), out_device="cpu")
+    residuals[0, :3] = codec.bucket_cutoffs  # values on a cutoff fall in the lower bucket, as upstream's
+    assert torch.equal(codec.binarize(residuals), codec_patch._upstream_binarize(codec, residuals))
+
+
+def test_large_codecs_assign_through_a_coarse_index_close_to_exact():
+    """Above EXACT_ASSIGN_MAX_CENTROIDS the nearest centroid is searched in a
+    coarse inverted file over the centroids: nearly always the exact one,
+    otherwise one almost as near, and the same on every build."""
+    import faiss
+
+    from colbert_patches.codec import EXACT_ASSIGN_MAX_CENTROIDS, centroid_index
+
+    gen = torch.Generator().manual_seed(3)
+    # Centroids in groups, as k-means over token vectors leaves them.
+    groups = torch.nn.functional.normalize(torch.randn(64, 128, generator=gen), dim=-1)
+    centroids = groups.repeat_interleave(32, 0) + 0.3 * torch.randn(2048, 128, generator=gen) / 128**0.5
+    centroids = torch.nn.functional.normalize(centroids, dim=-1)
+    assert centroids.size(0) > EXACT_ASSIGN_MAX_CENTROIDS
+    picks = torch.randint(0, 2048, (5000,), generator=gen)
+    vectors = torch.nn.functional.normalize(
+        centroids[picks] + 0.2 * torch.randn(5000, 128, generator=gen) / 128**0.5, dim=-1
+    )
+    scores = vectors @ centroids.T
+    exact = scores.max(dim=1)
+    index = centroid_index(centroids)
+    assert isinstance(index, faiss.IndexIVFFlat)
+    _, found = index.search(vectors.numpy(), 1)
+    found = torch.from_numpy(found[:, 0]).long()
+    assert (found == exact.indices).float().mean() > 0.9
+    assert (exact.values - scores.gather(1, found[:, None])[:, 0]).max() < 0.1
+    _, again = centroid_index(centroids).search(vectors.numpy(), 1)
+    assert torch.equal(torch.from_numpy(again[:, 0]).long(), found)
+    small = centroid_index(centroids[:EXACT_ASSIGN_MAX_CENTROIDS])
+    assert isinstance(small, faiss.IndexFlatIP)

@@ -235,6 +235,8 @@ def test_codec_names():
     upstream = upstream_def("colbert.indexing.codecs.residual", "ResidualCodec", "compress_into_codes")
     assert def_params(upstream) == params(codec_patch.compress_into_codes) == ["self", "embs", "out_device"]
     assert callable(ResidualCodec.compress_into_codes)
+    upstream = upstream_def("colbert.indexing.codecs.residual", "ResidualCodec", "binarize")
+    assert def_params(upstream) == params(codec_patch.binarize) == ["self", "residuals"]
     # The replacement reads these; the constructor must set them.
     assert {"centroids", "use_gpu", "dim", "nbits", "avg_residual", "bucket_cutoffs", "bucket_weights"} <= (
         self_attributes(ResidualCodec.__init__, assigned=True)

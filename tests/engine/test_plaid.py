@@ -62,3 +62,24 @@ def test_segments_of_two_codecs_search_as_one(tmp_path):
     assert search(snapshot, TEXTS[5], k=1) == [5]
     Q = ENCODER.encode_queries(["the quokka is mauve"])
     assert len(snapshot.search(Q, SearchRequest(60)).passage_ids) == 60  # k found across segments and codecs
+
+
+def test_the_backend_applies_the_codec_patches_without_an_encoder(tmp_path):
+    """A service built around another encoder (the scale benchmark's stand-in)
+    still compresses with the patched codec: upstream's assigns every vector
+    against every centroid through 2 GiB score matrices."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pathlib import Path
+from colbert.indexing.codecs.residual import ResidualCodec
+from app.engine.plaid import PlaidBackend, PlaidConfig
+from colbert_patches import codec
+assert ResidualCodec.compress_into_codes is not codec.compress_into_codes
+PlaidBackend(PlaidConfig(Path({str(tmp_path)!r}), 128, 2, 1024, 4, 0.3, 4.0))
+assert ResidualCodec.compress_into_codes is codec.compress_into_codes
+assert ResidualCodec.binarize is codec.binarize
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -228,6 +228,20 @@ def test_bulk_batches_are_encoded_in_slices_of_the_commit_target(tmp_path):
     assert w._slice_chunks() == 4096  # never above the cap
 
 
+def test_bulk_commits_are_sized_from_the_measured_cost_of_a_whole_commit(tmp_path):
+    settings = Settings(_env_file=None, data_dir=tmp_path, commit_max_chunks=4096, commit_target_s=1.0)
+    w = writer(settings)
+    assert w._batch_chunks() == 1024  # nothing measured yet
+    w._commit_measured(3.0, 1000)  # 3 ms a chunk: COMMIT_SLICES seconds is 1,000 chunks
+    assert w._batch_chunks() == 1000
+    w._commit_measured(0.3, 1000)  # cheaper now: the moving average follows
+    assert 1000 < w._batch_chunks() < 4096
+    w._commit_seconds_per_chunk = 10.0
+    assert w._batch_chunks() == 16
+    w._commit_seconds_per_chunk = 1e-6
+    assert w._batch_chunks() == 4096
+
+
 async def test_a_priority_upsert_is_committed_between_slices_of_a_bulk_batch(tmp_path):
     import asyncio
 
