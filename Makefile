@@ -17,7 +17,7 @@ serve: setup
 
 test: setup
 	./scripts/setup-browser.sh
-	.venv/bin/python -m pytest -q -rs
+	.venv/bin/python -m pytest -q -rs --durations=15
 
 # The tests that load no model and build no PLAID index (seconds, not minutes).
 test-fast: setup

@@ -19,6 +19,7 @@ Fixes:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ import torch
 from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
 from colbert.search.index_storage import IndexScorer
 from colbert.search.strided_tensor import StridedTensor
+
+logger = logging.getLogger("colbert_patches")
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,49 @@ def _load_prebuilt(name: str, source: Path) -> ModuleType | None:
     return module
 
 
+STALE_LOCK_S = 600.0  # one kernel compiles in about a minute
+
+
+def _build_root() -> Path:
+    """Where ``torch.utils.cpp_extension.load`` builds: ``$TORCH_EXTENSIONS_DIR``
+    or the default root's per-Python, per-accelerator folder."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    if torch.version.hip is not None:
+        accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+
+
+def clear_stale_build_locks(names: list[str], max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove build locks older than ``max_age_s`` from the kernels' build folders.
+
+    Upstream's build takes a ``lock`` file in the folder and every other
+    process waits for it to go, forever: a process killed while compiling
+    (an OOM, a kill -9, a stopped container) would stall every later start
+    on that cache. A live build holds its lock for about a minute.
+    """
+    import time
+
+    removed = []
+    for name in names:
+        lock = _build_root() / name / "lock"
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
 def load_extensions() -> None:
     """Load colbert's C++ search kernels: prebuilt ones from
     ``$TORCH_EXTENSIONS_DIR`` when current, else compiled (first time, cached)."""
@@ -205,4 +251,6 @@ def load_extensions() -> None:
                 setattr(cls, attr, getattr(module, ext))
             cls.loaded_extensions = True
         else:
+            for lock in clear_stale_build_locks([ext for _, ext in names]):
+                logger.warning("removed a stale kernel build lock %s (a build was killed)", lock)
             cls.try_load_torch_extensions(False)

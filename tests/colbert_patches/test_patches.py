@@ -200,3 +200,18 @@ def test_large_codecs_assign_through_a_coarse_index_close_to_exact():
     assert torch.equal(torch.from_numpy(again[:, 0]).long(), found)
     small = centroid_index(centroids[:EXACT_ASSIGN_MAX_CENTROIDS])
     assert isinstance(small, faiss.IndexFlatIP)
+
+
+def test_a_build_lock_left_by_a_killed_compile_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    """Upstream waits forever for a kernel's build lock to go."""
+    from colbert_patches.scorer import STALE_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for name in ("stale_cpp", "live_cpp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lock").touch()
+    old = os.path.getmtime(tmp_path / "stale_cpp" / "lock") - STALE_LOCK_S - 60
+    os.utime(tmp_path / "stale_cpp" / "lock", (old, old))
+    assert clear_stale_build_locks(["stale_cpp", "live_cpp", "never_built_cpp"]) == [tmp_path / "stale_cpp" / "lock"]
+    assert not (tmp_path / "stale_cpp" / "lock").exists()
+    assert (tmp_path / "live_cpp" / "lock").exists()

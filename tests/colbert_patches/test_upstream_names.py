@@ -335,3 +335,20 @@ def self_attributes_of_cls(method) -> set[str]:
         and isinstance(node.value, ast.Name)
         and node.value.id == "cls"
     }
+
+
+def test_kernel_build_folder_and_lock_are_upstreams(monkeypatch, tmp_path):
+    """clear_stale_build_locks looks where torch builds and locks."""
+    from torch.utils import cpp_extension
+    from torch.utils.file_baton import FileBaton
+
+    for env in (None, str(tmp_path)):
+        if env is None:
+            monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_EXTENSIONS_DIR", env)
+        expected = Path(cpp_extension._get_build_directory("filter_pids_cpp", verbose=False))
+        assert scorer_patch._build_root() / "filter_pids_cpp" == expected
+    source = inspect.getsource(cpp_extension._jit_compile)
+    assert "FileBaton(os.path.join(build_directory, 'lock'))" in source
+    assert "def wait" in inspect.getsource(FileBaton)
