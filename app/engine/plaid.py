@@ -2,8 +2,9 @@
 
 A collection starts in an *exact* tier (fp16 token vectors, exhaustive
 MaxSim) and switches to PLAID (centroids + compressed residuals) once it
-outgrows ``exact_search_max_passages``: that first build trains a codec on a
-sample of the vectors already stored. Every later commit compresses only its
+outgrows ``exact_search_max_passages``: the maintainer trains a first codec
+on a sample of the vectors already stored while commits go on into the exact
+tier, and background merges then compress the exact segments with it. Every later commit compresses only its
 own passages with the current codec and writes one segment with its own IVF,
 so a commit costs O(its passages) and a snapshot opens only the new segment
 (memory-mapped) next to the ones it already holds.
@@ -90,12 +91,6 @@ class PlaidSnapshot:
         self._offsets = [0]
         for s in segments:
             self._offsets.append(self._offsets[-1] + int(s.pids.numel()))
-        self._exact: tuple[torch.Tensor, torch.Tensor] | None = None
-        if kind == "exact":
-            self._exact = (
-                torch.cat([s.embs for s in segments if s.embs is not None]).float(),
-                torch.cat([s.doclens for s in segments if s.doclens is not None]).to(torch.int64),
-            )
 
     @property
     def num_passages(self) -> int:
@@ -103,10 +98,7 @@ class PlaidSnapshot:
 
     @property
     def memory_bytes(self) -> int:
-        total = _nbytes(self.slot_to_pid) + sum(s.nbytes for s in self.segments)
-        if self._exact is not None:
-            total += sum(_nbytes(t) for t in self._exact)
-        return total
+        return _nbytes(self.slot_to_pid) + sum(s.nbytes for s in self.segments)
 
     @classmethod
     def empty(cls, generation: int = 0) -> PlaidSnapshot:
@@ -156,8 +148,6 @@ class PlaidSnapshot:
         if allowed_pids is not None:
             allowed = torch.isin(self.slot_to_pid, allowed_pids)
             mask = allowed if mask is None else mask & allowed
-        if self.kind == "exact":
-            return self._search_exact(Q, k, mask)
         params = search_params(
             k,
             Q.size(1),
@@ -180,11 +170,12 @@ class PlaidSnapshot:
         pids: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
         for n, segment in enumerate(self.segments):
-            assert segment.scorer is not None
             part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
             if part is not None and not bool(part.any()):
                 continue
-            if subset or segment.scorer.num_passages <= SMALL_SEGMENT_PASSAGES:
+            if segment.scorer is None:  # still in the exact tier (its first codec is being trained)
+                ranked, values = _exact_top(Q, segment, part, k)
+            elif subset or segment.scorer.num_passages <= SMALL_SEGMENT_PASSAGES:
                 slots = part.nonzero().flatten() if part is not None else torch.arange(segment.scorer.num_passages)
                 ranked, values = segment.scorer.rank(params, Q, pids=slots.tolist())
             elif expand:
@@ -201,27 +192,34 @@ class PlaidSnapshot:
         top = all_scores.topk(min(k, all_scores.numel()))
         return SearchResult(all_pids[top.indices].tolist(), top.values.tolist())
 
-    def _search_exact(self, Q: torch.Tensor, k: int, mask: torch.Tensor | None) -> SearchResult:
-        from colbert.modeling.colbert import colbert_score_packed
 
-        assert self._exact is not None
-        embs, doclens = self._exact
-        scores = colbert_score_packed(Q, embs, doclens)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        n = min(k, int(mask.sum()) if mask is not None else scores.numel())
-        if n <= 0:
-            return SearchResult([], [])
-        top = scores.topk(n)
-        return SearchResult(self.slot_to_pid[top.indices].tolist(), top.values.tolist())
+def _maxsim_top(
+    Q: torch.Tensor, embs: torch.Tensor, doclens: torch.Tensor, mask: torch.Tensor | None, k: int
+) -> tuple[list[int], list[float]]:
+    """Exhaustive MaxSim: the best ``k`` passages (positions, scores) among ``mask``."""
+    from colbert.modeling.colbert import colbert_score_packed
+
+    scores = colbert_score_packed(Q, embs, doclens)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    n = min(k, int(mask.sum()) if mask is not None else scores.numel())
+    if n <= 0:
+        return [], []
+    top = scores.topk(n)
+    return top.indices.tolist(), top.values.tolist()
+
+
+def _exact_top(Q: torch.Tensor, segment: _Segment, mask: torch.Tensor | None, k: int):
+    assert segment.embs is not None and segment.doclens is not None
+    return _maxsim_top(Q, segment.embs, segment.doclens, mask, k)
 
 
 def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segment:
     state = files.load(entry.name)
     nbytes = sum(_nbytes(t) for t in state.values() if isinstance(t, torch.Tensor))
-    if entry.codec is None:
-        embs, doclens = state["embs"], state["doclens"].to(torch.int64)
-        return _Segment(entry, state["pids"], embs=embs, doclens=doclens, nbytes=nbytes)
+    if entry.codec is None:  # exact tier: scored as fp32, converted once here
+        embs, doclens = state["embs"].float(), state["doclens"].to(torch.int64)
+        return _Segment(entry, state["pids"], embs=embs, doclens=doclens, nbytes=_nbytes(embs) + _nbytes(doclens))
     codec = _codec(files, entry.codec, codecs)
     if "ivf" not in state:  # written before segments carried their IVF: build it here, once
         state = {**state, **segment_arrays(state["codes"], state["residuals"], state["doclens"], _centroids(codec))}
@@ -302,10 +300,10 @@ class PlaidBackend:
         files = self.files(collection_id)
         files.ensure()
         manifest = files.read_manifest(base) if base else Manifest()
-        if manifest.codec is None and manifest.passages + len(batch) <= self.config.exact_search_max_passages:
+        if manifest.codec is None:
+            # The exact tier, also past exact_search_max_passages until the
+            # maintainer's first codec lands (plan(): "first codec").
             entry = _entry(files.write_segment(generation, _exact(batch)), None, batch)
-        elif manifest.codec is None:
-            return self._first_build(files, generation, manifest, batch)
         else:
             codec = codec_from_state(files.load(manifest.codec))
             entry = _entry(files.write_segment(generation, self._compress(codec, batch)), manifest.codec, batch)
@@ -315,32 +313,25 @@ class PlaidBackend:
             logger.warning("collection %d has %d segments: background merges are behind", collection_id, count)
         return files.write_manifest(replace(manifest, generation=generation, segments=(*manifest.segments, entry)))
 
-    def _first_build(self, files: IndexFiles, generation: int, manifest: Manifest, batch: PassageBatch) -> str:
-        """The switch to PLAID: a codec trained on a sample of every vector
-        stored so far (no re-encoding), one segment of all of them."""
-        existing = [files.load(s.name) for s in manifest.segments]
-        merged = PassageBatch(
-            *(torch.cat([*(s[key] for s in existing), getattr(batch, key)]) for key in ("pids", "embs", "doclens"))
-        )
-        codec = self._train(merged.embs)
-        codec_name = files.write_codec(generation, codec_state(codec))
-        built = Manifest(generation, codec_name, (), len(merged), int(merged.doclens.sum()))
-        entry = _entry(files.write_segment(generation, self._compress(codec, merged)), codec_name, merged)
-        entry = replace(entry, sample=self._originals(files, built, codec, merged.embs))
-        return files.write_manifest(replace(built, segments=(entry,)))
-
     def _originals(self, files: IndexFiles, manifest: Manifest, codec, embs: torch.Tensor) -> str | None:
         """A file with a sample of a new segment's original vectors, while
         the codec is below its largest size (the next retraining's training
         set), at a rate that gives about RETRAIN_SAMPLE by then."""
+        sample = self._original_sample(manifest, codec, embs)
+        if sample is None:
+            return None
+        name = files.new_name("sample", manifest.generation)
+        atomic_torch_save({"embs": sample}, files.root / name)
+        return name
+
+    def _original_sample(self, manifest: Manifest, codec, embs: torch.Tensor) -> torch.Tensor | None:
+        """The share of ``embs`` (fp16) kept for training the next codec; None at full size."""
         if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
             return None
         rate = RETRAIN_SAMPLE / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
         n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
         take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]
-        name = files.new_name("sample", manifest.generation)
-        atomic_torch_save({"embs": embs[take].to(torch.float16).contiguous()}, files.root / name)
-        return name
+        return embs[take].to(torch.float16).contiguous()
 
     def _train(self, embs: torch.Tensor, tokens: int | None = None):
         """A codec sized for ``tokens`` vectors (default: the ones given),
@@ -373,6 +364,10 @@ class PlaidBackend:
         m = self.files(collection_id).read_manifest(manifest)
         if not m.segments:
             return None
+        if m.codec is None and m.passages > self.config.exact_search_max_passages:
+            return MaintenanceTask(
+                collection_id, manifest, "retrain", (), f"first codec at {m.passages} passages (the switch to PLAID)"
+            )
         if m.codec is not None:
             centroids = self._codec_centroids(collection_id, m.codec)
             wanted = num_partitions_for(m.tokens, self.config.max_centroids)
@@ -447,7 +442,11 @@ class PlaidBackend:
             state = files.load(source.name)
             keep = ~torch.isin(state["pids"], dead_pids)
             dropped.append(state["pids"][~keep])
-            parts.append(_select(state, keep, source, current, files, codecs))
+            part = _select(state, keep, source, current, files, codecs)
+            if source.codec is None and current is not None and part.embs is not None:
+                # Exact-tier originals going into PLAID: keep the next codec's share of them.
+                part.sample = self._original_sample(m, current, part.embs)
+            parts.append(part)
         entry: SegmentEntry | None = None
         written: tuple[str, ...] = ()
         if sum(p.passages for p in parts):
@@ -475,8 +474,6 @@ class PlaidBackend:
             files = self.files(collection_id)
             m = files.read_manifest(base)
             if change.task.kind == "retrain":
-                if m.codec is None:
-                    return None
                 segments = m.segments
                 if self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids:
                     segments = tuple(replace(e, sample=None) for e in segments)  # no later codec to train

@@ -31,6 +31,18 @@ async def upsert(client, name: str, docs, **extra):
     return r.json()["results"]
 
 
+async def settled(service, timeout_s: float = 300.0) -> None:
+    """Wait until the writer and its maintainer have nothing due (a first
+    codec, a retraining, a merge): what the index looks like once caught up."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not service.writer.settled():
+        assert time.monotonic() < deadline, "background maintenance never settled"
+        await asyncio.sleep(0.1)
+
+
 async def search(client, name: str, query: str, k: int = 10):
     r = await client.post(f"/v1/collections/{name}/search", json={"query": query, "k": k})
     assert r.status_code == 200, r.text
@@ -277,10 +289,7 @@ async def test_plaid_tier_and_restart_keeps_results(tmp_path, checkpoint_dir):
             await upsert(client, "plaid", docs[i : i + 15])
         await client.delete("/v1/collections/plaid/documents/doc-3")
         service = running.app.state.service
-        import asyncio
-
-        while not service.writer.settled():  # a codec retraining or a merge may be due
-            await asyncio.sleep(0.1)
+        await settled(service)  # the first codec, a retraining or a merge may be due
         before = {
             q: [(h["document_id"], h["chunk_index"]) for h in await search(client, "plaid", q, k=10)] for q in queries
         }

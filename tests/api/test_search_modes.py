@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.test_api import assert_error, create, upsert
+from tests.api.test_api import assert_error, create, settled, upsert
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,7 @@ async def filtered_collection(app_env):
         )
     for i in range(0, 300, 100):
         await upsert(client, "filtered", docs[i : i + 100])
+    await settled(app_env.app.state.service)  # its first codec is trained in the background
     return docs
 
 

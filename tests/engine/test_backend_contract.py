@@ -1,6 +1,6 @@
 """The index-backend contract (app/engine/backend.py), run against every
-implementation: PLAID in its exact tier, PLAID past its first build, and the
-in-memory fake. No model: passages are encoded by the fake encoder."""
+implementation: PLAID in its exact tier, PLAID past its first codec (its
+background steps run at once), and the in-memory fake. No model: passages are encoded by the fake encoder."""
 
 from __future__ import annotations
 
@@ -20,9 +20,29 @@ TEXTS = [f"the {ANIMALS[i % 20]} is {COLORS[i % 8]} and number {i} of the herd" 
 C = 1  # collection id
 
 
-def plaid(tmp_path, exact_max: int) -> PlaidBackend:
+def settle(backend: PlaidBackend, collection_id: int, name: str, generation: int, dead_pids=None) -> str:
+    """Run the background steps a manifest makes due (the first codec,
+    compressing the exact tier, merges) until none is left, each folded into
+    ``generation``: what a server shows once its maintainer has caught up."""
+    dead = torch.empty(0, dtype=torch.int64) if dead_pids is None else dead_pids
+    while (task := backend.plan(collection_id, name, dead)) is not None:
+        applied = backend.apply(collection_id, name, generation, backend.prepare(task, dead))
+        assert applied is not None
+        name = applied
+    return name
+
+
+class SettledPlaidBackend(PlaidBackend):
+    """PLAID whose every write is followed at once by :func:`settle`
+    (no maintainer thread in these tests)."""
+
+    def write(self, collection_id, base, generation, batch):
+        return settle(self, collection_id, super().write(collection_id, base, generation, batch), generation)
+
+
+def plaid(tmp_path, exact_max: int, settled: bool = False) -> PlaidBackend:
     encoder = FakeEncoder()
-    return PlaidBackend(
+    return (SettledPlaidBackend if settled else PlaidBackend)(
         PlaidConfig(
             index_root=tmp_path / "indexes",
             dim=encoder.dim,
@@ -40,7 +60,7 @@ def backend(request, tmp_path):
     if request.param == "plaid-exact":
         return plaid(tmp_path, exact_max=10_000)
     if request.param == "plaid-built":
-        return plaid(tmp_path, exact_max=20)  # the first write past 20 passages trains the codec
+        return plaid(tmp_path, exact_max=20, settled=True)  # past 20 passages: a codec, segments compressed
     return FakeInMemoryBackend()
 
 

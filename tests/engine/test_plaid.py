@@ -8,7 +8,7 @@ import torch
 
 import app.engine.plaid as plaid_module
 from app.engine.backend import SearchRequest
-from tests.engine.test_backend_contract import ENCODER, TEXTS, batch, plaid, search
+from tests.engine.test_backend_contract import ENCODER, TEXTS, batch, plaid, search, settle
 
 C = 1
 
@@ -23,7 +23,7 @@ def test_originals_are_kept_for_the_next_codec_and_dropped_at_full_size(tmp_path
     monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 1500)  # sized for this small collection
     backend = plaid(tmp_path, exact_max=20)
     backend.config = type(backend.config)(**{**backend.config.__dict__, "max_centroids": 32})
-    name = commit(backend, 0, 30, None, 1)  # the first build: a small codec
+    name = settle(backend, C, commit(backend, 0, 30, None, 1), 1)  # the first codec: a small one
     for g, start in enumerate(range(30, 150, 30), start=2):
         name = commit(backend, start, start + 30, name, g)
     files = backend.files(C)
@@ -48,7 +48,7 @@ def test_originals_are_kept_for_the_next_codec_and_dropped_at_full_size(tmp_path
 
 def test_segments_of_two_codecs_search_as_one(tmp_path):
     backend = plaid(tmp_path, exact_max=20)
-    name = commit(backend, 0, 40, None, 1)
+    name = settle(backend, C, commit(backend, 0, 40, None, 1), 1)
     for g, start in enumerate(range(40, 160, 40), start=2):
         name = commit(backend, start, start + 40, name, g)
     task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
@@ -83,3 +83,34 @@ assert ResidualCodec.binarize is codec.binarize
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_first_codec_is_trained_in_the_background_while_commits_go_on(tmp_path):
+    """Past exact_search_max_passages a commit stays a cheap exact-tier write;
+    the first codec is a background step, applied over the commits made
+    meanwhile, and merges then compress the exact segments. Every state in
+    between searches as one index."""
+    backend = plaid(tmp_path, exact_max=20)
+    name = commit(backend, 0, 40, None, 1)
+    assert backend.files(C).read_manifest(name).codec is None  # no codec trained inside the commit
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "retrain" and "first codec" in task.reason
+    change = backend.prepare(task, torch.empty(0, dtype=torch.int64))
+    name = commit(backend, 40, 80, name, 2)  # a commit lands while the codec was being trained
+    name = backend.apply(C, name, 3, change)
+    m = backend.files(C).read_manifest(name)
+    assert m.codec is not None and [e.codec for e in m.segments] == [None, None]
+    assert search(backend.load(C, 3, name), TEXTS[55], k=1) == [55]
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "merge"  # the exact segments, compressed
+    first_only = type(task)(task.collection_id, task.manifest, task.kind, task.segments[:1], task.reason)
+    name = backend.apply(C, name, 4, backend.prepare(first_only, torch.empty(0, dtype=torch.int64)))
+    mixed = backend.load(C, 4, name)
+    assert [s.scorer is not None for s in mixed.segments] == [True, False]  # one compressed, one exact
+    # TEXTS[i] and TEXTS[i + 40] differ only in their number: each query finds its twin in the other segment too.
+    assert sorted(search(mixed, TEXTS[7], k=2)) == [7, 47] and sorted(search(mixed, TEXTS[66], k=2)) == [26, 66]
+    name = settle(backend, C, name, 5)
+    settled = backend.load(C, 5, name)
+    assert settled.kind == "plaid" and all(s.scorer is not None for s in settled.segments)
+    assert backend.files(C).read_manifest(name).segments[0].sample  # originals kept for the next codec
+    assert search(settled, TEXTS[66], k=1) == [66]
