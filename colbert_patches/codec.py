@@ -103,7 +103,7 @@ def binarize(self, residuals):
     bits = np.empty((*b.shape, self.nbits), dtype=np.uint8)
     for j in range(self.nbits):
         bits[..., j] = (b >> j) & 1
-    return torch.from_numpy(np.packbits(bits.reshape(b.shape[0], -1), axis=1))
+    return torch.from_numpy(np.packbits(bits.reshape(b.shape[0], b.shape[1] * self.nbits), axis=1))
 
 
 def apply() -> None:

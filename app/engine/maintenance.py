@@ -15,6 +15,7 @@ files, removed at the next start.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -43,6 +44,19 @@ def lower_thread_priority(niceness: int) -> bool:
         return True
     except (AttributeError, OSError):
         return False
+
+
+def release_freed_memory() -> bool:
+    """Hand memory freed by a large step back to the OS (glibc's
+    ``malloc_trim``): a merge or a codec training allocates and frees
+    hundreds of MiB, which glibc would otherwise keep in the process's heap
+    as resident memory. False where the C library has no such call."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim(0)
+    return True
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Maintainer:
             return None
         finally:
             self.busy = False
+            release_freed_memory()
         logger.info(
             "collection %d: %s of %s (%s) prepared in %.1fs",
             collection_id,

@@ -64,6 +64,7 @@ MAX_SEGMENTS = 16
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
 # at a rate that yields about this many by the next retraining.
 RETRAIN_SAMPLE = 1 << 18
+RECOMPRESS_BLOCK = 1 << 16  # token vectors decompressed or compressed at a time in a merge
 
 
 @dataclass
@@ -597,8 +598,28 @@ class _Part:
     doclens: torch.Tensor
     codes: torch.Tensor | None = None  # on the current codec: as they are
     residuals: torch.Tensor | None = None
-    embs: torch.Tensor | None = None  # otherwise: vectors to compress
+    embs: torch.Tensor | None = None  # exact-tier vectors to compress
+    source_codec: object | None = None  # codes and residuals of another codec: recompressed
     sample: torch.Tensor | None = None  # original vectors kept for codec training
+
+    def compressed_with(self, current) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Codes and residuals on ``current``, block by block: a merge holds
+        the compact form of its segments, never all of their vectors as floats."""
+        if self.codes is not None and self.residuals is not None and self.source_codec is None:
+            return [self.codes], [self.residuals]
+        codes, residuals = [], []
+        n = int(self.doclens.sum())
+        for start in range(0, n, RECOMPRESS_BLOCK):
+            if self.embs is not None:
+                block = self.embs[start : start + RECOMPRESS_BLOCK].float()
+            else:
+                assert self.codes is not None and self.residuals is not None
+                end = start + RECOMPRESS_BLOCK
+                block = _decompress(self.source_codec, self.codes[start:end], self.residuals[start:end])
+            compressed = current.compress(block)
+            codes.append(compressed.codes.to(torch.int32))
+            residuals.append(compressed.residuals)
+        return codes, residuals
 
     @property
     def passages(self) -> int:
@@ -615,9 +636,8 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     n = int(doclens.sum())
     codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
     codec = _codec(files, entry.codec, codecs)
-    if current is not None and _same_codec(codec, current):
-        return _Part(pids, kept_lens, codes=codes, residuals=residuals, sample=sample)
-    return _Part(pids, kept_lens, embs=_decompress(codec, codes, residuals), sample=sample)
+    foreign = None if current is not None and _same_codec(codec, current) else codec
+    return _Part(pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample)
 
 
 def _same_codec(a, b) -> bool:
@@ -631,13 +651,8 @@ def _concat(parts: list[_Part], current) -> dict:
         return {"pids": pids, "doclens": doclens, "embs": torch.cat([p.embs for p in parts if p.embs is not None])}
     codes, residuals = [], []
     for p in parts:
-        if p.codes is not None and p.residuals is not None:
-            codes.append(p.codes)
-            residuals.append(p.residuals)
-        else:
-            assert p.embs is not None
-            compressed = current.compress(p.embs.float())
-            codes.append(compressed.codes.to(torch.int32))
-            residuals.append(compressed.residuals)
+        c, r = p.compressed_with(current)
+        codes += c
+        residuals += r
     arrays = segment_arrays(torch.cat(codes), torch.cat(residuals), doclens, _centroids(current))
     return {"pids": pids, **arrays}

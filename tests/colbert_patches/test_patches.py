@@ -168,6 +168,7 @@ def test_binarize_packs_the_same_bytes_as_upstream():
     residuals = embs - codec.lookup_centroids(codec.compress_into_codes(embs, out_device="cpu"), out_device="cpu")
     residuals[0, :3] = codec.bucket_cutoffs  # values on a cutoff fall in the lower bucket, as upstream's
     assert torch.equal(codec.binarize(residuals), codec_patch._upstream_binarize(codec, residuals))
+    assert torch.equal(codec.binarize(residuals[:0]), codec_patch._upstream_binarize(codec, residuals[:0]))
 
 
 def test_large_codecs_assign_through_a_coarse_index_close_to_exact():

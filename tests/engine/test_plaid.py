@@ -64,6 +64,36 @@ def test_segments_of_two_codecs_search_as_one(tmp_path):
     assert len(snapshot.search(Q, SearchRequest(60)).passage_ids) == 60  # k found across segments and codecs
 
 
+def test_a_merge_recompresses_block_by_block_as_it_would_all_at_once(tmp_path, monkeypatch):
+    """Segments of an older codec (and exact-tier ones) are recompressed a
+    block of vectors at a time, so a merge holds their compact form, never
+    every vector as floats: the merged segment is the same either way."""
+    backend = plaid(tmp_path, exact_max=20)
+    name = settle(backend, C, commit(backend, 0, 40, None, 1), 1)
+    for g, start in enumerate(range(40, 160, 40), start=2):
+        name = commit(backend, start, start + 40, name, g)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "retrain"
+    name = backend.apply(C, name, 5, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
+    quokkas = [f"the quokka is mauve and number {i}" for i in range(160, 200)]
+    name = backend.write(C, name, 6, batch(160, quokkas))  # on the new codec: taken as it is
+    m = backend.files(C).read_manifest(name)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "merge" and len({e.codec for e in m.segments}) == 2
+    everything = type(task)(task.collection_id, task.manifest, "merge", tuple(e.name for e in m.segments), "all")
+    dead = torch.tensor([3, 77, 170])
+    merged = {}
+    for block in (7, 1 << 16):  # 7: blocks that cut through passages
+        monkeypatch.setattr(plaid_module, "RECOMPRESS_BLOCK", block)
+        change = backend.prepare(everything, dead)
+        assert change.segment is not None
+        merged[block] = backend.files(C).load(change.segment.name)
+        backend.abandon(change)
+    assert merged[7].keys() == merged[1 << 16].keys()
+    assert all(torch.equal(merged[7][key], merged[1 << 16][key]) for key in merged[7])
+    assert not bool(torch.isin(merged[7]["pids"], dead).any()) and merged[7]["pids"].numel() == 197
+
+
 def test_the_backend_applies_the_codec_patches_without_an_encoder(tmp_path):
     """A service built around another encoder (the scale benchmark's stand-in)
     still compresses with the patched codec: upstream's assigns every vector
