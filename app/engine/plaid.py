@@ -291,6 +291,22 @@ class PlaidBackend:
         self._pinned: dict[int, set[str]] = {}
         self._pin_lock = threading.Lock()
         self._centroid_counts: dict[tuple[int, str], int] = {}
+        # Each collection's current codec as compression uses it (with its
+        # centroid-assignment index, built once): codec files never change.
+        self._current_codecs: dict[int, tuple[str, object]] = {}
+        self._codec_lock = threading.Lock()
+
+    def _current_codec(self, collection_id: int, files: IndexFiles, name: str):
+        """The codec ``name`` of a collection, loaded once while it is the
+        current one (commits and merges compress with it)."""
+        with self._codec_lock:
+            cached = self._current_codecs.get(collection_id)
+        if cached is not None and cached[0] == name:
+            return cached[1]
+        codec = codec_from_state(files.load(name))
+        with self._codec_lock:
+            self._current_codecs[collection_id] = (name, codec)
+        return codec
 
     def files(self, collection_id: int) -> IndexFiles:
         return IndexFiles(self.config.index_root / str(collection_id))
@@ -306,7 +322,7 @@ class PlaidBackend:
             # maintainer's first codec lands (plan(): "first codec").
             entry = _entry(files.write_segment(generation, _exact(batch)), None, batch)
         else:
-            codec = codec_from_state(files.load(manifest.codec))
+            codec = self._current_codec(collection_id, files, manifest.codec)
             entry = _entry(files.write_segment(generation, self._compress(codec, batch)), manifest.codec, batch)
             entry = replace(entry, sample=self._originals(files, manifest, codec, batch.embs))
         if len(manifest.segments) + 1 > 4 * MAX_SEGMENTS:
@@ -435,7 +451,7 @@ class PlaidBackend:
         """The task's segments as one, without tombstones, on the current codec."""
         entries = [s for s in m.segments if s.name in task.segments]
         assert [s.name for s in entries] == list(task.segments)
-        current = codec_from_state(files.load(m.codec)) if m.codec else None
+        current = self._current_codec(task.collection_id, files, m.codec) if m.codec else None
         parts: list[_Part] = []
         dropped: list[torch.Tensor] = []
         codecs: dict[str, object] = {}
@@ -552,6 +568,8 @@ class PlaidBackend:
                     shutil.rmtree(path, ignore_errors=True)
 
     def drop(self, collection_id: int) -> None:
+        with self._codec_lock:
+            self._current_codecs.pop(collection_id, None)
         shutil.rmtree(self.files(collection_id).root, ignore_errors=True)
 
     # -- reads -------------------------------------------------------------
