@@ -105,7 +105,7 @@ class SnapshotScorer(IndexScorer):
         self.doclens = arrays["doclens"]
         self.ivf = StridedTensor(arrays["ivf"], arrays["ivf_lengths"], use_gpu=False)
         self.embeddings = ResidualEmbeddings(arrays["codes"], arrays["residuals"])
-        IndexScorer.try_load_torch_extensions(False)
+        load_extensions()  # all of colbert's kernels: scoring uses ColBERT's too
         self.set_embeddings_strided()
 
     @property
@@ -115,12 +115,15 @@ class SnapshotScorer(IndexScorer):
     def get_cells(self, Q, ncells):
         """Upstream's, with the query-centroid scores computed once per query
         and codec: every segment of a snapshot on one codec shares them."""
-        key = (Q.data_ptr(), tuple(Q.shape), ncells)
+        # Keyed on the query's memory (each segment's retrieve passes its own
+        # view of it); the entry holds that memory, so no later query can be
+        # allocated at the same address while the key is in use.
+        key = (Q.data_ptr(), tuple(Q.shape), Q.stride(), ncells)
         cached = getattr(self.codec, "_cells_of_query", None)
         if cached is not None and cached[0] == key:
-            return cached[1]
+            return cached[2]
         result = super().get_cells(Q, ncells)
-        self.codec._cells_of_query = (key, result)
+        self.codec._cells_of_query = (key, Q, result)
         return result
 
     def rank_once(self, params: SearchParams, Q: torch.Tensor, alive=None):
@@ -224,7 +227,7 @@ def clear_stale_build_locks(names: list[str], max_age_s: float = STALE_LOCK_S) -
             if time.time() - lock.stat().st_mtime > max_age_s:
                 lock.unlink()
                 removed.append(lock)
-        except FileNotFoundError:
+        except OSError:  # none, or a cache this process may not change: upstream's build decides
             continue
     return removed
 

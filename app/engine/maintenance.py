@@ -149,8 +149,9 @@ class Maintainer:
             self._failed(collection_id, exc)
             return None
         finally:
+            if self.busy:  # a step ran (or failed): it freed what it allocated
+                release_freed_memory()
             self.busy = False
-            release_freed_memory()
         logger.info(
             "collection %d: %s of %s (%s) prepared in %.1fs",
             collection_id,

@@ -159,6 +159,32 @@ def test_centroid_assignment_is_the_exact_nearest_centroid():
     assert codec.compress_into_codes(embs[:0], out_device="cpu").numel() == 0
 
 
+@pytest.mark.slow
+def test_query_cells_are_shared_by_segments_and_never_reused_for_another_query():
+    """Segments on one codec share a query's centroid cells; a later query,
+    even one the allocator puts where a freed one was, gets its own."""
+    import gc
+    import weakref
+
+    colbert_patches.apply()
+    embs, doclens = _clustered(300, 12)
+    codec = train_codec(embs, dim=128, nbits=2)
+    compressed = codec.compress(embs)
+    arrays = segment_arrays(compressed.codes, compressed.residuals, doclens, codec.centroids.size(0))
+    one, other = SnapshotScorer(codec, arrays), SnapshotScorer(codec, arrays)
+    Q = embs[:12].clone()  # (tokens, dim), as candidate generation passes it
+    first = one.get_cells(Q[:12], 2)
+    assert other.get_cells(Q[:12], 2) is first  # another view of the same query: computed once
+    memory = weakref.ref(Q)
+    del Q
+    gc.collect()
+    assert memory() is not None  # held while its cells are cached: no new query can take its address
+    Q2 = embs[12 * 17 : 12 * 18].clone()
+    cells, _ = one.get_cells(Q2, 2)
+    expected, _ = super(SnapshotScorer, one).get_cells(Q2, 2)
+    assert torch.equal(cells, expected) and not torch.equal(cells, first[0])
+
+
 def test_binarize_packs_the_same_bytes_as_upstream():
     from colbert_patches import codec as codec_patch
 

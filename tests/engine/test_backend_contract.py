@@ -26,9 +26,11 @@ def settle(backend: PlaidBackend, collection_id: int, name: str, generation: int
     ``generation``: what a server shows once its maintainer has caught up."""
     dead = torch.empty(0, dtype=torch.int64) if dead_pids is None else dead_pids
     while (task := backend.plan(collection_id, name, dead)) is not None:
-        applied = backend.apply(collection_id, name, generation, backend.prepare(task, dead))
+        change = backend.prepare(task, dead)
+        applied = backend.apply(collection_id, name, generation, change)
         assert applied is not None
         name = applied
+        dead = dead[~torch.isin(dead, change.dropped_pids)]  # purged: no longer in any segment
     return name
 
 

@@ -47,5 +47,9 @@ held = resident() - before
 assert release_freed_memory()
 assert resident() - before < held - (150 << 20), (held, resident() - before)
 """
+    from app.engine.maintenance import release_freed_memory
+
+    if not release_freed_memory():
+        pytest.skip("no malloc_trim in this C library")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

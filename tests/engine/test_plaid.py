@@ -65,7 +65,7 @@ def test_segments_of_two_codecs_search_as_one(tmp_path):
 
 
 def test_a_merge_recompresses_block_by_block_as_it_would_all_at_once(tmp_path, monkeypatch):
-    """Segments of an older codec (and exact-tier ones) are recompressed a
+    """Segments of an older codec (exact-tier ones: the next test) are recompressed a
     block of vectors at a time, so a merge holds their compact form, never
     every vector as floats: the merged segment is the same either way."""
     backend = plaid(tmp_path, exact_max=20)
@@ -92,6 +92,26 @@ def test_a_merge_recompresses_block_by_block_as_it_would_all_at_once(tmp_path, m
     assert merged[7].keys() == merged[1 << 16].keys()
     assert all(torch.equal(merged[7][key], merged[1 << 16][key]) for key in merged[7])
     assert not bool(torch.isin(merged[7]["pids"], dead).any()) and merged[7]["pids"].numel() == 197
+
+
+def test_exact_tier_segments_are_compressed_block_by_block_as_all_at_once(tmp_path, monkeypatch):
+    backend = plaid(tmp_path, exact_max=20)
+    name = commit(backend, 0, 40, None, 1)
+    change = backend.prepare(backend.plan(C, name, torch.empty(0, dtype=torch.int64)), torch.empty(0))
+    name = commit(backend, 40, 80, name, 2)  # exact too: written while the first codec was trained
+    name = backend.apply(C, name, 3, change)
+    m = backend.files(C).read_manifest(name)
+    assert m.codec is not None and [e.codec for e in m.segments] == [None, None]
+    both = type(change.task)(C, name, "merge", tuple(e.name for e in m.segments), "all")
+    merged = {}
+    for block in (7, 1 << 16):
+        monkeypatch.setattr(plaid_module, "RECOMPRESS_BLOCK", block)
+        step = backend.prepare(both, torch.tensor([5, 50]))
+        assert step.segment is not None
+        merged[block] = backend.files(C).load(step.segment.name)
+        backend.abandon(step)
+    assert all(torch.equal(merged[7][key], merged[1 << 16][key]) for key in merged[7])
+    assert merged[7]["pids"].numel() == 78 and "codes" in merged[7]
 
 
 def test_the_backend_applies_the_codec_patches_without_an_encoder(tmp_path):
