@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,10 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
+
+
+def _is_lock_timeout(exc: sqlite3.OperationalError) -> bool:
+    return "database is locked" in str(exc) or "database is busy" in str(exc)
 
 
 def error_body(code: str, message: str, details=None) -> dict:
@@ -55,6 +60,19 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _store_busy(request: Request, exc: sqlite3.OperationalError):
+        if not _is_lock_timeout(exc):
+            return await _unexpected(request, exc)
+        # The write lock stayed with other writers past the busy timeout: the
+        # transaction never began, nothing was stored; the client may retry.
+        logger.warning("%s %s: the store stayed locked by other writes", request.method, request.url.path)
+        return JSONResponse(
+            error_body("store_busy", "the store is busy with other writes; nothing was changed, retry"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

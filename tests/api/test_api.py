@@ -327,3 +327,22 @@ async def test_many_small_commits_keep_segment_count_bounded(client, app_env):
         hits = await search(client, "small-commits", f"the {animals[i % 10]} number {i}", k=5)
         assert f"n{i}" in [h["document_id"] for h in hits]
     assert len(await search(client, "small-commits", "note", k=40)) == 40
+
+
+async def test_a_store_locked_past_its_busy_timeout_answers_503_and_changes_nothing(client, app_env, monkeypatch):
+    import sqlite3
+
+    await create(client, "busy")
+    await upsert(client, "busy", [{"id": "kept", "text": "Basalt columns form as lava cools."}])
+    store = app_env.app.state.service.documents.store
+
+    async def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "insert_pending", locked)
+    r = await client.post("/v1/collections/busy/documents", json={"documents": [{"id": "new", "text": "Obsidian."}]})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "store_busy"
+    monkeypatch.undo()
+    hits = await search(client, "busy", "basalt lava", k=10)
+    assert [h["document_id"] for h in hits] == ["kept"]
