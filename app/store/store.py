@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.store import keyword_index
 from app.store.filters import compile_filter
 from app.store.jobs import Jobs
-from app.store.schema import PRAGMAS, SQL_VARIABLES, initialise
+from app.store.schema import PRAGMAS, SQL_VARIABLES, connect, initialise, transaction
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class Store:
         # One connection serves every request: writes (and their explicit
         # transactions) must not interleave on it.
         self._write_lock = asyncio.Lock()
+        # Bulk writes run whole on a thread over their own connection (under
+        # the same lock): a statement-by-statement await would hold SQLite's
+        # write lock across thousands of event-loop turns, and the writer and
+        # the other workers' requests would wait out the busy timeout.
+        self._bulk: sqlite3.Connection | None = None
+        self._bulk_lock = threading.Lock()  # a cancelled request's thread may still be in it
         self.jobs = Jobs(self)
 
     async def open(self) -> None:
@@ -71,11 +78,15 @@ class Store:
         self._db.row_factory = sqlite3.Row
         for pragma in PRAGMAS:
             await self._db.execute(pragma)
+        self._bulk = connect(self.path)
 
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._bulk is not None:
+            self._bulk.close()
+            self._bulk = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -165,21 +176,26 @@ class Store:
         live version already has this exact content (nothing to do). The
         writer indexes pending documents of higher ``priority`` first.
         """
+        async with self._write_lock:
+            return await asyncio.to_thread(self._insert_pending, collection_id, docs, job_file, priority)
+
+    def _insert_pending(
+        self, collection_id: int, docs: list[NewDocument], job_file: int | None, priority: int
+    ) -> list[tuple[str, int | None]]:
+        assert self._bulk is not None, "store is not open"
         now = time.time()
         out: list[tuple[str, int | None]] = []
-        async with self.transaction():
-            async with self.db.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)) as cur:
-                if await cur.fetchone() is None:
-                    raise CollectionNotFound("the collection was deleted")
+        with self._bulk_lock, transaction(self._bulk) as conn:
+            if conn.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
+                raise CollectionNotFound("the collection was deleted")
             for doc in docs:
                 metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False)
-                async with self.db.execute(
+                latest = conn.execute(
                     """SELECT id, state, content_hash, title, metadata FROM documents
                        WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
                        ORDER BY id DESC LIMIT 1""",
                     (collection_id, doc.external_id),
-                ) as cur:
-                    latest = await cur.fetchone()
+                ).fetchone()
                 if (
                     latest is not None
                     and latest["state"] == "live"
@@ -189,14 +205,14 @@ class Store:
                 ):
                     out.append((doc.external_id, None))
                     continue
-                cur = await self.db.execute(
+                cur = conn.execute(
                     """INSERT INTO documents(collection_id, external_id, title, metadata, content_hash, state,
                                              created_at, updated_at, priority)
                        VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
                     (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now, priority),
                 )
                 doc_id = cur.lastrowid
-                await self.db.executemany(
+                conn.executemany(
                     """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end, page, heading)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                     [
@@ -208,7 +224,7 @@ class Store:
             if job_file is not None:
                 # Same transaction as the document: a file is added exactly once.
                 row = out[0][1]
-                await self.db.execute(
+                conn.execute(
                     "UPDATE job_files SET state = ?, doc_row = ?, chunks = ?, data = NULL WHERE id = ?",
                     ("unchanged" if row is None else "added", row, len(docs[0].chunks), job_file),
                 )
