@@ -46,15 +46,21 @@ def test_originals_are_kept_for_the_next_codec_and_dropped_at_full_size(tmp_path
     assert search(snapshot, TEXTS[77], k=1) == [77]
 
 
-def test_segments_of_two_codecs_search_as_one(tmp_path):
-    backend = plaid(tmp_path, exact_max=20)
+def two_codecs(backend) -> str:
+    """Passages 0-159 on a first codec, then a retraining, then passages
+    160-199 ("the quokka is mauve and number N") on the new codec."""
     name = settle(backend, C, commit(backend, 0, 40, None, 1), 1)
     for g, start in enumerate(range(40, 160, 40), start=2):
         name = commit(backend, start, start + 40, name, g)
     task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
     assert task is not None and task.kind == "retrain"
     name = backend.apply(C, name, 5, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
-    later = backend.write(C, name, 6, batch(160, [f"the quokka is mauve and number {i}" for i in range(160, 200)]))
+    return backend.write(C, name, 6, batch(160, [f"the quokka is mauve and number {i}" for i in range(160, 200)]))
+
+
+def test_segments_of_two_codecs_search_as_one(tmp_path):
+    backend = plaid(tmp_path, exact_max=20)
+    later = two_codecs(backend)
     m = backend.files(C).read_manifest(later)
     assert len({e.codec for e in m.segments}) == 2
     snapshot = backend.load(C, 6, later)
@@ -69,14 +75,7 @@ def test_a_merge_recompresses_block_by_block_as_it_would_all_at_once(tmp_path, m
     block of vectors at a time, so a merge holds their compact form, never
     every vector as floats: the merged segment is the same either way."""
     backend = plaid(tmp_path, exact_max=20)
-    name = settle(backend, C, commit(backend, 0, 40, None, 1), 1)
-    for g, start in enumerate(range(40, 160, 40), start=2):
-        name = commit(backend, start, start + 40, name, g)
-    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
-    assert task is not None and task.kind == "retrain"
-    name = backend.apply(C, name, 5, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
-    quokkas = [f"the quokka is mauve and number {i}" for i in range(160, 200)]
-    name = backend.write(C, name, 6, batch(160, quokkas))  # on the new codec: taken as it is
+    name = two_codecs(backend)  # the last segment is on the new codec: taken as it is
     m = backend.files(C).read_manifest(name)
     task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
     assert task is not None and task.kind == "merge" and len({e.codec for e in m.segments}) == 2
