@@ -194,13 +194,12 @@ class PlaidSnapshot:
         return SearchResult(all_pids[top.indices].tolist(), top.values.tolist())
 
 
-def _maxsim_top(
-    Q: torch.Tensor, embs: torch.Tensor, doclens: torch.Tensor, mask: torch.Tensor | None, k: int
-) -> tuple[list[int], list[float]]:
-    """Exhaustive MaxSim: the best ``k`` passages (positions, scores) among ``mask``."""
+def _exact_top(Q: torch.Tensor, segment: _Segment, mask: torch.Tensor | None, k: int):
+    """Exhaustive MaxSim over an exact-tier segment: the best ``k`` (positions, scores) among ``mask``."""
     from colbert.modeling.colbert import colbert_score_packed
 
-    scores = colbert_score_packed(Q, embs, doclens)
+    assert segment.embs is not None and segment.doclens is not None
+    scores = colbert_score_packed(Q, segment.embs, segment.doclens)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     n = min(k, int(mask.sum()) if mask is not None else scores.numel())
@@ -208,11 +207,6 @@ def _maxsim_top(
         return [], []
     top = scores.topk(n)
     return top.indices.tolist(), top.values.tolist()
-
-
-def _exact_top(Q: torch.Tensor, segment: _Segment, mask: torch.Tensor | None, k: int):
-    assert segment.embs is not None and segment.doclens is not None
-    return _maxsim_top(Q, segment.embs, segment.doclens, mask, k)
 
 
 def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segment:
@@ -364,8 +358,8 @@ class PlaidBackend:
 
     @staticmethod
     def _compress(codec, batch: PassageBatch) -> dict:
-        compressed = codec.compress(batch.embs.float())
-        arrays = segment_arrays(compressed.codes, compressed.residuals, batch.doclens, _centroids(codec))
+        codes, residuals = _Part(batch.pids, batch.doclens, embs=batch.embs).compressed_with(codec)
+        arrays = segment_arrays(torch.cat(codes), torch.cat(residuals), batch.doclens, _centroids(codec))
         return {"pids": batch.pids, **arrays}
 
     # -- background maintenance --------------------------------------------
@@ -637,6 +631,9 @@ class _Part:
             compressed = current.compress(block)
             codes.append(compressed.codes.to(torch.int32))
             residuals.append(compressed.residuals)
+        if not codes:  # no vectors
+            width = current.dim * current.nbits // 8
+            return [torch.empty(0, dtype=torch.int32)], [torch.empty(0, width, dtype=torch.uint8)]
         return codes, residuals
 
     @property
