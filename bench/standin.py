@@ -8,8 +8,17 @@ passage budget and lengths as the default model) and gives every token a
 fixed 128-dimensional unit vector: a row of a seeded random table indexed by
 token id, with a little seeded noise that depends on the position (one of
 :data:`POSITION_VARIANTS` noisy copies of each row, chosen by position, all
-renormalised when the table is built). A call is the Rust tokenizer plus one
-vectorised gather; no forward pass. Like the real
+renormalised when the table is built), plus ``context`` times a row of a
+second seeded table chosen by a hash of the token's two neighbours, so that
+each occurrence of a word lies in a cloud around the word's row, one point
+per context, as contextual vectors do. Without that context (``context=0``,
+the first version) every passage's [CLS] and every "the" fall on the same
+few points, one PLAID cell holds every passage and the engine searches the
+whole collection for every query: on the 10k-passage scale corpus at 4,096
+centroids its first stage yields 100% of the passages against 6.9% for the
+real checkpoint; with ``CONTEXT_WEIGHT`` 23%, still 3x the real model's
+(``python -m bench.plaid_cells``, BENCHMARKS.md). A call is the Rust
+tokenizer plus two vectorised gathers; no forward pass. Like the real
 encoder with the default checkpoint: no marker tokens, no query
 augmentation, punctuation dropped from documents, queries padded with zero
 vectors to the batch's longest.
@@ -36,6 +45,8 @@ from models.build_default_checkpoint import COLBERT_DIM, DOC_MAXLEN, QUERY_MAXLE
 TABLE_SEED = 20250101
 POSITION_NOISE = 0.1  # norm of the noise added to a token's row before renormalising
 POSITION_VARIANTS = 4  # noisy copies of each row; position p uses copy p % 4
+CONTEXT_WEIGHT = 0.5  # the weight of a token's context row against its own (see _vectors)
+CONTEXT_ROWS = 1 << 16  # rows of the context table (neighbour pairs hash into it)
 
 
 def load_tokenizer(path: Path | None = None):
@@ -60,6 +71,7 @@ class StandInEncoder:
         self,
         seed: int = TABLE_SEED,
         noise: float = POSITION_NOISE,
+        context: float = CONTEXT_WEIGHT,
         stats_dir: Path | str | None = None,
         tokenizer_dir: Path | None = None,
     ):
@@ -92,6 +104,9 @@ class StandInEncoder:
                 keep[ids[0]] = False
         self._keep = keep
         self._pad_id = int(base.pad_token_id or 0)
+        self.context = float(context)
+        contexts = torch.randn(CONTEXT_ROWS, self.dim, generator=generator)
+        self._context_table = torch.nn.functional.normalize(contexts, dim=-1).to(torch.float16)
         self._stats_path = Path(stats_dir) / f"standin-{os.getpid()}.json" if stats_dir else None
         self._stats = {"pid": os.getpid(), "calls": 0, "passages": 0, "tokens": 0}
 
@@ -104,9 +119,25 @@ class StandInEncoder:
     def passage_token_budget(self) -> int:
         return self.doc_maxlen - 2  # [CLS] and [SEP]
 
-    def _vectors(self, ids: np.ndarray, positions: np.ndarray) -> torch.Tensor:
-        """float16 unit rows for (token id, position) pairs."""
-        return self._table[torch.from_numpy(ids * POSITION_VARIANTS + positions % POSITION_VARIANTS)]
+    def _vectors(self, ids: np.ndarray, positions: np.ndarray, owner: np.ndarray | None = None) -> torch.Tensor:
+        """float16 unit rows for (token id, position) pairs; with ``context``,
+        each row plus ``context`` times a row of a second seeded table picked
+        by a hash of its neighbours' ids in the same text (``owner``: the text
+        of each token), renormalised: each occurrence of a word lies in a
+        cloud around the word's row, one point per context, as contextual
+        vectors do, instead of on one of a few points."""
+        rows = self._table[torch.from_numpy(ids * POSITION_VARIANTS + positions % POSITION_VARIANTS)]
+        if not self.context:
+            return rows
+        own = owner if owner is not None else np.zeros(ids.size, dtype=np.int64)
+        edge = np.int64(len(self._keep))  # "no neighbour": outside the vocabulary
+        before = np.concatenate([[edge], ids[:-1]])
+        before[1:][own[1:] != own[:-1]] = edge
+        after = np.concatenate([ids[1:], [edge]])
+        after[:-1][own[1:] != own[:-1]] = edge
+        keys = (before * 1_000_003 + after) % self._context_table.size(0)
+        mixed = rows.float() + self.context * self._context_table[torch.from_numpy(keys)].float()
+        return torch.nn.functional.normalize(mixed, dim=-1).to(torch.float16)
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         with self._doc_lock:
@@ -118,7 +149,7 @@ class StandInEncoder:
         owner = np.repeat(np.arange(len(rows)), lengths)
         kept = self._keep[ids]
         doclens = np.bincount(owner[kept], minlength=len(rows))
-        return self._vectors(ids[kept], positions[kept]), doclens.tolist()
+        return self._vectors(ids[kept], positions[kept], owner[kept]), doclens.tolist()
 
     def encode_documents(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
         """Packed token vectors (sum(doclens), dim) float16 and per-text lengths."""
@@ -139,7 +170,10 @@ class StandInEncoder:
             ids[n, : len(row)] = row
             mask[n, : len(row)] = True
         positions = np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))
-        Q = self._vectors(ids.reshape(-1), positions.reshape(-1)).float().view(len(rows), width, self.dim)
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), width)
+        padding = ~mask.reshape(-1)
+        owner[padding] = -1 - np.arange(int(padding.sum()))  # padding mixes with nothing
+        Q = self._vectors(ids.reshape(-1), positions.reshape(-1), owner).float().view(len(rows), width, self.dim)
         return Q * torch.from_numpy(mask).unsqueeze(-1)
 
     def maxsim(self, query: str, texts: list[str]) -> list[float]:

@@ -42,7 +42,13 @@ from app.engine.backend import (
 )
 from app.engine.index import IndexFiles, Manifest, SegmentEntry
 from app.settings import Settings
-from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
+from colbert_patches.codec import (
+    codec_from_state,
+    codec_state,
+    num_partitions_for,
+    partitions_trainable,
+    train_codec,
+)
 from colbert_patches.persistence import atomic_torch_save
 from colbert_patches.scorer import SnapshotScorer, load_extensions, search_params, segment_arrays
 
@@ -58,12 +64,12 @@ SMALL_SEGMENT_PASSAGES = 512
 MERGE_FACTOR = 4
 # Past this many segments the smallest adjacent pair is merged whatever its tiers.
 MAX_SEGMENTS = 16
-# Original vectors kept (across segments) for training the next codec: k-means
-# wants ~64 per centroid. Decompressed vectors train measurably worse codecs
+# Original vectors kept (across segments) for training the next codec: 16 per
+# centroid of the largest default codec (32,768). Decompressed vectors train measurably worse codecs
 # (-0.008 nDCG@10 on msmarco-mini, BENCHMARKS.md), so segments written while
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
 # at a rate that yields about this many by the next retraining.
-RETRAIN_SAMPLE = 1 << 18
+RETRAIN_SAMPLE = 1 << 19
 RECOMPRESS_BLOCK = 1 << 16  # token vectors decompressed or compressed at a time in a merge
 
 
@@ -253,7 +259,7 @@ class PlaidConfig:
     kmeans_niters: int
     rebuild_deleted_share: float
     rebuild_growth_factor: float
-    max_centroids: int = 4096
+    max_centroids: int = 32768
     segment_max_passages: int = 200_000
 
     @classmethod
@@ -353,7 +359,7 @@ class PlaidBackend:
             dim=self.config.dim,
             nbits=self.config.nbits,
             kmeans_niters=self.config.kmeans_niters,
-            partitions=min(wanted, num_partitions_for(embs.size(0))),
+            partitions=min(wanted, partitions_trainable(embs.size(0))),
         )
 
     @staticmethod

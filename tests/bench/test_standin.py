@@ -72,13 +72,22 @@ def test_deterministic_across_instances_and_batches(encoder):
     assert not torch.equal(StandInEncoder(seed=1).encode_documents(TEXTS[:1])[0], a[: la[0]])
 
 
-def test_token_vectors_depend_on_the_token_and_a_little_on_the_position(encoder):
-    embs, _ = encoder.encode_documents(["banks banks banks banks banks"])
+def test_without_context_vectors_depend_on_the_token_and_a_little_on_the_position():
+    embs, _ = StandInEncoder(context=0.0).encode_documents(["banks banks banks banks banks"])
     rows = embs[1:-1].float()  # the five "banks"
     similarity = rows @ rows.T
     assert similarity.min() > 0.95  # the same token: nearly the same vector
     assert not torch.equal(rows[0], rows[1])  # but not identical at every position
     assert torch.equal(rows[0], rows[4])  # positions 1 and 5 share a variant
+
+
+def test_context_spreads_a_word_by_its_neighbours(encoder):
+    embs, lens = encoder.encode_documents(["the river bank", "the central bank", "a river bank"])
+    river, central, again = (e[-2].float() for e in embs.split(lens))  # "bank", before [SEP]
+    other = embs.split(lens)[0][1].float()  # "the"
+    assert float(river @ again) > 0.95  # same neighbours: nearly the same vector
+    assert 0.5 < float(river @ central) < 0.95  # same word, other context: near, not the same
+    assert abs(float(river @ other)) < 0.4  # another word: far
 
 
 def test_maxsim_prefers_overlap(encoder):

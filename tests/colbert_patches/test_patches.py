@@ -9,7 +9,14 @@ import pytest
 import torch
 
 import colbert_patches
-from colbert_patches.codec import codec_from_state, codec_state, num_partitions_for, train_codec
+from colbert_patches.codec import (
+    codec_from_state,
+    codec_state,
+    num_partitions_for,
+    partitions_trainable,
+    train_codec,
+    two_level_kmeans,
+)
 from colbert_patches.model_loading import EncoderOptions, load_checkpoint
 from colbert_patches.persistence import atomic_torch_save, atomic_write_json
 from colbert_patches.scorer import SnapshotScorer, search_params, segment_arrays
@@ -67,6 +74,30 @@ def test_tokenizer_options(checkpoint_dir):
 def test_partitions_never_exceed_training_points(n):
     p = num_partitions_for(n)
     assert 1 <= p <= max(n, 1) and p & (p - 1) == 0
+
+
+def test_partitions_grow_with_the_square_root_and_stop_at_the_cap():
+    assert num_partitions_for(352_000) == 4096  # msmarco-mini: the codec measured best there
+    assert num_partitions_for(4 * 352_000) == 8192  # 4x the vectors: 2x the centroids
+    assert num_partitions_for(86_000_000) == 65536
+    assert num_partitions_for(86_000_000, 32768) == 32768
+    assert partitions_trainable(1 << 19) == 32768  # 16 training vectors per centroid
+
+
+def test_two_level_kmeans_gives_exactly_k_centroids_near_the_data():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.nn.functional.normalize(torch.randn(600, 32, generator=gen), dim=-1)
+    skew = torch.randint(0, 600, (20_000,), generator=gen) ** 2 // 600  # uneven cluster sizes
+    points = torch.nn.functional.normalize(centers[skew] + 0.02 * torch.randn(20_000, 32, generator=gen), dim=-1)
+    x = np.ascontiguousarray(points.numpy())
+    found = two_level_kmeans(x, 1000, niter=4, seed=1)
+    assert found.shape == (1000, 32) and np.isfinite(found).all()
+    assert np.array_equal(found, two_level_kmeans(x, 1000, niter=4, seed=1))  # deterministic
+    unit = found / np.linalg.norm(found, axis=1, keepdims=True)
+    assert (x @ unit.T).max(axis=1).mean() > 0.95  # every point has a centroid close by
+    assert two_level_kmeans(x[:50], 64, niter=4, seed=1).shape[0] == 50  # never more centroids than points
 
 
 def _clustered(num_docs: int, tokens: int, dim: int = 128, seed: int = 0):
