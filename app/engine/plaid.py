@@ -70,6 +70,7 @@ MAX_SEGMENTS = 16
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
 # at a rate that yields about this many by the next retraining.
 RETRAIN_SAMPLE = 1 << 19
+RECOMPRESS_STEP_PASSAGES = 16_384  # older-codec passages recompressed per background step (whole segments)
 RECOMPRESS_BLOCK = 1 << 16  # token vectors decompressed or compressed at a time in a merge
 
 
@@ -398,23 +399,42 @@ class PlaidBackend:
             if s.passages and n_dead > self.config.rebuild_deleted_share * s.passages:
                 return MaintenanceTask(collection_id, manifest, "merge", (s.name,), f"{n_dead} of {s.passages} deleted")
         limit = self.config.segment_max_passages
-        old = [i for i, s in enumerate(m.segments) if s.codec != m.codec]
-        if old:
-            run = _run_from(m.segments, old[0], limit, lambda s: s.codec != m.codec)
+        exact = [i for i, s in enumerate(m.segments) if s.codec is None and m.codec is not None]
+        if exact:  # exhaustively searched until compressed: first
+            run = _run_from(m.segments, exact[0], limit, lambda s: s.codec is None)
             names = tuple(s.name for s in run)
-            return MaintenanceTask(collection_id, manifest, "merge", names, "recompress with the current codec")
+            return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
+        # Merges of segments on the current codec only concatenate them (no
+        # recompression), so they come before recompressing older-codec
+        # segments, which costs a centroid assignment per vector: after a
+        # retraining, that is the whole collection, and commits must not
+        # pile up small segments meanwhile (search cost grows with them).
+        current = [s.codec == m.codec for s in m.segments]
         tiers = [int(math.log(max(s.passages, 1), MERGE_FACTOR)) for s in m.segments]
         for i in range(len(m.segments) - MERGE_FACTOR + 1):
             group = m.segments[i : i + MERGE_FACTOR]
-            if len(set(tiers[i : i + MERGE_FACTOR])) == 1 and sum(s.passages for s in group) <= limit:
+            same_tier = len(set(tiers[i : i + MERGE_FACTOR])) == 1
+            if same_tier and all(current[i : i + MERGE_FACTOR]) and sum(s.passages for s in group) <= limit:
                 return MaintenanceTask(
                     collection_id, manifest, "merge", tuple(s.name for s in group), f"tier {tiers[i]}"
                 )
         if len(m.segments) > MAX_SEGMENTS:
-            sizes = [a.passages + b.passages for a, b in zip(m.segments, m.segments[1:])]
-            i = sizes.index(min(sizes))
-            names = (m.segments[i].name, m.segments[i + 1].name)
-            return MaintenanceTask(collection_id, manifest, "merge", names, f"{len(m.segments)} segments")
+            pairs = [
+                (a.passages + b.passages, i)
+                for i, (a, b) in enumerate(zip(m.segments, m.segments[1:]))
+                if current[i] and current[i + 1]
+            ]
+            if pairs:
+                i = min(pairs)[1]
+                names = (m.segments[i].name, m.segments[i + 1].name)
+                return MaintenanceTask(collection_id, manifest, "merge", names, f"{len(m.segments)} segments")
+        old = [i for i, s in enumerate(m.segments) if s.codec != m.codec]
+        if old:
+            # A few passages at a time (about 10 s of centroid assignment),
+            # so the merges above interleave with a long recompression.
+            run = _run_from(m.segments, old[0], min(limit, RECOMPRESS_STEP_PASSAGES), lambda s: s.codec != m.codec)
+            names = tuple(s.name for s in run)
+            return MaintenanceTask(collection_id, manifest, "merge", names, "recompress with the current codec")
         return None
 
     def _codec_centroids(self, collection_id: int, codec: str) -> int:

@@ -163,3 +163,24 @@ def test_the_first_codec_is_trained_in_the_background_while_commits_go_on(tmp_pa
     assert settled.kind == "plaid" and all(s.scorer is not None for s in settled.segments)
     assert backend.files(C).read_manifest(name).segments[0].sample  # originals kept for the next codec
     assert search(settled, TEXTS[66], k=1) == [66]
+
+
+def test_merges_on_the_current_codec_come_before_recompressing_older_segments(tmp_path):
+    """After a retraining every older segment needs recompressing (a centroid
+    assignment per vector); cheap merges of new segments go first, so commits
+    do not pile up small segments behind one long recompression."""
+    backend = plaid(tmp_path, exact_max=20)
+    name = two_codecs(backend)
+    for g, start in enumerate(range(200, 320, 40), start=7):
+        name = backend.write(
+            C, name, g, batch(start, [f"the quokka is mauve and number {i}" for i in range(start, start + 40)])
+        )
+    m = backend.files(C).read_manifest(name)
+    newest = [e.name for e in m.segments if e.codec == m.codec]
+    assert len(newest) == 4 and any(e.codec != m.codec for e in m.segments)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "merge" and list(task.segments) == newest
+    name = backend.apply(C, name, 10, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.reason == "recompress with the current codec"
+    assert search(backend.load(C, 10, name), "the quokka is mauve and number 250", k=1) == [250]
