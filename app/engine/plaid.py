@@ -64,8 +64,9 @@ SMALL_SEGMENT_PASSAGES = 512
 MERGE_FACTOR = 4
 # Past this many segments the smallest adjacent pair is merged whatever its tiers.
 MAX_SEGMENTS = 16
-# Original vectors kept (across segments) for training the next codec: 16 per
-# centroid of the largest default codec (32,768). Decompressed vectors train measurably worse codecs
+# Original vectors kept (across segments) for training the next codec: about
+# 64 per centroid of the largest codec (PLAID_MAX_CENTROIDS), at most this
+# many (16 per centroid at 32,768). Decompressed vectors train measurably worse codecs
 # (-0.008 nDCG@10 on msmarco-mini, BENCHMARKS.md), so segments written while
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
 # at a rate that yields about this many by the next retraining.
@@ -260,7 +261,7 @@ class PlaidConfig:
     kmeans_niters: int
     rebuild_deleted_share: float
     rebuild_growth_factor: float
-    max_centroids: int = 32768
+    max_centroids: int = 4096
     segment_max_passages: int = 200_000
 
     @classmethod
@@ -296,6 +297,10 @@ class PlaidBackend:
         # centroid-assignment index, built once): codec files never change.
         self._current_codecs: dict[int, tuple[str, object]] = {}
         self._codec_lock = threading.Lock()
+
+    @property
+    def _retrain_sample(self) -> int:
+        return min(RETRAIN_SAMPLE, 64 * self.config.max_centroids)
 
     def _current_codec(self, collection_id: int, files: IndexFiles, name: str):
         """The codec ``name`` of a collection, loaded once while it is the
@@ -346,7 +351,7 @@ class PlaidBackend:
         """The share of ``embs`` (fp16) kept for training the next codec; None at full size."""
         if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
             return None
-        rate = RETRAIN_SAMPLE / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
+        rate = self._retrain_sample / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
         n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
         take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]
         return embs[take].to(torch.float16).contiguous()
@@ -540,11 +545,11 @@ class PlaidBackend:
         evenly from every segment, decompressed with the codec each was
         written with."""
         kept = [files.load(e.sample)["embs"] for e in m.segments if e.sample]
-        if sum(k.size(0) for k in kept) >= RETRAIN_SAMPLE // 2:
+        if sum(k.size(0) for k in kept) >= self._retrain_sample // 2:
             return torch.cat(kept).float()
         states = [(entry, files.load(entry.name)) for entry in m.segments]
         gen = torch.Generator().manual_seed(m.generation)
-        share = RETRAIN_SAMPLE / max(m.tokens, 1)
+        share = self._retrain_sample / max(m.tokens, 1)
         parts = []
         codecs: dict[str, object] = {}
         for entry, state in states:
