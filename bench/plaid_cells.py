@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from app.ingest.pipeline import passage_text
 from bench.corpus import ScaleCorpus
 from bench.data import mean_ndcg
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     colbert_patches.apply()  # the server's codec patches (faiss centroid assignment)
     corpus = ScaleCorpus()
     docs = [corpus.passage(i) for i in range(args.passages)]
-    texts = [(d.get("title", "") + "\n" + d["text"]).strip() for d in docs]
+    texts = [passage_text(d.get("title"), d["text"]) for d in docs]  # as the server encodes them
     ids = [d["id"] for d in docs]
     print(
         "| encoder | passages | centroids | codec trained s | candidates p50 / max (share) | largest cell (share) | search p50 ms | nDCG@10 |"

@@ -119,7 +119,7 @@ class StandInEncoder:
     def passage_token_budget(self) -> int:
         return self.doc_maxlen - 2  # [CLS] and [SEP]
 
-    def _vectors(self, ids: np.ndarray, positions: np.ndarray, owner: np.ndarray | None = None) -> torch.Tensor:
+    def _vectors(self, ids: np.ndarray, positions: np.ndarray, owner: np.ndarray) -> torch.Tensor:
         """float16 unit rows for (token id, position) pairs; with ``context``,
         each row plus ``context`` times a row of a second seeded table picked
         by a hash of its neighbours' ids in the same text (``owner``: the text
@@ -129,12 +129,10 @@ class StandInEncoder:
         rows = self._table[torch.from_numpy(ids * POSITION_VARIANTS + positions % POSITION_VARIANTS)]
         if not self.context:
             return rows
-        own = owner if owner is not None else np.zeros(ids.size, dtype=np.int64)
         edge = np.int64(len(self._keep))  # "no neighbour": outside the vocabulary
-        before = np.concatenate([[edge], ids[:-1]])
-        before[1:][own[1:] != own[:-1]] = edge
-        after = np.concatenate([ids[1:], [edge]])
-        after[:-1][own[1:] != own[:-1]] = edge
+        boundary = owner[1:] != owner[:-1]  # between two texts
+        before = np.concatenate([[edge], np.where(boundary, edge, ids[:-1])])
+        after = np.concatenate([np.where(boundary, edge, ids[1:]), [edge]])
         keys = (before * 1_000_003 + after) % self._context_table.size(0)
         mixed = rows.float() + self.context * self._context_table[torch.from_numpy(keys)].float()
         return torch.nn.functional.normalize(mixed, dim=-1).to(torch.float16)

@@ -157,8 +157,8 @@ COARSE_POINTS_PER_CENTROID = 2048  # the coarse level sees most of the sample
 
 
 def _kmeans(points, k: int, niter: int, seed: int, points_per_centroid: int = POINTS_PER_CENTROID):
-    """faiss k-means on every core: upstream's compute_faiss_kmeans, minus
-    verbose=True (faiss prints from C++)."""
+    """A trained ``faiss.Kmeans`` (every core): upstream's compute_faiss_kmeans,
+    minus verbose=True (faiss prints from C++)."""
     import faiss
 
     kmeans = faiss.Kmeans(
@@ -172,7 +172,7 @@ def _kmeans(points, k: int, niter: int, seed: int, points_per_centroid: int = PO
         min_points_per_centroid=1,  # callers size k to their points; no warning on stderr
     )
     kmeans.train(points)
-    return kmeans.centroids
+    return kmeans
 
 
 def two_level_kmeans(points, k: int, niter: int, seed: int):
@@ -189,13 +189,7 @@ def two_level_kmeans(points, k: int, niter: int, seed: int):
     n = points.shape[0]
     k = min(k, n)
     coarse_k = max(2, int(math.sqrt(k)))
-    coarse = _kmeans(points, coarse_k, niter, seed, points_per_centroid=COARSE_POINTS_PER_CENTROID)
-    import faiss
-
-    flat = faiss.IndexFlatL2(points.shape[1])
-    flat.add(coarse)
-    _, assign = flat.search(points, 1)
-    assign = assign[:, 0]
+    _, assign = _kmeans(points, coarse_k, niter, seed, points_per_centroid=COARSE_POINTS_PER_CENTROID).assign(points)
     sizes = np.bincount(assign, minlength=coarse_k)
     shares = np.minimum(np.maximum((sizes * k) // max(n, 1), (sizes > 0).astype(np.int64)), sizes)
     for c in np.argsort(-sizes):  # the rounding's difference to k, from or to the largest clusters
@@ -210,7 +204,9 @@ def two_level_kmeans(points, k: int, niter: int, seed: int):
         if shares[c] == 0:
             continue
         members = points[order[bounds[c] : bounds[c + 1]]]
-        found.append(members if shares[c] >= members.shape[0] else _kmeans(members, int(shares[c]), niter, seed + c))
+        found.append(
+            members if shares[c] >= members.shape[0] else _kmeans(members, int(shares[c]), niter, seed + c).centroids
+        )
     return np.ascontiguousarray(np.concatenate(found).astype(np.float32))
 
 
@@ -251,7 +247,7 @@ def train_codec(
     if partitions > TWO_LEVEL_MIN_CENTROIDS:
         found = two_level_kmeans(points, partitions, kmeans_niters, seed)
     else:
-        found = _kmeans(points, partitions, kmeans_niters, seed)
+        found = _kmeans(points, partitions, kmeans_niters, seed).centroids
     centroids = torch.nn.functional.normalize(torch.from_numpy(found), dim=-1).float()
     helper = SimpleNamespace(config=config, use_gpu=False, verbose=0)
     cutoffs, weights, avg_residual = CollectionIndexer._compute_avg_residual(helper, centroids, heldout)

@@ -43,6 +43,7 @@ from app.engine.backend import (
 from app.engine.index import IndexFiles, Manifest, SegmentEntry
 from app.settings import Settings
 from colbert_patches.codec import (
+    POINTS_PER_CENTROID,
     codec_from_state,
     codec_state,
     num_partitions_for,
@@ -64,8 +65,8 @@ SMALL_SEGMENT_PASSAGES = 512
 MERGE_FACTOR = 4
 # Past this many segments the smallest adjacent pair is merged whatever its tiers.
 MAX_SEGMENTS = 16
-# Original vectors kept (across segments) for training the next codec: about
-# 64 per centroid of the largest codec (PLAID_MAX_CENTROIDS), at most this
+# Original vectors kept (across segments) for training the next codec:
+# POINTS_PER_CENTROID per centroid of the largest codec (PLAID_MAX_CENTROIDS), at most this
 # many (16 per centroid at 32,768). Decompressed vectors train measurably worse codecs
 # (-0.008 nDCG@10 on msmarco-mini, BENCHMARKS.md), so segments written while
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
@@ -300,7 +301,7 @@ class PlaidBackend:
 
     @property
     def _retrain_sample(self) -> int:
-        return min(RETRAIN_SAMPLE, 64 * self.config.max_centroids)
+        return min(RETRAIN_SAMPLE, POINTS_PER_CENTROID * self.config.max_centroids)
 
     def _current_codec(self, collection_id: int, files: IndexFiles, name: str):
         """The codec ``name`` of a collection, loaded once while it is the
