@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     exact_search_max_passages: int = Field(default=1024, ge=0)
     rebuild_growth_factor: float = Field(default=4.0, gt=0)
     rebuild_deleted_share: float = Field(default=0.3, gt=0, le=1)
-    plaid_max_centroids: int = Field(default=4096, ge=16)
+    plaid_max_centroids: int = Field(default=32768, ge=16)
     segment_max_passages: int = Field(default=200_000, ge=1000)
     commit_max_chunks: int = Field(default=4096, ge=1)
     commit_target_s: float = Field(default=1.0, gt=0)

@@ -126,6 +126,41 @@ class SnapshotScorer(IndexScorer):
         self.codec._cells_of_query = (key, Q, result)
         return result
 
+    def shortlist(self, params: SearchParams, Q: torch.Tensor, alive=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """PLAID's first two stages without the last: the ``ndocs // 4``
+        slots that upstream would decompress and score exactly, with the
+        centroid-only score that chose them (each query token's best
+        centroid among the passage's codes, summed), so that shortlists of
+        several segments on one codec can be cut to one budget before any
+        decompression. Tombstones (``~alive``) are dropped first."""
+        empty = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.float32)
+        with torch.inference_mode():
+            slots, centroid_scores = self.retrieve(params, Q)
+            if alive is not None:
+                slots = slots[alive[slots.long()]]
+            if slots.numel() == 0:
+                return empty
+            pruned = centroid_scores.max(-1).values >= params.centroid_score_threshold
+            slots = IndexScorer.filter_pids(
+                slots, centroid_scores, self.embeddings.codes, self.doclens, self.offsets, pruned, params.ndocs
+            )
+            if slots.numel() == 0:
+                return empty
+            return slots, self.centroid_approximation(centroid_scores, slots)
+
+    def centroid_approximation(self, centroid_scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The score ``filter_pids`` ranks by in its last pass: for each
+        query token, its best score against the centroids of the passage's
+        vectors; summed over query tokens (``centroid_scores``: centroids x
+        query tokens)."""
+        lengths = self.doclens[slots.long()]
+        starts = self.offsets[slots.long()]
+        positions = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
+        positions += torch.arange(int(lengths.sum()), dtype=torch.int64)
+        codes = self.embeddings.codes[positions].long()
+        best = torch.segment_reduce(centroid_scores[codes], "max", lengths=lengths, axis=0)
+        return best.sum(-1)
+
     def rank_once(self, params: SearchParams, Q: torch.Tensor, alive=None):
         """One PLAID pass: (slots, scores), best first, tombstones dropped
         before scoring; fewer than k when the probed cells hold fewer."""

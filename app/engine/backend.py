@@ -97,6 +97,7 @@ class PreparedChange:
     segment: object | None  # merge: what replaces the inputs (None: nothing was left)
     written: tuple[str, ...]  # files it wrote
     dropped_pids: torch.Tensor  # tombstoned passages in no segment once applied
+    consumed: tuple[str, ...] = ()  # retrain: the training vectors' files, no longer needed once applied
 
 
 class IndexSnapshot(Protocol):

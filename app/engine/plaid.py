@@ -12,9 +12,10 @@ so a commit costs O(its passages) and a snapshot opens only the new segment
 Everything else happens in the background (:mod:`app.engine.maintenance`)
 through :meth:`PlaidBackend.plan` / :meth:`prepare` / :meth:`apply`: tiered
 merges of adjacent segments (dropping tombstoned passages), and a new codec
-trained from vectors the index already holds when the collection has grown;
-segments keep the codec they were written with until a merge recompresses
-them. Nothing is ever re-encoded from text.
+trained from vectors the index already holds when the collection has grown.
+Segments keep the codec they were written with: merges join segments of one
+codec, and only past ``MAX_SEGMENTS`` with no such pair left is a pair of two
+codecs recompressed. Nothing is ever re-encoded from text.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ logger = logging.getLogger("app.engine")
 # Filtered PLAID searches score every allowed passage when there are at most
 # this many (decompressing ~100 vectors each costs about 1 ms per 1,000).
 EXHAUSTIVE_SUBSET_MAX = 8192
-# Segments up to this many passages are scored exhaustively (decompressing
-# ~70 vectors per passage costs less than PLAID's pipeline on a tiny segment).
-SMALL_SEGMENT_PASSAGES = 512
+# Segments up to this many passages are scored exhaustively (fresh commits
+# of a few documents, whose passages PLAID's cells might not reach): about
+# the number of passages one PLAID pass decompresses (``ndocs // 4``).
+SMALL_SEGMENT_PASSAGES = 64
 # Tiered merging: this many adjacent segments of one size tier become one.
 MERGE_FACTOR = 4
 # Past this many segments the smallest adjacent pair is merged whatever its tiers.
@@ -72,7 +74,6 @@ MAX_SEGMENTS = 16
 # the codec is below PLAID_MAX_CENTROIDS keep a sample of their originals,
 # at a rate that yields about this many by the next retraining.
 RETRAIN_SAMPLE = 1 << 19
-RECOMPRESS_STEP_PASSAGES = 16_384  # older-codec passages recompressed per background step (whole segments)
 RECOMPRESS_BLOCK = 1 << 16  # token vectors decompressed or compressed at a time in a merge
 
 
@@ -179,23 +180,44 @@ class PlaidSnapshot:
         allowed subset) is scored exhaustively, a large one by one PLAID pass."""
         pids: list[torch.Tensor] = []
         scores: list[torch.Tensor] = []
+
+        def keep(segment: _Segment, ranked, values) -> None:
+            ranked, values = list(ranked)[:k], list(values)[:k]
+            if ranked:
+                pids.append(segment.pids[torch.tensor(ranked, dtype=torch.int64)])
+                scores.append(torch.tensor(values, dtype=torch.float32))
+
+        # PLAID segments: each one's shortlist, cut to one budget per codec
+        # by its centroid-only score, then only the survivors decompressed
+        # and scored exactly (a snapshot of S segments decompresses what one
+        # segment would, not S times as much).
+        shortlists: dict[str | None, list[tuple[_Segment, torch.Tensor, torch.Tensor]]] = {}
         for n, segment in enumerate(self.segments):
             part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
             if part is not None and not bool(part.any()):
                 continue
             if segment.scorer is None:  # still in the exact tier (its first codec is being trained)
-                ranked, values = _exact_top(Q, segment, part, k)
+                keep(segment, *_exact_top(Q, segment, part, k))
             elif subset or segment.scorer.num_passages <= SMALL_SEGMENT_PASSAGES:
                 slots = part.nonzero().flatten() if part is not None else torch.arange(segment.scorer.num_passages)
-                ranked, values = segment.scorer.rank(params, Q, pids=slots.tolist())
+                keep(segment, *segment.scorer.rank(params, Q, pids=slots.tolist()))
             elif expand:
-                ranked, values = segment.scorer.search(Q, params, part, k)
+                keep(segment, *segment.scorer.search(Q, params, part, k))
             else:
-                ranked, values = segment.scorer.rank_once(params, Q, part)
-            ranked, values = list(ranked)[:k], list(values)[:k]
-            if ranked:
-                pids.append(segment.pids[torch.tensor(ranked, dtype=torch.int64)])
-                scores.append(torch.tensor(values, dtype=torch.float32))
+                slots, approx = segment.scorer.shortlist(params, Q, part)
+                if slots.numel():
+                    shortlists.setdefault(segment.entry.codec, []).append((segment, slots, approx))
+        budget = max(params.ndocs // 4, k)
+        for group in shortlists.values():
+            approx = torch.cat([a for _, _, a in group])
+            owner = torch.cat([torch.full((len(a),), i, dtype=torch.int64) for i, (_, _, a) in enumerate(group)])
+            chosen = torch.zeros(len(approx), dtype=torch.bool)
+            chosen[approx.topk(min(budget, len(approx))).indices] = True
+            for i, (segment, slots, _) in enumerate(group):
+                mine = slots[chosen[owner == i]]
+                if mine.numel():
+                    assert segment.scorer is not None
+                    keep(segment, *segment.scorer.rank(params, Q, pids=mine.tolist()))
         if not pids:
             return SearchResult([], [])
         all_pids, all_scores = torch.cat(pids), torch.cat(scores)
@@ -262,7 +284,7 @@ class PlaidConfig:
     kmeans_niters: int
     rebuild_deleted_share: float
     rebuild_growth_factor: float
-    max_centroids: int = 4096
+    max_centroids: int = 32768
     segment_max_passages: int = 200_000
 
     @classmethod
@@ -410,37 +432,30 @@ class PlaidBackend:
             run = _run_from(m.segments, exact[0], limit, lambda s: s.codec is None)
             names = tuple(s.name for s in run)
             return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
-        # Merges of segments on the current codec only concatenate them (no
-        # recompression), so they come before recompressing older-codec
-        # segments, which costs a centroid assignment per vector: after a
-        # retraining, that is the whole collection, and commits must not
-        # pile up small segments meanwhile (search cost grows with them).
-        current = [s.codec == m.codec for s in m.segments]
+        # Segments keep the codec they were written with: a merge joins
+        # segments of one codec (concatenation, no centroid assignment), so a
+        # retraining never makes the whole collection wait to be recompressed.
+        # Older segments stay searchable on their coarser codec; new data gets
+        # the finer one.
+        same = [a.codec == b.codec for a, b in zip(m.segments, m.segments[1:])]
         tiers = [int(math.log(max(s.passages, 1), MERGE_FACTOR)) for s in m.segments]
         for i in range(len(m.segments) - MERGE_FACTOR + 1):
             group = m.segments[i : i + MERGE_FACTOR]
             same_tier = len(set(tiers[i : i + MERGE_FACTOR])) == 1
-            if same_tier and all(current[i : i + MERGE_FACTOR]) and sum(s.passages for s in group) <= limit:
+            if same_tier and all(same[i : i + MERGE_FACTOR - 1]) and sum(s.passages for s in group) <= limit:
                 return MaintenanceTask(
                     collection_id, manifest, "merge", tuple(s.name for s in group), f"tier {tiers[i]}"
                 )
         if len(m.segments) > MAX_SEGMENTS:
+            # The smallest pair of one codec; only when no such pair is left,
+            # the smallest pair of two (recompressed with the current codec).
             pairs = [
-                (a.passages + b.passages, i)
-                for i, (a, b) in enumerate(zip(m.segments, m.segments[1:]))
-                if current[i] and current[i + 1]
+                (not same[i], a.passages + b.passages, i) for i, (a, b) in enumerate(zip(m.segments, m.segments[1:]))
             ]
-            if pairs:
-                i = min(pairs)[1]
-                names = (m.segments[i].name, m.segments[i + 1].name)
-                return MaintenanceTask(collection_id, manifest, "merge", names, f"{len(m.segments)} segments")
-        old = [i for i, s in enumerate(m.segments) if s.codec != m.codec]
-        if old:
-            # A few passages at a time (about 10 s of centroid assignment),
-            # so the merges above interleave with a long recompression.
-            run = _run_from(m.segments, old[0], min(limit, RECOMPRESS_STEP_PASSAGES), lambda s: s.codec != m.codec)
-            names = tuple(s.name for s in run)
-            return MaintenanceTask(collection_id, manifest, "merge", names, "recompress with the current codec")
+            mixed, _, i = min(pairs)
+            names = (m.segments[i].name, m.segments[i + 1].name)
+            reason = f"{len(m.segments)} segments" + (", recompressed with the current codec" if mixed else "")
+            return MaintenanceTask(collection_id, manifest, "merge", names, reason)
         return None
 
     def _codec_centroids(self, collection_id: int, codec: str) -> int:
@@ -470,17 +485,26 @@ class PlaidBackend:
             name = files.new_name("codec", m.generation)
             self._pin(task.collection_id, {name})
             files.write_codec(m.generation, codec_state(codec), name)
-            return PreparedChange(task, codec=name, segment=None, written=(name,), dropped_pids=torch.empty(0))
+            consumed = tuple(e.sample for e in m.segments if e.sample)
+            return PreparedChange(task, name, None, (name,), torch.empty(0), consumed)
         return self._merge(files, m, task, dead_pids)
 
     def _merge(self, files: IndexFiles, m: Manifest, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
-        """The task's segments as one, without tombstones, on the current codec."""
+        """The task's segments as one, without tombstones: on their codec
+        when they share one, else (exact-tier or mixed inputs) on the current one."""
         entries = [s for s in m.segments if s.name in task.segments]
         assert [s.name for s in entries] == list(task.segments)
-        current = self._current_codec(task.collection_id, files, m.codec) if m.codec else None
+        shared = {s.codec for s in entries}
+        target = shared.pop() if len(shared) == 1 and None not in shared else m.codec
+        codecs: dict[str, object] = {}
+        if target is None:
+            current = None
+        elif target == m.codec:
+            current = self._current_codec(task.collection_id, files, target)
+        else:
+            current = _codec(files, target, codecs)
         parts: list[_Part] = []
         dropped: list[torch.Tensor] = []
-        codecs: dict[str, object] = {}
         for source in entries:
             state = files.load(source.name)
             keep = ~torch.isin(state["pids"], dead_pids)
@@ -498,7 +522,7 @@ class PlaidBackend:
             self._pin(task.collection_id, {name})
             files.write_segment(m.generation, state, name)
             pids, tokens = state["pids"], int(state["doclens"].sum())
-            entry = SegmentEntry(name, m.codec, int(pids.numel()), tokens, int(pids[0]), int(pids[-1]))
+            entry = SegmentEntry(name, target, int(pids.numel()), tokens, int(pids[0]), int(pids[-1]))
             written = (name,)
             samples = [p.sample for p in parts if p.sample is not None]
             if samples:  # the inputs' originals, still wanted for the next codec
@@ -517,9 +541,12 @@ class PlaidBackend:
             files = self.files(collection_id)
             m = files.read_manifest(base)
             if change.task.kind == "retrain":
-                segments = m.segments
-                if self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids:
-                    segments = tuple(replace(e, sample=None) for e in segments)  # no later codec to train
+                # The originals it was trained on are spent (the next codec
+                # trains on what commits keep from now on); at the largest
+                # size there is no next codec at all.
+                last = self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids
+                spent = set(change.consumed)
+                segments = tuple(replace(e, sample=None) if last or e.sample in spent else e for e in m.segments)
                 retrained = replace(m, codec=change.codec, codec_passages=m.passages, codec_tokens=m.tokens)
                 return files.write_manifest(replace(retrained, generation=generation, segments=segments))
             names = [s.name for s in m.segments]

@@ -165,10 +165,11 @@ def test_the_first_codec_is_trained_in_the_background_while_commits_go_on(tmp_pa
     assert search(settled, TEXTS[66], k=1) == [66]
 
 
-def test_merges_on_the_current_codec_come_before_recompressing_older_segments(tmp_path):
-    """After a retraining every older segment needs recompressing (a centroid
-    assignment per vector); cheap merges of new segments go first, so commits
-    do not pile up small segments behind one long recompression."""
+def test_a_retraining_leaves_older_segments_on_their_codec(tmp_path):
+    """A new codec compresses new data only: merges join segments of one
+    codec as they are (no centroid assignment), so a retraining never puts
+    the whole collection behind a recompression; the originals the codec
+    was trained on are dropped once it is applied."""
     backend = plaid(tmp_path, exact_max=20)
     name = two_codecs(backend)
     for g, start in enumerate(range(200, 320, 40), start=7):
@@ -176,11 +177,36 @@ def test_merges_on_the_current_codec_come_before_recompressing_older_segments(tm
             C, name, g, batch(start, [f"the quokka is mauve and number {i}" for i in range(start, start + 40)])
         )
     m = backend.files(C).read_manifest(name)
-    newest = [e.name for e in m.segments if e.codec == m.codec]
-    assert len(newest) == 4 and any(e.codec != m.codec for e in m.segments)
+    older = [e for e in m.segments if e.codec != m.codec]
+    assert len(older) == 4 and len({e.codec for e in older}) == 1
+    assert not any(e.sample for e in older)  # spent on the new codec
+    assert all(e.sample for e in m.segments if e.codec == m.codec)  # kept for the next one
+    none = torch.empty(0, dtype=torch.int64)
+    merged = []
+    while (task := backend.plan(C, name, none)) is not None:
+        change = backend.prepare(task, none)
+        sources = {e.name: e.codec for e in backend.files(C).read_manifest(name).segments}
+        assert {sources[s] for s in task.segments} == {change.segment.codec}  # one codec in, the same out
+        merged.append(change.segment.codec)
+        name = backend.apply(C, name, 10 + len(merged), change)
+    assert sorted(merged) == sorted([m.codec, older[0].codec])  # each codec's tier merged once
+    after = backend.files(C).read_manifest(name)
+    assert [e.codec for e in after.segments] == [older[0].codec, m.codec]
+    snapshot = backend.load(C, 20, name)
+    assert search(snapshot, "the quokka is mauve and number 250", k=1) == [250]
+    assert search(snapshot, TEXTS[5], k=1) == [5]
+
+
+def test_past_max_segments_a_pair_of_two_codecs_is_merged_only_when_no_pair_of_one_is_left(tmp_path, monkeypatch):
+    backend = plaid(tmp_path, exact_max=20)
+    name = two_codecs(backend)  # 4 + 1 segments on two codecs
+    m = backend.files(C).read_manifest(name)
+    monkeypatch.setattr(plaid_module, "MERGE_FACTOR", 8)  # no tier merge: only the segment bound acts
+    monkeypatch.setattr(plaid_module, "MAX_SEGMENTS", 1)
     task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
-    assert task is not None and task.kind == "merge" and list(task.segments) == newest
-    name = backend.apply(C, name, 10, backend.prepare(task, torch.empty(0, dtype=torch.int64)))
-    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
-    assert task is not None and task.reason == "recompress with the current codec"
-    assert search(backend.load(C, 10, name), "the quokka is mauve and number 250", k=1) == [250]
+    assert task is not None and "recompressed" not in task.reason
+    assert {e.codec for e in m.segments if e.name in task.segments} != {m.codec}  # the older codec's pair
+    name = settle(backend, C, name, 7)
+    after = backend.files(C).read_manifest(name)
+    assert len(after.segments) == 1 and after.segments[0].codec == after.codec  # the last pair: recompressed
+    assert search(backend.load(C, 7, name), "the quokka is mauve and number 170", k=1) == [170]
