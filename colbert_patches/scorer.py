@@ -126,23 +126,32 @@ class SnapshotScorer(IndexScorer):
         self.codec._cells_of_query = (key, Q, result)
         return result
 
-    def shortlist(self, params: SearchParams, Q: torch.Tensor, alive=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """PLAID's first two stages without the last: the ``ndocs // 4``
-        slots that upstream would decompress and score exactly, with the
-        centroid-only score that chose them (each query token's best
-        centroid among the passage's codes, summed), so that shortlists of
-        several segments on one codec can be cut to one budget before any
-        decompression. Tombstones (``~alive``) are dropped first."""
-        empty = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.float32)
+    def candidates(self, params: SearchParams, Q: torch.Tensor, alive=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """PLAID's first stage: the slots in the query's cells, tombstones
+        (``~alive``) dropped, and the centroid scores (centroids x query tokens)."""
         with torch.inference_mode():
             slots, centroid_scores = self.retrieve(params, Q)
             if alive is not None:
                 slots = slots[alive[slots.long()]]
-            if slots.numel() == 0:
-                return empty
+            return slots, centroid_scores
+
+    def shortlist(
+        self, params: SearchParams, slots: torch.Tensor, centroid_scores: torch.Tensor, ndocs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PLAID's next two stages without the last: of ``slots``, the best
+        ``ndocs`` by the pruned centroid scores, then of those the ``ndocs //
+        4`` that upstream would decompress and score exactly, with the
+        centroid-only score that chose them (each query token's best
+        centroid among the passage's codes, summed). Several segments on one
+        codec each get a share of ``ndocs`` and their shortlists are cut to
+        one budget before any decompression."""
+        empty = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.float32)
+        if slots.numel() == 0:
+            return empty
+        with torch.inference_mode():
             pruned = centroid_scores.max(-1).values >= params.centroid_score_threshold
             slots = IndexScorer.filter_pids(
-                slots, centroid_scores, self.embeddings.codes, self.doclens, self.offsets, pruned, params.ndocs
+                slots, centroid_scores, self.embeddings.codes, self.doclens, self.offsets, pruned, ndocs
             )
             if slots.numel() == 0:
                 return empty

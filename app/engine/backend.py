@@ -98,6 +98,7 @@ class PreparedChange:
     written: tuple[str, ...]  # files it wrote
     dropped_pids: torch.Tensor  # tombstoned passages in no segment once applied
     consumed: tuple[str, ...] = ()  # retrain: the training vectors' files, no longer needed once applied
+    sized_for: tuple[int, int] = (0, 0)  # retrain: the (passages, tokens) the new codec was sized and trained for
 
 
 class IndexSnapshot(Protocol):

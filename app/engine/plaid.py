@@ -191,6 +191,7 @@ class PlaidSnapshot:
         # by its centroid-only score, then only the survivors decompressed
         # and scored exactly (a snapshot of S segments decompresses what one
         # segment would, not S times as much).
+        found: list[tuple[_Segment, torch.Tensor, torch.Tensor]] = []
         shortlists: dict[str | None, list[tuple[_Segment, torch.Tensor, torch.Tensor]]] = {}
         for n, segment in enumerate(self.segments):
             part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
@@ -204,9 +205,22 @@ class PlaidSnapshot:
             elif expand:
                 keep(segment, *segment.scorer.search(Q, params, part, k))
             else:
-                slots, approx = segment.scorer.shortlist(params, Q, part)
+                slots, centroid_scores = segment.scorer.candidates(params, Q, part)
                 if slots.numel():
-                    shortlists.setdefault(segment.entry.codec, []).append((segment, slots, approx))
+                    found.append((segment, slots, centroid_scores))
+        # Each segment keeps a share of ``ndocs`` in proportion to its part
+        # of its codec's candidates (at least ``4 k``): together about what
+        # one segment of them all would keep, so many segments cost PLAID's
+        # later stages what one does.
+        totals: dict[str | None, int] = {}
+        for segment, slots, _ in found:
+            totals[segment.entry.codec] = totals.get(segment.entry.codec, 0) + int(slots.numel())
+        for segment, slots, centroid_scores in found:
+            assert segment.scorer is not None
+            share = max(4 * k, math.ceil(params.ndocs * slots.numel() / totals[segment.entry.codec]))
+            slots, approx = segment.scorer.shortlist(params, slots, centroid_scores, share)
+            if slots.numel():
+                shortlists.setdefault(segment.entry.codec, []).append((segment, slots, approx))
         budget = max(params.ndocs // 4, k)
         for group in shortlists.values():
             approx = torch.cat([a for _, _, a in group])
@@ -486,7 +500,7 @@ class PlaidBackend:
             self._pin(task.collection_id, {name})
             files.write_codec(m.generation, codec_state(codec), name)
             consumed = tuple(e.sample for e in m.segments if e.sample)
-            return PreparedChange(task, name, None, (name,), torch.empty(0), consumed)
+            return PreparedChange(task, name, None, (name,), torch.empty(0), consumed, (m.passages, m.tokens))
         return self._merge(files, m, task, dead_pids)
 
     def _merge(self, files: IndexFiles, m: Manifest, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
@@ -547,7 +561,11 @@ class PlaidBackend:
                 last = self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids
                 spent = set(change.consumed)
                 segments = tuple(replace(e, sample=None) if last or e.sample in spent else e for e in m.segments)
-                retrained = replace(m, codec=change.codec, codec_passages=m.passages, codec_tokens=m.tokens)
+                # The next retraining is due at growth past what this codec
+                # was sized for, not past what landed while it trained (the
+                # first codec trains while the exact tier grows at full speed).
+                passages, tokens = change.sized_for
+                retrained = replace(m, codec=change.codec, codec_passages=passages, codec_tokens=tokens)
                 return files.write_manifest(replace(retrained, generation=generation, segments=segments))
             names = [s.name for s in m.segments]
             wanted = list(change.task.segments)

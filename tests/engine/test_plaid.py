@@ -149,6 +149,7 @@ def test_the_first_codec_is_trained_in_the_background_while_commits_go_on(tmp_pa
     name = backend.apply(C, name, 3, change)
     m = backend.files(C).read_manifest(name)
     assert m.codec is not None and [e.codec for e in m.segments] == [None, None]
+    assert m.codec_passages == 40  # sized for 40: the next retraining falls due at growth past that, not past 80
     assert search(backend.load(C, 3, name), TEXTS[55], k=1) == [55]
     task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
     assert task is not None and task.kind == "merge"  # the exact segments, compressed
