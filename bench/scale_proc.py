@@ -157,7 +157,11 @@ class Server:
 
 
 def process_memory(pid: int) -> dict:
-    """From /proc: rss, pss, private and shared MiB (smaps_rollup) and the peak RSS (VmHWM)."""
+    """From /proc: rss, pss, private, shared and anonymous MiB (smaps_rollup) and the peak RSS (VmHWM).
+
+    Anonymous memory is what no other process can share (heap, tensors not
+    mapped from a file); a worker's index pages are file-backed and shared
+    through the page cache with every worker that maps the same segment."""
     out: dict = {}
     keys = {
         "Rss": "rss_mib",
@@ -166,6 +170,7 @@ def process_memory(pid: int) -> dict:
         "Private_Dirty": "private_mib",
         "Shared_Clean": "shared_mib",
         "Shared_Dirty": "shared_mib",
+        "Anonymous": "anon_mib",
     }
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

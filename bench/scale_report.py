@@ -48,10 +48,10 @@ def longest_pause(point: dict) -> float | None:
     return max(values) if values else None
 
 
-def reader_pss_growth(engine: dict, point: dict) -> float | None:
-    """PSS of the non-writer worker at this checkpoint minus a worker's PSS at first start (MiB)."""
-    start = [w["pss_mib"] for w in _get(engine, "memory_at_start", "workers", default=[])]
-    readers = [w["pss_mib"] for w in _get(point, "memory", "workers", default=[]) if not w.get("writer")]
+def reader_pss_growth(engine: dict, point: dict, key: str = "pss_mib") -> float | None:
+    """PSS (or ``key``) of the non-writer worker at this checkpoint minus a worker's at first start (MiB)."""
+    start = [w[key] for w in _get(engine, "memory_at_start", "workers", default=[]) if key in w]
+    readers = [w[key] for w in _get(point, "memory", "workers", default=[]) if not w.get("writer") and key in w]
     if not start or not readers:
         return None
     return max(readers) - min(start)
@@ -107,6 +107,7 @@ def goals_table(results: dict) -> list[str]:
     same = _get(last, "upsert_visible", "same_collection", "visible_s", "p95")
     other = _get(last, "upsert_visible", "other_collection", "visible_s", "p95")
     growth = reader_pss_growth(engine, last)
+    anon = reader_pss_growth(engine, last, "anon_mib")
     rows = [
         (
             "ingest, real encoder, passages/s",
@@ -138,7 +139,7 @@ def goals_table(results: dict) -> list[str]:
         ),
         (
             f"PSS growth of the reader worker MiB, {size} passages",
-            f"{_fmt(growth)} (index {index_mib})",
+            f"{_fmt(growth)} (index {index_mib}; anonymous, unshareable: {_fmt(anon)})",
             "≤ 20% of the index bytes",
         ),
         (
