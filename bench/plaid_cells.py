@@ -13,6 +13,11 @@ sizes, so a stand-in whose cells are unlike the real model's would measure
 a different engine.
 
     python -m bench.plaid_cells --passages 10000 --encoders real,standin,standin-context
+    python -m bench.plaid_cells --passages 100000 --encoders standin-context --max-centroids 4096 --segments 1,16
+
+With ``--segments``, the same compressed collection is also split into N
+equal segments on its one codec and searched through the server's
+``PlaidSnapshot`` (how search cost grows with the segment count).
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ def encode(encoder, texts: list[str], cache: Path | None) -> tuple[torch.Tensor,
     return embs, doclens
 
 
-def measure(encoder, embs, doclens, max_centroids: int, corpus: ScaleCorpus, ids: list[str]) -> dict:
+def measure(
+    encoder, embs, doclens, max_centroids: int, corpus: ScaleCorpus, ids: list[str], segments: list[int] = ()
+) -> dict:
     from colbert_patches.codec import num_partitions_for, train_codec
     from colbert_patches.scorer import SnapshotScorer, search_params, segment_arrays
 
@@ -91,7 +98,12 @@ def measure(encoder, embs, doclens, max_centroids: int, corpus: ScaleCorpus, ids
         times.append((time.perf_counter() - started) * 1000)
         runs[qid] = [ids[s] for s in slots[:10]]
     lengths = scorer.ivf.lengths.float()
+    codes_all, residuals_all = torch.cat(codes), torch.cat(residuals)
+    by_segments = {
+        n: search_in_segments(codec, codes_all, residuals_all, doclens, n, encoder, corpus, ids) for n in segments
+    }
     return {
+        "segments": by_segments,
         "centroids": partitions,
         "train_s": train_s,
         "candidates_p50": statistics.median(shares),
@@ -102,14 +114,47 @@ def measure(encoder, embs, doclens, max_centroids: int, corpus: ScaleCorpus, ids
     }
 
 
+def search_in_segments(codec, codes, residuals, doclens, n: int, encoder, corpus: ScaleCorpus, ids) -> dict:
+    """The same compressed collection split into ``n`` equal segments on one
+    codec and searched the server's way (:class:`PlaidSnapshot`): p50 ms, nDCG@10."""
+    from app.engine.backend import SearchRequest
+    from app.engine.index import SegmentEntry
+    from app.engine.plaid import PlaidSnapshot, _Segment
+    from colbert_patches.scorer import SnapshotScorer, segment_arrays
+
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), doclens.cumsum(0)])
+    bounds = [round(i * doclens.numel() / n) for i in range(n + 1)]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        lo, hi = int(offsets[a]), int(offsets[b])
+        arrays = segment_arrays(codes[lo:hi], residuals[lo:hi], doclens[a:b], int(codec.centroids.size(0)))
+        entry = SegmentEntry(f"segment-{a}", "codec", b - a, hi - lo, a, b - 1)
+        parts.append(_Segment(entry, torch.arange(a, b), scorer=SnapshotScorer(codec, arrays)))
+    snapshot = PlaidSnapshot(1, parts, "plaid")
+    times, runs = [], {}
+    for qid in [q for q in corpus.qrels if q in corpus.queries]:
+        q = encoder.encode_queries([corpus.queries[qid]]).float()
+        started = time.perf_counter()
+        result = snapshot.search(q, SearchRequest(10))
+        times.append((time.perf_counter() - started) * 1000)
+        runs[qid] = [ids[p] for p in result.passage_ids]
+    return {"search_p50_ms": statistics.median(times), "ndcg10": mean_ndcg(runs, corpus.qrels)}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.plaid_cells", description=__doc__.splitlines()[0])
     p.add_argument("--passages", type=int, default=10_000)
     p.add_argument("--encoders", default="real,standin,standin-context")
     p.add_argument("--max-centroids", default="4096,32768")
     p.add_argument("--cache", type=Path, default=None, help="a folder to keep encoded vectors in")
+    p.add_argument(
+        "--segments", default="", help="also search the collection split into N equal segments, e.g. 1,16 (1 thread)"
+    )
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    segments = [int(n) for n in args.segments.split(",") if n]
+    if segments:
+        torch.set_num_threads(1)
     import colbert_patches
 
     colbert_patches.apply()  # the server's codec patches (faiss centroid assignment)
@@ -129,13 +174,18 @@ def main(argv: list[str] | None = None) -> None:
             cache = args.cache / f"{name}-{args.passages}.pt"
         embs, doclens = encode(encoder, texts, cache)
         for cap in (int(c) for c in args.max_centroids.split(",")):
-            r = measure(encoder, embs, doclens, cap, corpus, ids)
+            r = measure(encoder, embs, doclens, cap, corpus, ids, segments)
             print(
                 f"| {name} | {args.passages:,} | {r['centroids']:,} | {r['train_s']:.1f} | "
                 f"{r['candidates_p50']:.3f} / {r['candidates_max']:.3f} | {r['largest_cell']:.3f} | "
                 f"{r['search_p50_ms']:.1f} | {r['ndcg10']:.4f} |",
                 flush=True,
             )
+            for n, figures in r["segments"].items():
+                print(
+                    f"|   in {n} segments | | | | | | {figures['search_p50_ms']:.1f} | {figures['ndcg10']:.4f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
