@@ -84,7 +84,8 @@ def measure(
         c, r = packed.codes, packed.residuals
         codes.append(c)
         residuals.append(r)
-    scorer = SnapshotScorer(codec, segment_arrays(torch.cat(codes), torch.cat(residuals), doclens, partitions))
+    codes_all, residuals_all = torch.cat(codes), torch.cat(residuals)
+    scorer = SnapshotScorer(codec, segment_arrays(codes_all, residuals_all, doclens, partitions))
     qids = [q for q in corpus.qrels if q in corpus.queries]
     shares, times, runs = [], [], {}
     for qid in qids:
@@ -98,7 +99,6 @@ def measure(
         times.append((time.perf_counter() - started) * 1000)
         runs[qid] = [ids[s] for s in slots[:10]]
     lengths = scorer.ivf.lengths.float()
-    codes_all, residuals_all = torch.cat(codes), torch.cat(residuals)
     by_segments = {
         n: search_in_segments(codec, codes_all, residuals_all, doclens, n, encoder, corpus, ids) for n in segments
     }

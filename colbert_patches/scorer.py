@@ -162,24 +162,9 @@ class SnapshotScorer(IndexScorer):
         query token, its best score against the centroids of the passage's
         vectors; summed over query tokens (``centroid_scores``: centroids x
         query tokens)."""
-        lengths = self.doclens[slots.long()]
-        starts = self.offsets[slots.long()]
-        positions = torch.repeat_interleave(starts - torch.cumsum(lengths, 0) + lengths, lengths)
-        positions += torch.arange(int(lengths.sum()), dtype=torch.int64)
-        codes = self.embeddings.codes[positions].long()
-        best = torch.segment_reduce(centroid_scores[codes], "max", lengths=lengths, axis=0)
+        codes, lengths = self.embeddings_strided.lookup_codes(slots)
+        best = torch.segment_reduce(centroid_scores[codes.long()], "max", lengths=lengths, axis=0)
         return best.sum(-1)
-
-    def rank_once(self, params: SearchParams, Q: torch.Tensor, alive=None):
-        """One PLAID pass: (slots, scores), best first, tombstones dropped
-        before scoring; fewer than k when the probed cells hold fewer."""
-        filter_fn = None
-        if alive is not None:
-
-            def filter_fn(slots):
-                return slots[alive[slots.long()]]
-
-        return self.rank(params, Q, filter_fn=filter_fn)
 
     def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
         """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).

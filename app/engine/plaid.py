@@ -500,7 +500,15 @@ class PlaidBackend:
             self._pin(task.collection_id, {name})
             files.write_codec(m.generation, codec_state(codec), name)
             consumed = tuple(e.sample for e in m.segments if e.sample)
-            return PreparedChange(task, name, None, (name,), torch.empty(0), consumed, (m.passages, m.tokens))
+            return PreparedChange(
+                task,
+                codec=name,
+                segment=None,
+                written=(name,),
+                dropped_pids=torch.empty(0),
+                consumed=consumed,
+                sized_for=(m.passages, m.tokens),
+            )
         return self._merge(files, m, task, dead_pids)
 
     def _merge(self, files: IndexFiles, m: Manifest, task: MaintenanceTask, dead_pids: torch.Tensor) -> PreparedChange:
@@ -512,26 +520,26 @@ class PlaidBackend:
         target = shared.pop() if len(shared) == 1 and None not in shared else m.codec
         codecs: dict[str, object] = {}
         if target is None:
-            current = None
+            target_codec = None
         elif target == m.codec:
-            current = self._current_codec(task.collection_id, files, target)
+            target_codec = self._current_codec(task.collection_id, files, target)
         else:
-            current = _codec(files, target, codecs)
+            target_codec = _codec(files, target, codecs)
         parts: list[_Part] = []
         dropped: list[torch.Tensor] = []
         for source in entries:
             state = files.load(source.name)
             keep = ~torch.isin(state["pids"], dead_pids)
             dropped.append(state["pids"][~keep])
-            part = _select(state, keep, source, current, files, codecs)
-            if source.codec is None and current is not None and part.embs is not None:
+            part = _select(state, keep, source, target_codec, files, codecs)
+            if source.codec is None and target_codec is not None and part.embs is not None:
                 # Exact-tier originals going into PLAID: keep the next codec's share of them.
-                part.sample = self._original_sample(m, current, part.embs)
+                part.sample = self._original_sample(m, target_codec, part.embs)
             parts.append(part)
         entry: SegmentEntry | None = None
         written: tuple[str, ...] = ()
         if sum(p.passages for p in parts):
-            state = _concat(parts, current)
+            state = _concat(parts, target_codec)
             name = files.new_name("seg", m.generation)
             self._pin(task.collection_id, {name})
             files.write_segment(m.generation, state, name)
