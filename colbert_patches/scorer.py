@@ -126,6 +126,18 @@ class SnapshotScorer(IndexScorer):
         self.codec._cells_of_query = (key, Q, result)
         return result
 
+    def pruned_centroids(self, centroid_scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The centroids whose best score for some query token reaches
+        ``threshold`` (PLAID's first pass scores only those), computed once
+        per query and codec like the cells."""
+        key = (centroid_scores.data_ptr(), tuple(centroid_scores.shape), threshold)
+        cached = getattr(self.codec, "_pruned_of_query", None)
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        pruned = centroid_scores.max(-1).values >= threshold
+        self.codec._pruned_of_query = (key, centroid_scores, pruned)  # holds the scores: no address reuse
+        return pruned
+
     def candidates(self, params: SearchParams, Q: torch.Tensor, alive=None) -> tuple[torch.Tensor, torch.Tensor]:
         """PLAID's first stage: the slots in the query's cells, tombstones
         (``~alive``) dropped, and the centroid scores (centroids x query tokens)."""
@@ -149,22 +161,20 @@ class SnapshotScorer(IndexScorer):
         if slots.numel() == 0:
             return empty
         with torch.inference_mode():
-            pruned = centroid_scores.max(-1).values >= params.centroid_score_threshold
-            slots = IndexScorer.filter_pids(
-                slots, centroid_scores, self.embeddings.codes, self.doclens, self.offsets, pruned, ndocs
+            pruned = self.pruned_centroids(centroid_scores, params.centroid_score_threshold)
+            slots, approx = shortlist_kernel()(
+                slots.to(torch.int32).contiguous(),
+                centroid_scores.float(),
+                self.embeddings.codes,
+                self.doclens,
+                self.offsets,
+                pruned,
+                ndocs,
+                ndocs // 4,
             )
             if slots.numel() == 0:
                 return empty
-            return slots, self.centroid_approximation(centroid_scores, slots)
-
-    def centroid_approximation(self, centroid_scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The score ``filter_pids`` ranks by in its last pass: for each
-        query token, its best score against the centroids of the passage's
-        vectors; summed over query tokens (``centroid_scores``: centroids x
-        query tokens)."""
-        codes, lengths = self.embeddings_strided.lookup_codes(slots)
-        best = torch.segment_reduce(centroid_scores[codes.long()], "max", lengths=lengths, axis=0)
-        return best.sum(-1)
+            return slots, approx
 
     def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
         """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).
@@ -261,6 +271,27 @@ def clear_stale_build_locks(names: list[str], max_age_s: float = STALE_LOCK_S) -
     return removed
 
 
+_SHORTLIST_SOURCE = Path(__file__).with_name("shortlist.cpp")
+_shortlist = None
+
+
+def shortlist_kernel():
+    """This package's shortlist kernel (``shortlist.cpp``): prebuilt from
+    ``$TORCH_EXTENSIONS_DIR`` when current, else compiled once and cached
+    like colbert's own."""
+    global _shortlist
+    if _shortlist is None:
+        module = _load_prebuilt("colbert_server_shortlist", _SHORTLIST_SOURCE)
+        if module is None:
+            from torch.utils.cpp_extension import load
+
+            for lock in clear_stale_build_locks(["colbert_server_shortlist"]):
+                logger.warning("removed a stale kernel build lock %s (a build was killed)", lock)
+            module = load(name="colbert_server_shortlist", sources=[str(_SHORTLIST_SOURCE)], extra_cflags=["-O3"])
+        _shortlist = module.shortlist
+    return _shortlist
+
+
 def load_extensions() -> None:
     """Load colbert's C++ search kernels: prebuilt ones from
     ``$TORCH_EXTENSIONS_DIR`` when current, else compiled (first time, cached)."""
@@ -286,3 +317,4 @@ def load_extensions() -> None:
             for lock in clear_stale_build_locks([ext for _, ext in names]):
                 logger.warning("removed a stale kernel build lock %s (a build was killed)", lock)
             cls.try_load_torch_extensions(False)
+    shortlist_kernel()

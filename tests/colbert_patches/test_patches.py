@@ -273,3 +273,37 @@ def test_a_build_lock_left_by_a_killed_compile_is_removed_and_a_live_one_kept(tm
     assert clear_stale_build_locks(["stale_cpp", "live_cpp", "never_built_cpp"]) == [tmp_path / "stale_cpp" / "lock"]
     assert not (tmp_path / "stale_cpp" / "lock").exists()
     assert (tmp_path / "live_cpp" / "lock").exists()
+
+
+@pytest.mark.slow
+def test_shortlist_kernel_keeps_what_upstreams_filter_pids_keeps_and_returns_its_scores():
+    """The shortlist kernel against upstream's ``filter_pids`` on the same
+    inputs: the same passages kept (scores are distinct here, so ties cannot
+    reorder them), and each kept passage's score is the centroid-only one:
+    per query token, its best centroid among the passage's codes, summed."""
+    from colbert.search.index_storage import IndexScorer
+
+    from colbert_patches.scorer import load_extensions, shortlist_kernel
+
+    load_extensions()
+    generator = torch.Generator().manual_seed(7)
+    num_centroids, nq, num_passages = 300, 8, 2000
+    doclens = torch.randint(1, 40, (num_passages,), generator=generator, dtype=torch.int64)
+    codes = torch.randint(0, num_centroids, (int(doclens.sum()),), generator=generator, dtype=torch.int32)
+    codes = torch.cat([codes, torch.zeros(int(doclens.max()), dtype=torch.int32)])  # padded as segments are
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), doclens.cumsum(0)])
+    centroid_scores = torch.rand(num_centroids, nq, generator=generator)
+    pruned = centroid_scores.max(-1).values >= 0.9  # the first pass sees some centroids only
+    slots = torch.randperm(num_passages, generator=generator)[:1500].to(torch.int32)
+
+    for ndocs in (16, 256, 4000):
+        kept, scores = shortlist_kernel()(slots, centroid_scores, codes, doclens, offsets, pruned, ndocs, ndocs // 4)
+        upstream = IndexScorer.filter_pids(slots, centroid_scores, codes, doclens, offsets, pruned, ndocs)
+        assert sorted(kept.tolist()) == sorted(upstream.tolist())
+        assert len(kept) == min(ndocs // 4, len(slots))
+        expected = torch.stack(
+            [centroid_scores[codes[offsets[s] : offsets[s + 1]].long()].max(0).values.sum() for s in kept.long()]
+        )
+        assert torch.allclose(scores, expected)
+    empty = shortlist_kernel()(slots[:0], centroid_scores, codes, doclens, offsets, pruned, 256, 64)
+    assert [t.numel() for t in empty] == [0, 0]
