@@ -92,6 +92,17 @@ def segment_arrays(codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.
     }
 
 
+def byte_values(codec) -> torch.Tensor:
+    """float32 (256 x values per byte): the residual values each packed
+    residual byte stands for (upstream's bit map, lookup table and bucket
+    weights folded into one table), computed once per codec."""
+    table = getattr(codec, "_byte_values", None)
+    if table is None:
+        combinations = codec.decompression_lookup_table[codec.reversed_bit_map.long()].long()
+        table = codec._byte_values = codec.bucket_weights.float()[combinations].contiguous()
+    return table
+
+
 class SnapshotScorer(IndexScorer):
     """IndexScorer over one segment's tensors (see :func:`segment_arrays`),
     not files read from a directory; the tensors may be memory-mapped."""
@@ -162,7 +173,7 @@ class SnapshotScorer(IndexScorer):
             return empty
         with torch.inference_mode():
             pruned = self.pruned_centroids(centroid_scores, params.centroid_score_threshold)
-            slots, approx = shortlist_kernel()(
+            slots, approx = kernels().shortlist(
                 slots.to(torch.int32).contiguous(),
                 centroid_scores.float(),
                 self.embeddings.codes,
@@ -175,6 +186,26 @@ class SnapshotScorer(IndexScorer):
             if slots.numel() == 0:
                 return empty
             return slots, approx
+
+    def score_pids(self, config, Q, pids, centroid_scores):
+        """Upstream's, through this package's kernels: the shortlist when
+        ``centroid_scores`` are given, then the survivors decompressed
+        (already unit vectors) and scored exactly."""
+        from colbert.modeling.colbert import colbert_score_packed
+
+        pids = pids.to(torch.int32).contiguous()
+        if centroid_scores is not None:
+            pids, _ = self.shortlist(config, pids, centroid_scores, config.ndocs)
+        D_packed = kernels().decompress(
+            pids,
+            self.doclens,
+            self.offsets,
+            self.embeddings.codes,
+            self.embeddings.residuals,
+            self.codec.centroids,
+            byte_values(self.codec),
+        )
+        return colbert_score_packed(Q, D_packed, self.doclens[pids.long()], config), pids
 
     def search(self, Q: torch.Tensor, params: SearchParams, alive=None, k: int | None = None):
         """Ranked (slots, scores) for one query ``Q`` (1 x L x dim).
@@ -271,25 +302,25 @@ def clear_stale_build_locks(names: list[str], max_age_s: float = STALE_LOCK_S) -
     return removed
 
 
-_SHORTLIST_SOURCE = Path(__file__).with_name("shortlist.cpp")
-_shortlist = None
+_KERNELS_SOURCE = Path(__file__).with_name("kernels.cpp")
+_kernels: ModuleType | None = None
 
 
-def shortlist_kernel():
-    """This package's shortlist kernel (``shortlist.cpp``): prebuilt from
+def kernels() -> ModuleType:
+    """This package's search kernels (``kernels.cpp``): prebuilt from
     ``$TORCH_EXTENSIONS_DIR`` when current, else compiled once and cached
     like colbert's own."""
-    global _shortlist
-    if _shortlist is None:
-        module = _load_prebuilt("colbert_server_shortlist", _SHORTLIST_SOURCE)
+    global _kernels
+    if _kernels is None:
+        module = _load_prebuilt("colbert_server_kernels", _KERNELS_SOURCE)
         if module is None:
             from torch.utils.cpp_extension import load
 
-            for lock in clear_stale_build_locks(["colbert_server_shortlist"]):
+            for lock in clear_stale_build_locks(["colbert_server_kernels"]):
                 logger.warning("removed a stale kernel build lock %s (a build was killed)", lock)
-            module = load(name="colbert_server_shortlist", sources=[str(_SHORTLIST_SOURCE)], extra_cflags=["-O3"])
-        _shortlist = module.shortlist
-    return _shortlist
+            module = load(name="colbert_server_kernels", sources=[str(_KERNELS_SOURCE)], extra_cflags=["-O3"])
+        _kernels = module
+    return _kernels
 
 
 def load_extensions() -> None:
@@ -297,12 +328,12 @@ def load_extensions() -> None:
     ``$TORCH_EXTENSIONS_DIR`` when current, else compiled (first time, cached)."""
     from colbert.modeling.colbert import ColBERT
 
-    kernels = {  # class: (attribute, extension, source next to the class's module)
+    upstream = {  # class: (attribute, extension, source next to the class's module)
         IndexScorer: [("filter_pids", "filter_pids_cpp"), ("decompress_residuals", "decompress_residuals_cpp")],
         ColBERT: [("segmented_maxsim", "segmented_maxsim_cpp")],
         StridedTensor: [("segmented_lookup", "segmented_lookup_cpp")],
     }
-    for cls, names in kernels.items():
+    for cls, names in upstream.items():
         if hasattr(cls, "loaded_extensions"):
             continue
         source_file = sys.modules[cls.__module__].__file__
@@ -317,4 +348,4 @@ def load_extensions() -> None:
             for lock in clear_stale_build_locks([ext for _, ext in names]):
                 logger.warning("removed a stale kernel build lock %s (a build was killed)", lock)
             cls.try_load_torch_extensions(False)
-    shortlist_kernel()
+    kernels()

@@ -283,7 +283,7 @@ def test_shortlist_kernel_keeps_what_upstreams_filter_pids_keeps_and_returns_its
     per query token, its best centroid among the passage's codes, summed."""
     from colbert.search.index_storage import IndexScorer
 
-    from colbert_patches.scorer import load_extensions, shortlist_kernel
+    from colbert_patches.scorer import kernels, load_extensions
 
     load_extensions()
     generator = torch.Generator().manual_seed(7)
@@ -297,7 +297,7 @@ def test_shortlist_kernel_keeps_what_upstreams_filter_pids_keeps_and_returns_its
     slots = torch.randperm(num_passages, generator=generator)[:1500].to(torch.int32)
 
     for ndocs in (16, 256, 4000):
-        kept, scores = shortlist_kernel()(slots, centroid_scores, codes, doclens, offsets, pruned, ndocs, ndocs // 4)
+        kept, scores = kernels().shortlist(slots, centroid_scores, codes, doclens, offsets, pruned, ndocs, ndocs // 4)
         upstream = IndexScorer.filter_pids(slots, centroid_scores, codes, doclens, offsets, pruned, ndocs)
         assert sorted(kept.tolist()) == sorted(upstream.tolist())
         assert len(kept) == min(ndocs // 4, len(slots))
@@ -305,5 +305,53 @@ def test_shortlist_kernel_keeps_what_upstreams_filter_pids_keeps_and_returns_its
             [centroid_scores[codes[offsets[s] : offsets[s + 1]].long()].max(0).values.sum() for s in kept.long()]
         )
         assert torch.allclose(scores, expected)
-    empty = shortlist_kernel()(slots[:0], centroid_scores, codes, doclens, offsets, pruned, 256, 64)
+    empty = kernels().shortlist(slots[:0], centroid_scores, codes, doclens, offsets, pruned, 256, 64)
     assert [t.numel() for t in empty] == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code_dtype", [torch.int32, torch.int16])
+def test_decompress_kernel_gives_upstreams_unit_vectors(code_dtype):
+    """The decompression kernel against upstream's ``decompress_residuals``
+    followed by the normalisation upstream's scorer applies, for passages
+    in any order, with int32 or int16 codes."""
+    from colbert.search.index_storage import IndexScorer
+
+    from colbert_patches.scorer import byte_values, kernels, load_extensions
+
+    colbert_patches.apply()
+    load_extensions()
+    embs, doclens = _clustered(60, 9)
+    codec = train_codec(embs, dim=128, nbits=2)
+    compressed = codec.compress(embs)
+    arrays = segment_arrays(compressed.codes, compressed.residuals, doclens, codec.centroids.size(0))
+    scorer = SnapshotScorer(codec, arrays)
+    slots = torch.tensor([5, 0, 59, 17, 17, 3], dtype=torch.int32)
+    upstream = IndexScorer.decompress_residuals(
+        slots,
+        scorer.doclens,
+        scorer.offsets,
+        codec.bucket_weights,
+        codec.reversed_bit_map,
+        codec.decompression_lookup_table,
+        scorer.embeddings.residuals,
+        scorer.embeddings.codes,
+        codec.centroids,
+        codec.dim,
+        codec.nbits,
+    )
+    expected = torch.nn.functional.normalize(upstream.float(), p=2, dim=-1)
+    codes = scorer.embeddings.codes.to(code_dtype)
+    ours = kernels().decompress(
+        slots, scorer.doclens, scorer.offsets, codes, scorer.embeddings.residuals, codec.centroids, byte_values(codec)
+    )
+    assert ours.shape == expected.shape and torch.allclose(ours, expected, atol=1e-6)
+    assert kernels().decompress(
+        slots[:0],
+        scorer.doclens,
+        scorer.offsets,
+        codes,
+        scorer.embeddings.residuals,
+        codec.centroids,
+        byte_values(codec),
+    ).shape == (0, 128)
