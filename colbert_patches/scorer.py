@@ -27,7 +27,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from colbert.indexing.codecs.residual_embeddings import ResidualEmbeddings
 from colbert.search.index_storage import IndexScorer
 from colbert.search.strided_tensor import StridedTensor
 
@@ -74,18 +73,38 @@ def build_ivf(codes: torch.Tensor, doclens: torch.Tensor, num_centroids: int):
     return ivf, lengths
 
 
+# Codes of a codec with at most this many centroids are stored as int16 (2
+# bytes per token vector instead of 4); the kernels read either width.
+INT16_CODES_MAX_CENTROIDS = 1 << 15
+
+
+def code_dtype(num_centroids: int) -> torch.dtype:
+    return torch.int16 if num_centroids <= INT16_CODES_MAX_CENTROIDS else torch.int32
+
+
+@dataclass(frozen=True)
+class CompressedVectors:
+    """A segment's codes and packed residuals, as stored (possibly
+    memory-mapped): upstream's ``ResidualEmbeddings`` would copy int16 codes
+    into int32 ones."""
+
+    codes: torch.Tensor
+    residuals: torch.Tensor
+
+
 def segment_arrays(codes: torch.Tensor, residuals: torch.Tensor, doclens: torch.Tensor, num_centroids: int) -> dict:
     """What a :class:`SnapshotScorer` reads, computed once when a segment is
-    written: the IVF, and every strided tensor padded as upstream's
-    ``StridedTensor`` would pad it at load (a copy of the whole tensor there;
-    here the file is memory-mapped as it is)."""
+    written: the IVF, the codes at their narrowest width (:func:`code_dtype`),
+    and every per-token tensor padded as upstream's ``StridedTensor`` would
+    pad it at load (a copy of the whole tensor there; here the file is
+    memory-mapped as it is)."""
     doclens = doclens.to(torch.int64)
     ivf, ivf_lengths = build_ivf(codes, doclens, num_centroids)
     pad = int(doclens.max()) if doclens.numel() else 0
     ivf_pad = int(ivf_lengths.max()) if ivf_lengths.numel() else 0
     return {
         "doclens": doclens,
-        "codes": torch.cat([codes.to(torch.int32), torch.zeros(pad, dtype=torch.int32)]),
+        "codes": torch.cat([codes.to(code_dtype(num_centroids)), torch.zeros(pad, dtype=code_dtype(num_centroids))]),
         "residuals": torch.cat([residuals, torch.zeros(pad, residuals.size(1), dtype=torch.uint8)]),
         "ivf": torch.cat([ivf, torch.zeros(ivf_pad, dtype=torch.int32)]),
         "ivf_lengths": ivf_lengths,
@@ -115,9 +134,15 @@ class SnapshotScorer(IndexScorer):
         self.codec = codec
         self.doclens = arrays["doclens"]
         self.ivf = StridedTensor(arrays["ivf"], arrays["ivf_lengths"], use_gpu=False)
-        self.embeddings = ResidualEmbeddings(arrays["codes"], arrays["residuals"])
+        self.embeddings = CompressedVectors(arrays["codes"], arrays["residuals"])
         load_extensions()  # all of colbert's kernels: scoring uses ColBERT's too
         self.set_embeddings_strided()
+
+    def set_embeddings_strided(self):
+        """Only the per-passage offsets: this package's kernels read codes
+        and residuals where they lie (upstream also wraps both in strided
+        views, which only its GPU path reads)."""
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(self.doclens, dim=0)])
 
     @property
     def num_passages(self) -> int:

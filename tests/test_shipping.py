@@ -245,7 +245,13 @@ def test_release_refuses_missing_or_bad_input(fake_tools, args, env, message):
 
 # -- production serving -------------------------------------------------------------
 
-KERNELS = ("filter_pids_cpp", "decompress_residuals_cpp", "segmented_maxsim_cpp", "segmented_lookup_cpp")
+KERNELS = (
+    "filter_pids_cpp",
+    "decompress_residuals_cpp",
+    "segmented_maxsim_cpp",
+    "segmented_lookup_cpp",
+    "colbert_server_kernels",
+)
 
 
 @pytest.fixture(scope="module")

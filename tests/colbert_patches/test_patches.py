@@ -127,9 +127,11 @@ def test_snapshot_scorer_finds_documents_and_skips_dead_ones():
     arrays = segment_arrays(compressed.codes, compressed.residuals, doclens, codec.centroids.size(0))
     scorer = SnapshotScorer(codec, arrays)
     # Padded at write time as upstream's StridedTensor would pad at load: no copy of a mapped file.
-    assert scorer.embeddings_strided.codes_strided.tensor.data_ptr() == arrays["codes"].data_ptr()
-    assert scorer.embeddings_strided.residuals_strided.tensor.data_ptr() == arrays["residuals"].data_ptr()
+    assert scorer.embeddings.codes.data_ptr() == arrays["codes"].data_ptr()
+    assert scorer.embeddings.residuals.data_ptr() == arrays["residuals"].data_ptr()
     assert scorer.ivf.tensor.data_ptr() == arrays["ivf"].data_ptr()
+    assert arrays["codes"].dtype == torch.int16  # a codec of at most 32,768 centroids: 2 bytes per code
+    assert torch.equal(arrays["codes"][: int(doclens.sum())].long(), compressed.codes.long())
     params = search_params(10, query_maxlen=12)
     for target in (0, 17, 299):
         Q = embs[target * 12 : (target + 1) * 12].unsqueeze(0)
@@ -335,7 +337,7 @@ def test_decompress_kernel_gives_upstreams_unit_vectors(code_dtype):
         codec.reversed_bit_map,
         codec.decompression_lookup_table,
         scorer.embeddings.residuals,
-        scorer.embeddings.codes,
+        scorer.embeddings.codes.to(torch.int32),  # upstream's kernel reads int32 only
         codec.centroids,
         codec.dim,
         codec.nbits,
