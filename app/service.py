@@ -44,8 +44,10 @@ from colbert_patches.scorer import load_extensions
 
 logger = logging.getLogger("app.engine")
 
-# The document encoder on a CPU when ENCODER_RUNTIME=auto (on a CUDA GPU: torch).
-AUTO_CPU_RUNTIME = "torch"
+# The document encoder on a CPU when ENCODER_RUNTIME=auto (on a CUDA GPU: torch):
+# dynamic int8 onnxruntime, 2.2x torch's speed with nDCG@10 within 0.001 on
+# both benchmark datasets (BENCHMARKS.md, bench/encoder_runtime.py).
+AUTO_CPU_RUNTIME = "onnx-int8"
 
 COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

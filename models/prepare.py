@@ -20,6 +20,16 @@ def colbert_default_checkpoint(settings: Settings) -> Path:
     return ensure_default_checkpoint(settings.default_checkpoint_dir)
 
 
+def colbert_onnx_export(settings: Settings) -> Path:
+    """The default checkpoint's ONNX export (the document encoder's CPU runtime)."""
+    from colbert_patches.model_loading import EncoderOptions, load_checkpoint
+    from models.export_colbert_onnx import ensure_colbert_onnx
+
+    source = str(ensure_default_checkpoint(settings.default_checkpoint_dir))
+    checkpoint = load_checkpoint(source, EncoderOptions.for_checkpoint(source), device="cpu")
+    return ensure_colbert_onnx(settings.models_dir, checkpoint, source)
+
+
 def answer_lm(settings: Settings) -> Path:
     from models.convert_answer_lm import ensure_answer_lm
 
@@ -39,6 +49,7 @@ def hallucination_model(settings: Settings) -> Path:
 # path, needs no network, and does nothing when its model is already complete.
 PREPARATION_STEPS: list[tuple[str, Callable[[Settings], Path]]] = [
     ("colbert-minilm-l6", colbert_default_checkpoint),
+    ("colbert-minilm-l6-onnx", colbert_onnx_export),
     ("smollm2-135m-instruct", answer_lm),
     ("hallucination-minilm-l6", hallucination_model),
 ]

@@ -67,3 +67,30 @@ def test_onnx_runtimes_encode_like_torch_from_one_cached_export(checkpoint_dir, 
     assert float(cosine.min()) > 0.8 and float(cosine.mean()) > 0.97
     with pytest.raises(ValueError, match="unknown encoder runtime"):
         ColBERTEncoder(str(checkpoint_dir), options, runtime="tensorrt")
+
+
+@pytest.mark.slow
+def test_auto_runtime_is_int8_onnx_on_a_cpu_and_torch_on_a_gpu(checkpoint_dir, tmp_path, monkeypatch):
+    from app import service
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", checkpoint_dir, models_dir=tmp_path / "models")
+    assert settings.encoder_runtime == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    encoder = service.load_encoder(settings)
+    assert encoder.runtime == "onnx-int8" and encoder._onnx is not None
+    assert list((tmp_path / "models").glob("colbert-onnx-*/model.int8.onnx"))  # exported at first start
+
+    built: dict = {}
+
+    class FakeEncoderRecordingItsRuntime:
+        def __init__(self, checkpoint, options, runtime, models_dir, device):
+            built.update(runtime=runtime, device=device)
+
+        def encode_queries(self, queries):
+            return None
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(service, "ColBERTEncoder", FakeEncoderRecordingItsRuntime)
+    service.load_encoder(settings)
+    assert built == {"runtime": "torch", "device": "cuda"}
