@@ -32,13 +32,6 @@ def shared_models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared-models")
 
 
-def exports_dir(checkpoint: Path) -> Path:
-    """A models_dir beside the session's checkpoint: the document encoder's
-    ONNX export (the CPU default runtime) is made once per test session, not
-    once per data directory."""
-    return Path(checkpoint).parent / "exports"
-
-
 def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
     return Settings(
         _env_file=None,
@@ -46,7 +39,7 @@ def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
         data_dir=data_dir,
         checkpoint=str(checkpoint),
         log_level="WARNING",
-        **{"answer_preload": False, "models_dir": exports_dir(checkpoint), **overrides},
+        **{"answer_preload": False, **overrides},
     )
 
 
@@ -111,7 +104,6 @@ class ServerProcess:
             **os.environ,
             "COLBERT_SERVER_DATA_DIR": str(data_dir),
             "COLBERT_SERVER_CHECKPOINT": str(checkpoint),
-            "COLBERT_SERVER_MODELS_DIR": str(exports_dir(checkpoint)),
             "COLBERT_SERVER_LOG_LEVEL": "WARNING",
             **(extra_env or {}),
         }

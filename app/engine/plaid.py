@@ -389,6 +389,11 @@ class PlaidBackend:
         if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
             return None
         rate = self._retrain_sample / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
+        if rate >= 1:
+            # Every original, in order (a small collection's early codecs):
+            # when the next codec lands the segment is recompressed from them
+            # (plan(): "recompress"); from its codes it would gain nothing.
+            return embs.to(torch.float16).contiguous()
         n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
         take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]
         return embs[take].to(torch.float16).contiguous()
@@ -446,6 +451,17 @@ class PlaidBackend:
             run = _run_from(m.segments, exact[0], limit, lambda s: s.codec is None)
             names = tuple(s.name for s in run)
             return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
+        files = self.files(collection_id)
+
+        def stale(s: SegmentEntry) -> bool:  # on an older codec, every original kept
+            return s.codec is not None and s.codec != m.codec and _has_all_originals(files, s)
+
+        older = [i for i, s in enumerate(m.segments) if stale(s)]
+        if older:
+            run = _run_from(m.segments, older[0], limit, stale)
+            names = tuple(s.name for s in run)
+            reason = "an older codec's segments, recompressed from their originals"
+            return MaintenanceTask(collection_id, manifest, "recompress", names, reason)
         # Segments keep the codec they were written with: a merge joins
         # segments of one codec (concatenation, no centroid assignment), so a
         # retraining never makes the whole collection wait to be recompressed.
@@ -517,7 +533,8 @@ class PlaidBackend:
         entries = [s for s in m.segments if s.name in task.segments]
         assert [s.name for s in entries] == list(task.segments)
         shared = {s.codec for s in entries}
-        target = shared.pop() if len(shared) == 1 and None not in shared else m.codec
+        one = len(shared) == 1 and None not in shared and task.kind != "recompress"
+        target = shared.pop() if one else m.codec
         codecs: dict[str, object] = {}
         if target is None:
             target_codec = None
@@ -532,8 +549,9 @@ class PlaidBackend:
             keep = ~torch.isin(state["pids"], dead_pids)
             dropped.append(state["pids"][~keep])
             part = _select(state, keep, source, target_codec, files, codecs)
-            if source.codec is None and target_codec is not None and part.embs is not None:
-                # Exact-tier originals going into PLAID: keep the next codec's share of them.
+            if target_codec is not None and part.embs is not None:
+                # Originals going into PLAID (the exact tier, or an older
+                # codec's segment recompressed): keep the next codec's share of them.
                 part.sample = self._original_sample(m, target_codec, part.embs)
             parts.append(part)
         entry: SegmentEntry | None = None
@@ -567,8 +585,12 @@ class PlaidBackend:
                 # trains on what commits keep from now on); at the largest
                 # size there is no next codec at all.
                 last = self._codec_centroids(collection_id, str(change.codec)) >= self.config.max_centroids
+                # Every original of a segment is kept until it is recompressed.
                 spent = set(change.consumed)
-                segments = tuple(replace(e, sample=None) if last or e.sample in spent else e for e in m.segments)
+                segments = tuple(
+                    replace(e, sample=None) if (last or e.sample in spent) and not _has_all_originals(files, e) else e
+                    for e in m.segments
+                )
                 # The next retraining is due at growth past what this codec
                 # was sized for, not past what landed while it trained (the
                 # first codec trains while the exact tier grows at full speed).
@@ -734,10 +756,22 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     if entry.codec is None:
         return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample)
     n = int(doclens.sum())
-    codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
+    complete = sample is not None and sample.size(0) == n  # every original, in order
+    if sample is not None and complete:
+        sample = sample[tokens]  # stays aligned with the kept passages
     codec = _codec(files, entry.codec, codecs)
     foreign = None if current is not None and _same_codec(codec, current) else codec
+    if foreign is not None and complete:  # onto another codec: from the originals, not from the codes
+        return _Part(pids, kept_lens, embs=sample)
+    codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
     return _Part(pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample)
+
+
+def _has_all_originals(files: IndexFiles, entry: SegmentEntry) -> bool:
+    """A compressed segment whose sample file holds every original vector (memory-mapped: only its header is read)."""
+    if entry.codec is None or not entry.sample:
+        return False
+    return int(files.load(entry.sample)["embs"].size(0)) == entry.tokens
 
 
 def _same_codec(a, b) -> bool:

@@ -70,16 +70,15 @@ def test_onnx_runtimes_encode_like_torch_from_one_cached_export(checkpoint_dir, 
 
 
 @pytest.mark.slow
-def test_auto_runtime_is_int8_onnx_on_a_cpu_and_torch_on_a_gpu(checkpoint_dir, tmp_path, monkeypatch):
+def test_auto_runtime_is_torch_on_the_cpu_or_the_gpu(checkpoint_dir, tmp_path, monkeypatch):
     from app import service
     from tests.conftest import make_settings
 
-    settings = make_settings(tmp_path / "data", checkpoint_dir, models_dir=tmp_path / "models")
+    settings = make_settings(tmp_path / "data", checkpoint_dir)
     assert settings.encoder_runtime == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     encoder = service.load_encoder(settings)
-    assert encoder.runtime == "onnx-int8" and encoder._onnx is not None
-    assert list((tmp_path / "models").glob("colbert-onnx-*/model.int8.onnx"))  # exported at first start
+    assert encoder.runtime == "torch" and encoder._onnx is None
 
     built: dict = {}
 

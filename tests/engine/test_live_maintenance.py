@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import app.engine.plaid as plaid_module
 from app.engine.backend import SearchRequest
 from app.engine.writer import IndexWriter
 from app.store.index_state import IndexStateStore
@@ -72,7 +73,10 @@ async def wait_until(condition, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_upserts_land_while_a_retraining_and_merges_run_and_untouched_results_stay(tmp_path):
+async def test_upserts_land_while_a_retraining_and_merges_run_and_untouched_results_stay(tmp_path, monkeypatch):
+    # Segments keep a sample of their originals, not all of them (as past a
+    # few thousand passages): older segments stay on their codec.
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 256)
     settings = settings_for(tmp_path)  # exact tier to 20 passages, retrain at 2x growth, commits of 40
     encoder = FakeEncoder()
     backend = backend_for(settings)

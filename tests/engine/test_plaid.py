@@ -40,6 +40,15 @@ def test_originals_are_kept_for_the_next_codec_and_dropped_at_full_size(tmp_path
     backend.release(C, [retrained])
     after = files.read_manifest(retrained)
     assert backend._codec_centroids(C, after.codec) == 32  # its full size: no later codec to train
+    # Every original of this small collection was kept: each older segment
+    # is recompressed from them, then they are dropped.
+    assert all(plaid_module._has_all_originals(files, e) for e in after.segments)
+    task = backend.plan(C, retrained, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "recompress"
+    retrained = settle(backend, C, retrained, 6)
+    backend.release(C, [retrained])
+    after = files.read_manifest(retrained)
+    assert {e.codec for e in after.segments} == {after.codec}
     assert not any(e.sample for e in after.segments)
     assert not list(files.root.glob("sample-*"))  # released with the manifests that named them
     snapshot = backend.load(C, 6, retrained)
@@ -74,6 +83,7 @@ def test_a_merge_recompresses_block_by_block_as_it_would_all_at_once(tmp_path, m
     """Segments of an older codec (exact-tier ones: the next test) are recompressed a
     block of vectors at a time, so a merge holds their compact form, never
     every vector as floats: the merged segment is the same either way."""
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 1000)  # a sample of the originals, not all
     backend = plaid(tmp_path, exact_max=20)
     name = two_codecs(backend)  # the last segment is on the new codec: taken as it is
     m = backend.files(C).read_manifest(name)
@@ -166,11 +176,12 @@ def test_the_first_codec_is_trained_in_the_background_while_commits_go_on(tmp_pa
     assert search(settled, TEXTS[66], k=1) == [66]
 
 
-def test_a_retraining_leaves_older_segments_on_their_codec(tmp_path):
+def test_a_retraining_leaves_older_segments_on_their_codec(tmp_path, monkeypatch):
     """A new codec compresses new data only: merges join segments of one
     codec as they are (no centroid assignment), so a retraining never puts
     the whole collection behind a recompression; the originals the codec
     was trained on are dropped once it is applied."""
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 1000)  # a sample of the originals, not all
     backend = plaid(tmp_path, exact_max=20)
     name = two_codecs(backend)
     for g, start in enumerate(range(200, 320, 40), start=7):
@@ -199,6 +210,7 @@ def test_a_retraining_leaves_older_segments_on_their_codec(tmp_path):
 
 
 def test_past_max_segments_a_pair_of_two_codecs_is_merged_only_when_no_pair_of_one_is_left(tmp_path, monkeypatch):
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 1000)  # a sample of the originals, not all
     backend = plaid(tmp_path, exact_max=20)
     name = two_codecs(backend)  # 4 + 1 segments on two codecs
     m = backend.files(C).read_manifest(name)
@@ -211,3 +223,41 @@ def test_past_max_segments_a_pair_of_two_codecs_is_merged_only_when_no_pair_of_o
     after = backend.files(C).read_manifest(name)
     assert len(after.segments) == 1 and after.segments[0].codec == after.codec  # the last pair: recompressed
     assert search(backend.load(C, 7, name), "the quokka is mauve and number 170", k=1) == [170]
+
+
+def test_older_segments_with_every_original_are_recompressed_from_them(tmp_path):
+    """A small collection's segments keep every original vector; when a new
+    codec lands they are recompressed from those originals (their codes
+    would give back only what the coarser codec kept), then the originals go."""
+    backend = plaid(tmp_path, exact_max=20)
+    name = two_codecs(backend)  # passages 0-159 on the first codec
+    files = backend.files(C)
+    m = files.read_manifest(name)
+    older = [e for e in m.segments if e.codec != m.codec]
+    assert older and all(plaid_module._has_all_originals(files, e) for e in older)
+    name = settle(backend, C, name, 7)
+    backend.release(C, [name])
+    after = files.read_manifest(name)
+    assert {e.codec for e in after.segments} == {m.codec}
+    codec = plaid_module.codec_from_state(files.load(m.codec))
+    originals = batch(0, TEXTS[:160]).embs
+    expected = codec.compress(originals.float()).codes
+    checked = 0
+    for e in after.segments:
+        state = files.load(e.name)
+        first = state["pids"] < 160
+        checked += int(first.sum())
+        if not bool(first.any()):
+            continue
+        tokens = torch.repeat_interleave(first, state["doclens"].to(torch.int64))
+        got = state["codes"][: int(state["doclens"].sum())][tokens].to(torch.int64)
+        lens = state["doclens"][first].to(torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), batch(0, TEXTS[:160]).doclens.cumsum(0)])
+        pids = state["pids"][first].to(torch.int64)
+        want = torch.cat([expected[offsets[p] : offsets[p] + n] for p, n in zip(pids.tolist(), lens.tolist())])
+        assert torch.equal(got, want.to(torch.int64))  # the originals' codes on the new codec
+    assert checked == 160
+    # The first codec's originals are gone; what is left is kept for the next codec.
+    assert {p.name for p in files.root.glob("sample-*")} == {e.sample for e in after.segments if e.sample}
+    assert not {e.sample for e in older} & {p.name for p in files.root.glob("sample-*")}
+    assert search(backend.load(C, 7, name), TEXTS[5], k=1) == [5]
