@@ -433,10 +433,16 @@ class PlaidBackend:
             return MaintenanceTask(
                 collection_id, manifest, "retrain", (), f"first codec at {m.passages} passages (the switch to PLAID)"
             )
+        files = self.files(collection_id)
         if m.codec is not None:
             centroids = self._codec_centroids(collection_id, m.codec)
             wanted = num_partitions_for(m.tokens, self.config.max_centroids)
-            if m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1) and wanted > centroids:
+            due = m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1)
+            # While every segment keeps all its originals (a small collection)
+            # a new codec costs a k-means and a lossless recompression: it is
+            # trained as soon as the collection wants more centroids.
+            cheap = all(_has_all_originals(files, s) for s in m.segments)
+            if wanted > centroids and (due or cheap):
                 return MaintenanceTask(collection_id, manifest, "retrain", (), f"{centroids} -> {wanted} centroids")
         dead = torch.sort(dead_pids).values
         for s in m.segments:
@@ -451,7 +457,6 @@ class PlaidBackend:
             run = _run_from(m.segments, exact[0], limit, lambda s: s.codec is None)
             names = tuple(s.name for s in run)
             return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
-        files = self.files(collection_id)
 
         def stale(s: SegmentEntry) -> bool:  # on an older codec, every original kept
             return s.codec is not None and s.codec != m.codec and _has_all_originals(files, s)

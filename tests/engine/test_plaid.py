@@ -261,3 +261,34 @@ def test_older_segments_with_every_original_are_recompressed_from_them(tmp_path)
     assert {p.name for p in files.root.glob("sample-*")} == {e.sample for e in after.segments if e.sample}
     assert not {e.sample for e in older} & {p.name for p in files.root.glob("sample-*")}
     assert search(backend.load(C, 7, name), TEXTS[5], k=1) == [5]
+
+
+def _first_codec_and_growth(backend) -> str:
+    """A first codec sized for 40 passages, then commits to 100: short of the
+    growth factor (3x), past the size where the collection wants more centroids."""
+    name = settle(backend, C, commit(backend, 0, 40, None, 1), 1)
+    for g, start in enumerate(range(40, 100, 30), start=2):
+        name = commit(backend, start, start + 30, name, g)
+    m = backend.files(C).read_manifest(name)
+    assert m.passages < backend.config.rebuild_growth_factor * m.codec_passages
+    assert plaid_module.num_partitions_for(m.tokens, backend.config.max_centroids) > backend._codec_centroids(
+        C, m.codec
+    )
+    return name
+
+
+def test_while_every_original_is_kept_a_new_codec_is_due_as_soon_as_more_centroids_are_wanted(tmp_path):
+    backend = plaid(tmp_path, exact_max=20)
+    name = _first_codec_and_growth(backend)
+    m = backend.files(C).read_manifest(name)
+    assert all(plaid_module._has_all_originals(backend.files(C), e) for e in m.segments)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is not None and task.kind == "retrain"
+
+
+def test_with_a_sample_of_the_originals_a_new_codec_waits_for_the_growth_factor(tmp_path, monkeypatch):
+    monkeypatch.setattr(plaid_module, "RETRAIN_SAMPLE", 200)  # a sample of the originals, not all
+    backend = plaid(tmp_path, exact_max=20)
+    name = _first_codec_and_growth(backend)
+    task = backend.plan(C, name, torch.empty(0, dtype=torch.int64))
+    assert task is None or task.kind != "retrain"
