@@ -37,7 +37,7 @@ from app.engine.backend import SearchRequest
 from app.engine.encoder import ColBERTEncoder
 from app.engine.index import SegmentEntry
 from app.engine.plaid import PlaidSnapshot, _decompress, _Segment
-from bench.data import load, mean_ndcg, passage_text
+from bench.data import encoded_corpus, load, mean_ndcg
 from colbert_patches.codec import num_partitions_for, partitions_trainable, train_codec
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import SnapshotScorer, segment_arrays
@@ -83,12 +83,7 @@ def measure(runtime: str, args, checkpoint: str, points: list[int]) -> None:
     encoder = ColBERTEncoder(
         checkpoint, EncoderOptions.for_checkpoint(checkpoint), runtime=runtime, models_dir=tmp / "codec-sizing"
     )
-    cache = tmp / f"msmarco-mini-token-vectors-{runtime}.pt"
-    if cache.exists():
-        embs, lens = torch.load(cache)
-    else:
-        embs, lens = encoder.encode_documents([passage_text(d) for d in corpus])
-        torch.save((embs, lens), cache)
+    embs, lens = encoded_corpus(encoder, corpus, tmp / f"msmarco-mini-token-vectors-{runtime}.pt")
     doclens = torch.tensor(lens)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), doclens.cumsum(0)])
     Qs = {q: encoder.encode_queries([t]) for q, t in queries.items() if q in qrels}

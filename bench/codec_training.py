@@ -30,7 +30,7 @@ from app.engine.backend import SearchRequest
 from app.engine.encoder import ColBERTEncoder
 from app.engine.index import SegmentEntry
 from app.engine.plaid import PlaidSnapshot, _decompress, _Segment
-from bench.data import load, mean_ndcg, passage_text
+from bench.data import encoded_corpus, load, mean_ndcg
 from colbert_patches.codec import num_partitions_for, train_codec
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import SnapshotScorer, segment_arrays
@@ -44,12 +44,7 @@ def main() -> None:
     checkpoint = str(ensure_default_checkpoint(Path(tempfile.gettempdir()) / "colbert-minilm-l6"))
     encoder = ColBERTEncoder(checkpoint, EncoderOptions.for_checkpoint(checkpoint))
     corpus, queries, qrels = load()
-    cache = Path(tempfile.gettempdir()) / "msmarco-mini-token-vectors.pt"
-    if cache.exists():
-        embs, lens = torch.load(cache)
-    else:
-        embs, lens = encoder.encode_documents([passage_text(d) for d in corpus])
-        torch.save((embs, lens), cache)
+    embs, lens = encoded_corpus(encoder, corpus, Path(tempfile.gettempdir()) / "msmarco-mini-token-vectors.pt")
     doclens = torch.tensor(lens)
     ids = [d["_id"] for d in corpus]
     Qs = {q: encoder.encode_queries([t]) for q, t in queries.items() if q in qrels}

@@ -35,3 +35,14 @@ def ndcg_at_10(ranked: list[str], judged: dict[str, int]) -> float:
 def mean_ndcg(runs: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> float:
     judged = [q for q in qrels if q in runs]
     return sum(ndcg_at_10(runs[q], qrels[q]) for q in judged) / len(judged)
+
+
+def encoded_corpus(encoder, corpus: list[dict], cache: Path):
+    """(packed token vectors, doclens) of ``corpus`` by ``encoder``, kept in ``cache`` between runs."""
+    import torch
+
+    if cache.exists():
+        return torch.load(cache)
+    embs, lens = encoder.encode_documents([passage_text(d) for d in corpus])
+    torch.save((embs, lens), cache)
+    return embs, lens

@@ -434,6 +434,8 @@ class PlaidBackend:
                 collection_id, manifest, "retrain", (), f"first codec at {m.passages} passages (the switch to PLAID)"
             )
         files = self.files(collection_id)
+        # Segments that kept every original vector (read once: a sample file's header each).
+        complete = {s.name for s in m.segments if _has_all_originals(files, s)}
         if m.codec is not None:
             centroids = self._codec_centroids(collection_id, m.codec)
             wanted = num_partitions_for(m.tokens, self.config.max_centroids)
@@ -441,7 +443,7 @@ class PlaidBackend:
             # While every segment keeps all its originals (a small collection)
             # a new codec costs a k-means and a lossless recompression: it is
             # trained as soon as the collection wants more centroids.
-            cheap = all(_has_all_originals(files, s) for s in m.segments)
+            cheap = all(s.name in complete for s in m.segments)
             if wanted > centroids and (due or cheap):
                 return MaintenanceTask(collection_id, manifest, "retrain", (), f"{centroids} -> {wanted} centroids")
         dead = torch.sort(dead_pids).values
@@ -459,7 +461,7 @@ class PlaidBackend:
             return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
 
         def stale(s: SegmentEntry) -> bool:  # on an older codec, every original kept
-            return s.codec is not None and s.codec != m.codec and _has_all_originals(files, s)
+            return s.codec is not None and s.codec != m.codec and s.name in complete
 
         older = [i for i, s in enumerate(m.segments) if stale(s)]
         if older:
