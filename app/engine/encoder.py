@@ -16,9 +16,13 @@ from colbert_patches.model_loading import EncoderOptions, load_checkpoint
 
 logger = logging.getLogger("app.engine")
 
-# Token positions per document-encoding batch (padding included): large
-# enough for efficient matrix products, small enough to bound activations.
-BATCH_TOKENS = 4096
+# Token positions per document-encoding batch (padding included). On a CPU
+# smaller batches keep the activations in cache: on 1,000 scale-corpus
+# passages (2 cores, torch), 2,048 positions encoded 103-110 passages/s
+# against 102-104 at 4,096 and 90 at 8,192 (BENCHMARKS.md, "Encoder batch
+# size"). A GPU wants large ones.
+BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -103,6 +107,7 @@ class ColBERTEncoder:
             raise ValueError(f"unknown encoder runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
         self.checkpoint = load_checkpoint(checkpoint, options, device=device)
         self.runtime = runtime
+        self.batch_tokens = GPU_BATCH_TOKENS if device != "cpu" and runtime == "torch" else BATCH_TOKENS
         config = self.checkpoint.colbert_config
         self.dim = int(config.dim)
         self.nbits = int(config.nbits) if config.nbits in (1, 2, 4, 8) else 2
@@ -155,7 +160,7 @@ class ColBERTEncoder:
         """Packed token vectors (sum(doclens), dim) float16 and per-text lengths.
 
         Texts are tokenized once without padding, sorted by length and
-        encoded in batches of about ``BATCH_TOKENS`` positions, each padded
+        encoded in batches of about ``batch_tokens`` positions, each padded
         only to its own longest text: upstream's ``docFromText`` pads every
         batch to the longest text of the whole call, so most of what it
         computes is padding when lengths vary.
@@ -166,7 +171,7 @@ class ColBERTEncoder:
             token_ids = self.checkpoint.doc_tokenizer.token_ids(texts)
         vectors: list[torch.Tensor] = [torch.empty(0)] * len(texts)
         with torch.inference_mode():
-            for batch in length_batches([len(t) for t in token_ids], BATCH_TOKENS):
+            for batch in length_batches([len(t) for t in token_ids], self.batch_tokens):
                 ids, mask = pad_batch([token_ids[i] for i in batch], self._pad_id)
                 if self._onnx is not None:
                     D, kept = self._onnx(ids, mask)

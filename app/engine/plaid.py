@@ -389,10 +389,13 @@ class PlaidBackend:
         if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
             return None
         rate = self._retrain_sample / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
-        if rate >= 1:
-            # Every original, in order (a small collection's early codecs):
-            # when the next codec lands the segment is recompressed from them
-            # (plan(): "recompress"); from its codes it would gain nothing.
+        if rate >= 1 or manifest.tokens + embs.size(0) <= self._retrain_sample:
+            # Every original, in order, while the whole collection fits one
+            # retraining's sample (a small collection): each new codec is
+            # trained on all of it and every segment is recompressed from
+            # them (plan(): "recompress"), so no early passage is left on an
+            # early codec. Leaving them there measured 0.690 nDCG@10 at 20k
+            # passages, against 0.712 with one codec for the first 5k.
             return embs.to(torch.float16).contiguous()
         n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
         take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]

@@ -288,17 +288,24 @@ class IndexWriter:
             return
         in_flight = exclude | frozenset(d.id for d in batch.documents)
         try:
-            parts: list[tuple[torch.Tensor, list[int]]] = []
+            # Slices follow the batch's texts by length, so each is encoded
+            # with little padding however few texts it holds (in batch order,
+            # 100-text slices cost 10-20% of the encoder's speed).
+            order = sorted(range(len(batch.texts)), key=lambda i: len(batch.texts[i]))
+            vectors: list[torch.Tensor] = [torch.empty(0)] * len(order)
             done = 0
             own_s = 0.0  # this batch's own work, not the priority commits in between
-            while done < len(batch.texts):
+            while done < len(order):
                 n = self._slice_chunks()
+                part = order[done : done + n]
                 sliced = time.perf_counter()
-                parts.append(self.encoder.encode_documents(batch.texts[done : done + n]))
+                embs, lens = self.encoder.encode_documents([batch.texts[i] for i in part])
+                for i, rows in zip(part, torch.split(embs, lens), strict=True):
+                    vectors[i] = rows
                 own_s += time.perf_counter() - sliced
-                self._measured(time.perf_counter() - sliced, min(n, len(batch.texts) - done))
+                self._measured(time.perf_counter() - sliced, len(part))
                 done += n
-                if interleave and done < len(batch.texts):
+                if interleave and done < len(order):
                     self._commit_priority(store, in_flight)
             encode_s = time.perf_counter() - started
             col = store.collection(collection_id)  # read after encoding: priority commits may have moved it
@@ -306,8 +313,8 @@ class IndexWriter:
                 return
             generation = col.generation + 1
             pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
-            doclens = torch.tensor([n for _, lens in parts for n in lens], dtype=torch.int64)
-            embs = torch.cat([e for e, _ in parts]) if parts else torch.empty(0, self.encoder.dim)
+            doclens = torch.tensor([v.size(0) for v in vectors], dtype=torch.int64)
+            embs = torch.cat(vectors) if vectors else torch.empty(0, self.encoder.dim)
             written = time.perf_counter()
             manifest = self.backend.write(collection_id, col.manifest, generation, PassageBatch(pids, embs, doclens))
             write_s = time.perf_counter() - written

@@ -4,6 +4,7 @@ real SQLite store, the fake encoder and the in-memory fake backend."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from app.engine.writer import MAX_ATTEMPTS, IndexWriter
 from app.ingest.chunking import Passage
@@ -277,3 +278,30 @@ async def test_a_priority_upsert_is_committed_between_slices_of_a_bulk_batch(tmp
     finally:
         conn.close()
         await store.close()
+
+
+async def test_slices_follow_the_batch_by_length_and_each_passage_keeps_its_own_vectors(env):
+    settings, store, state = env
+    settings = settings.model_copy(update={"commit_max_chunks": 4096})
+    c = (await store.create_collection("docs", None)).id
+    texts = [("word " * n).strip() + f" doc{i}" for i, n in enumerate([9, 1, 30, 4, 17, 2, 25, 12])]
+    await store.insert_pending(c, [doc(f"d{i}", t) for i, t in enumerate(texts)])
+    w = writer(settings)
+    w._slice_chunks = lambda: 3  # below the floor a real writer keeps (MIN_BATCH_CHUNKS)
+    original = w.encoder.encode_documents
+    slices: list[list[str]] = []
+
+    def encode(batch):
+        slices.append(list(batch))
+        return original(batch)
+
+    w.encoder.encode_documents = encode
+    assert w.step(state) is True
+    assert [t for s in slices for t in s] == sorted(texts, key=len)  # every text once, shortest first
+    assert all(len(s) <= 3 for s in slices) and len(slices) == 3
+    [batch] = w.backend.generations[(c, state.collection(c).manifest)]
+    # Passage ids follow the batch's order, and each holds its own text's vectors.
+    assert batch.pids.tolist() == list(range(len(texts)))
+    rows = torch.split(batch.embs, batch.doclens.tolist())
+    for text, vectors in zip(texts, rows, strict=True):
+        assert torch.equal(vectors, original([text])[0])
