@@ -389,13 +389,10 @@ class PlaidBackend:
         if _centroids(codec) >= self.config.max_centroids or embs.size(0) == 0:
             return None
         rate = self._retrain_sample / max(self.config.rebuild_growth_factor * max(manifest.codec_tokens, 1), 1)
-        if rate >= 1 or manifest.tokens + embs.size(0) <= self._retrain_sample:
-            # Every original, in order, while the whole collection fits one
-            # retraining's sample (a small collection): each new codec is
-            # trained on all of it and every segment is recompressed from
-            # them (plan(): "recompress"), so no early passage is left on an
-            # early codec. Leaving them there measured 0.690 nDCG@10 at 20k
-            # passages, against 0.712 with one codec for the first 5k.
+        if rate >= 1:
+            # Every original, in order (a small collection's early codecs):
+            # when the next codec lands the segment is recompressed from them
+            # (plan(): "recompress"); from its codes it would gain nothing.
             return embs.to(torch.float16).contiguous()
         n = min(embs.size(0), max(1, round(embs.size(0) * rate)))
         take = torch.randperm(embs.size(0), generator=torch.Generator().manual_seed(manifest.generation))[:n]
@@ -442,12 +439,13 @@ class PlaidBackend:
         if m.codec is not None:
             centroids = self._codec_centroids(collection_id, m.codec)
             wanted = num_partitions_for(m.tokens, self.config.max_centroids)
-            due = m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1)
-            # While every segment keeps all its originals (a small collection)
-            # a new codec costs a k-means and a lossless recompression: it is
-            # trained as soon as the collection wants more centroids.
-            cheap = all(s.name in complete for s in m.segments)
-            if wanted > centroids and (due or cheap):
+            # Only at REBUILD_GROWTH_FACTOR x the passages the codec was
+            # trained at, also while every segment keeps all its originals.
+            # Codecs trained as soon as more centroids were wanted (all
+            # originals kept while they fit one retraining's sample)
+            # measured better at 5k passages and worse past it: msmarco-mini
+            # nDCG@10 at 100k 0.654 against 0.708 (BENCHMARKS.md, "Early codecs").
+            if wanted > centroids and m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1):
                 return MaintenanceTask(collection_id, manifest, "retrain", (), f"{centroids} -> {wanted} centroids")
         dead = torch.sort(dead_pids).values
         for s in m.segments:
