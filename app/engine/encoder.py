@@ -18,9 +18,9 @@ logger = logging.getLogger("app.engine")
 
 # Token positions per document-encoding batch (padding included). On a CPU
 # smaller batches keep the activations in cache: on 1,000 scale-corpus
-# passages (2 cores, torch), 2,048 positions encoded 103-110 passages/s
-# against 102-104 at 4,096 and 90 at 8,192 (BENCHMARKS.md, "Encoder batch
-# size"). A GPU wants large ones.
+# passages (2 cores, torch, ``python -m bench.encoder_batches``), 2,048
+# positions encoded 119.7 passages/s in one call against 110.7 at 4,096 and
+# 98.7 at 8,192 (1,024: 114.5). A GPU wants large ones.
 BATCH_TOKENS = 2048
 GPU_BATCH_TOKENS = 16384
 
