@@ -426,25 +426,22 @@ class PlaidBackend:
         the smallest adjacent pair merged past ``MAX_SEGMENTS``."""
         if not manifest:
             return None
-        m = self.files(collection_id).read_manifest(manifest)
+        files = self.files(collection_id)
+        m = files.read_manifest(manifest)
         if not m.segments:
             return None
         if m.codec is None and m.passages > self.config.exact_search_max_passages:
             return MaintenanceTask(
                 collection_id, manifest, "retrain", (), f"first codec at {m.passages} passages (the switch to PLAID)"
             )
-        files = self.files(collection_id)
-        # Segments that kept every original vector (read once: a sample file's header each).
-        complete = {s.name for s in m.segments if _has_all_originals(files, s)}
         if m.codec is not None:
             centroids = self._codec_centroids(collection_id, m.codec)
             wanted = num_partitions_for(m.tokens, self.config.max_centroids)
             # Only at REBUILD_GROWTH_FACTOR x the passages the codec was
-            # trained at, also while every segment keeps all its originals.
-            # Codecs trained as soon as more centroids were wanted (all
-            # originals kept while they fit one retraining's sample)
-            # measured better at 5k passages and worse past it: msmarco-mini
-            # nDCG@10 at 100k 0.654 against 0.708 (BENCHMARKS.md, "Early codecs").
+            # trained at, however cheap an earlier one would be: codecs trained
+            # as soon as more centroids were wanted measured better at 5k
+            # passages and worse past it (msmarco-mini nDCG@10 at 100k 0.654
+            # against 0.708; BENCHMARKS.md, "Early codecs").
             if wanted > centroids and m.passages > self.config.rebuild_growth_factor * max(m.codec_passages, 1):
                 return MaintenanceTask(collection_id, manifest, "retrain", (), f"{centroids} -> {wanted} centroids")
         dead = torch.sort(dead_pids).values
@@ -461,8 +458,11 @@ class PlaidBackend:
             names = tuple(s.name for s in run)
             return MaintenanceTask(collection_id, manifest, "merge", names, "compress the exact tier")
 
-        def stale(s: SegmentEntry) -> bool:  # on an older codec, every original kept
-            return s.codec is not None and s.codec != m.codec and s.name in complete
+        # On an older codec with every original kept (a sample file's header each, read once).
+        complete = {s.name for s in m.segments if s.codec != m.codec and _has_all_originals(files, s)}
+
+        def stale(s: SegmentEntry) -> bool:
+            return s.name in complete
 
         older = [i for i, s in enumerate(m.segments) if stale(s)]
         if older:
@@ -765,7 +765,7 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
         return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample)
     n = int(doclens.sum())
     complete = sample is not None and sample.size(0) == n  # every original, in order
-    if sample is not None and complete:
+    if sample is not None and complete:  # (mypy: complete implies a sample)
         sample = sample[tokens]  # stays aligned with the kept passages
     codec = _codec(files, entry.codec, codecs)
     foreign = None if current is not None and _same_codec(codec, current) else codec

@@ -241,8 +241,9 @@ def test_older_segments_with_every_original_are_recompressed_from_them(tmp_path)
     after = files.read_manifest(name)
     assert {e.codec for e in after.segments} == {m.codec}
     codec = plaid_module.codec_from_state(files.load(m.codec))
-    originals = batch(0, TEXTS[:160]).embs
-    expected = codec.compress(originals.float()).codes
+    originals = batch(0, TEXTS[:160])
+    expected = codec.compress(originals.embs.float()).codes
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), originals.doclens.cumsum(0)])
     checked = 0
     for e in after.segments:
         state = files.load(e.name)
@@ -253,7 +254,6 @@ def test_older_segments_with_every_original_are_recompressed_from_them(tmp_path)
         tokens = torch.repeat_interleave(first, state["doclens"].to(torch.int64))
         got = state["codes"][: int(state["doclens"].sum())][tokens].to(torch.int64)
         lens = state["doclens"][first].to(torch.int64)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), batch(0, TEXTS[:160]).doclens.cumsum(0)])
         pids = state["pids"][first].to(torch.int64)
         want = torch.cat([expected[offsets[p] : offsets[p] + n] for p, n in zip(pids.tolist(), lens.tolist())])
         assert torch.equal(got, want.to(torch.int64))  # the originals' codes on the new codec
