@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     commit_target_s: float = Field(default=1.0, gt=0)
     snapshot_cache_bytes: int = Field(default=8 << 30, ge=0, description="0: no limit")
     writer_poll_interval_s: float = Field(default=0.1, gt=0)
+    writer_overlap: bool = Field(
+        default=True,
+        description="land each batch (compression, files, SQLite) on a second thread while the next is encoded",
+    )
     kmeans_niters: int = Field(default=4, ge=1)
     ncells: int | None = None
     ndocs: int | None = None

@@ -106,9 +106,28 @@ def binarize(self, residuals):
     return torch.from_numpy(np.packbits(bits.reshape(b.shape[0], b.shape[1] * self.nbits), axis=1))
 
 
+def quiet_faiss_interrupts() -> None:
+    """Remove faiss's Python interrupt callback (idempotent).
+
+    faiss's Python module installs a callback that its searches and k-means
+    call every few thousand vectors to look for Ctrl-C; each call takes the
+    GIL. In a server some other thread (a request, the encoder) nearly
+    always holds the GIL, so every check waits up to the interpreter's
+    switch interval with faiss's threads stalled behind it: centroid
+    assignment of 70k vectors beside one busy Python thread took 1.2 s
+    instead of 0.47 s, or hung for seconds with one faiss thread
+    (``tests/colbert_patches/test_patches.py`` keeps it out). A search here
+    is milliseconds to seconds; nothing needs to interrupt it."""
+    import faiss
+
+    faiss.InterruptCallback.clear_instance()
+
+
 def apply() -> None:
     global _upstream_binarize
     from colbert.indexing.codecs.residual import ResidualCodec
+
+    quiet_faiss_interrupts()
 
     if _upstream_binarize is None:
         _upstream_binarize = ResidualCodec.binarize

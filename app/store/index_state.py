@@ -8,6 +8,7 @@ bumps the collection's generation, so a searcher sees all of a commit or none.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -194,26 +195,42 @@ class IndexStateStore:
                 "UPDATE chunks SET passage_id = ? WHERE id = ?",
                 [(first_pid + i, chunk_id) for i, chunk_id in enumerate(chunk_ids)],
             )
+            # Set-based, a handful of statements per commit whatever its size.
+            # Documents deleted while they were indexed are no longer pending:
+            # their passages stay dead.
+            batch = json.dumps([d.id for d in documents])
+            # A later version (a priority upsert) went live first: superseded.
+            self.conn.execute(
+                """UPDATE documents SET state = 'deleted', updated_at = ?
+                   WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending' AND EXISTS
+                     (SELECT 1 FROM documents n WHERE n.collection_id = documents.collection_id
+                        AND n.external_id = documents.external_id AND n.state = 'live' AND n.id > documents.id)""",
+                (now, batch),
+            )
+            # Two pending versions of one id in the batch: the later one wins.
+            latest: dict[str, int] = {}
             for d in documents:
-                state = self.conn.execute("SELECT state FROM documents WHERE id = ?", (d.id,)).fetchone()
-                if state is None or state["state"] != "pending":
-                    continue  # deleted while it was being indexed: its passages stay dead
-                newer = self.conn.execute(
-                    """SELECT 1 FROM documents WHERE collection_id = ? AND external_id = ? AND state = 'live'
-                       AND id > ?""",
-                    (collection_id, d.external_id, d.id),
-                ).fetchone()
-                if newer is not None:  # a later version (a priority upsert) went live first: this one is superseded
-                    self.conn.execute(
-                        "UPDATE documents SET state = 'deleted', updated_at = ? WHERE id = ?", (now, d.id)
-                    )
-                    continue
+                latest[d.external_id] = max(d.id, latest.get(d.external_id, d.id))
+            overtaken = [d.id for d in documents if d.id != latest[d.external_id]]
+            if overtaken:
                 self.conn.execute(
                     """UPDATE documents SET state = 'deleted', updated_at = ?
-                       WHERE collection_id = ? AND external_id = ? AND state = 'live'""",
-                    (now, collection_id, d.external_id),
+                       WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'""",
+                    (now, json.dumps(overtaken)),
                 )
-                self.conn.execute("UPDATE documents SET state = 'live', updated_at = ? WHERE id = ?", (now, d.id))
+            # The live versions the batch replaces.
+            self.conn.execute(
+                """UPDATE documents SET state = 'deleted', updated_at = ?
+                   WHERE id IN (SELECT old.id FROM documents d JOIN documents old
+                     ON old.collection_id = d.collection_id AND old.external_id = d.external_id AND old.state = 'live'
+                     WHERE d.id IN (SELECT value FROM json_each(?)) AND d.state = 'pending')""",
+                (now, batch),
+            )
+            self.conn.execute(
+                """UPDATE documents SET state = 'live', updated_at = ?
+                   WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'""",
+                (now, batch),
+            )
             self.conn.execute(
                 """UPDATE collections SET generation = ?, manifest = ?, next_pid = ?, version = version + 1
                    WHERE id = ?""",

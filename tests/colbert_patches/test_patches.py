@@ -357,3 +357,38 @@ def test_decompress_kernel_gives_upstreams_unit_vectors(code_dtype):
         codec.centroids,
         byte_values(codec),
     ).shape == (0, 128)
+
+
+def test_centroid_assignment_never_waits_for_the_gil():
+    """faiss's Python interrupt callback takes the GIL every few thousand
+    vectors of a search; patched, a search finishes while another thread
+    keeps the GIL (here: this one, spinning with a long switch interval)."""
+    import sys
+    import threading
+    import time
+
+    import numpy as np
+
+    from colbert_patches.codec import centroid_index
+
+    colbert_patches.apply()
+    gen = torch.Generator().manual_seed(5)
+    centroids = torch.nn.functional.normalize(torch.randn(4096, 128, generator=gen), dim=-1)
+    vectors = torch.nn.functional.normalize(torch.randn(50_000, 128, generator=gen), dim=-1).numpy()
+    index = centroid_index(centroids)
+    distances = np.empty((vectors.shape[0], 1), dtype=np.float32)
+    labels = np.full((vectors.shape[0], 1), -2, dtype=np.int64)
+    search = threading.Thread(target=lambda: index.search(vectors, 1, D=distances, I=labels))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)  # this thread keeps the GIL while it spins
+    try:
+        search.start()
+        deadline = time.monotonic() + 10.0
+        while labels[-1, 0] == -2 and time.monotonic() < deadline:
+            pass
+        finished = labels[-1, 0] != -2
+    finally:
+        sys.setswitchinterval(interval)
+        search.join()
+    assert finished, "the search stopped for the GIL"
+    assert (labels >= 0).all()

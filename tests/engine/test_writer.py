@@ -305,3 +305,126 @@ async def test_slices_follow_the_batch_by_length_and_each_passage_keeps_its_own_
     rows = torch.split(batch.embs, batch.doclens.tolist())
     for text, vectors in zip(texts, rows, strict=True):
         assert torch.equal(vectors, original([text])[0])
+
+
+class GatedBackend(FakeInMemoryBackend):
+    """A fake backend whose first write waits for ``gate`` (a landing held
+    open while the writer goes on), recording which thread wrote."""
+
+    def __init__(self, fail_first: bool = False):
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+        self.threads: list[str] = []
+        self.fail_first = fail_first
+
+    def write(self, *args):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) == 1:
+            self.writing.set()
+            assert self.gate.wait(10), "the writer never reached the next batch"
+            if self.fail_first:
+                raise OSError("no space left on device")
+        return super().write(*args)
+
+
+def overlapped(settings, backend: GatedBackend):
+    """A writer that steps with ``overlap`` and opens the gate once it
+    encodes while the first landing is held open; the texts it encoded, and
+    those encoded while that landing was open."""
+    w = writer(settings, backend)
+    original = w.encoder.encode_documents
+    encoded: list[str] = []
+    during_landing: list[str] = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        if w._landing_ids and not backend.gate.is_set():  # a landing was handed over: let it reach its write
+            assert backend.writing.wait(10)
+        if backend.writing.is_set() and not backend.gate.is_set():
+            during_landing.extend(texts)
+            backend.gate.set()
+        return original(texts)
+
+    w.encoder.encode_documents = encode
+    return w, encoded, during_landing
+
+
+async def test_with_overlap_the_next_batch_is_encoded_while_the_previous_one_lands(env):
+    import asyncio
+
+    settings, store, state = env  # commit_max_chunks=4: 12 one-chunk documents take 3 batches
+    c = (await store.create_collection("docs", None)).id
+    rows = [r for _, r in await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(12)])]
+    backend = GatedBackend()
+    w, encoded, during_landing = overlapped(settings, backend)
+    try:
+        while await asyncio.to_thread(w.step, state, True):
+            pass
+        assert during_landing == [f"note {i}" for i in range(4, 8)]  # the second batch, while the first landed
+        assert sorted(encoded) == sorted(f"note {i}" for i in range(12))  # nothing encoded twice
+        assert set(backend.threads) == {"index-lander"}
+        states = await store.document_states(rows)
+        assert all(states[r] == ("live", None) for r in rows)
+        col = state.collection(c)
+        assert (col.generation, col.next_pid) == (3, 12)
+        # Passage ids follow the batches in order: each document keeps its own text.
+        assert [p.text for p in sorted(state.live_passages(c), key=lambda p: p.passage_id)] == [
+            f"note {i}" for i in range(12)
+        ]
+        assert search(w, state, c, "note 7")[0] == 7
+        assert not w.busy and not w._landing_ids
+    finally:
+        w._lander.stop()
+
+
+async def test_with_overlap_a_failed_landing_leaves_its_documents_pending_and_the_next_batch_lands(env):
+    import asyncio
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    rows = [r for _, r in await store.insert_pending(c, [doc(f"d{i}", f"note {i}") for i in range(8)])]
+    backend = GatedBackend(fail_first=True)
+    w, encoded, during_landing = overlapped(settings, backend)
+    try:
+        assert await asyncio.to_thread(w.step, state, True) is True  # the first batch, handed over
+        assert await asyncio.to_thread(w.step, state, True) is True  # the second, while the first fails
+        w.drain()
+        states = await store.document_states(rows)
+        assert [states[r][0] for r in rows] == ["pending"] * 4 + ["live"] * 4
+        while await asyncio.to_thread(w.step, state, True):
+            pass
+        states = await store.document_states(rows)
+        assert all(states[r] == ("live", None) for r in rows)  # the retry landed the first batch
+        assert state.collection(c).next_pid == 8
+        assert sorted(encoded) == sorted([f"note {i}" for i in range(8)] + [f"note {i}" for i in range(4)])
+    finally:
+        w._lander.stop()
+
+
+async def test_with_overlap_a_version_upserted_while_the_earlier_one_lands_replaces_it(env):
+    import asyncio
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, v1)] = await store.insert_pending(c, [doc("x", "first version")])
+    backend = GatedBackend()
+    w, encoded, during_landing = overlapped(settings, backend)
+    try:
+        assert await asyncio.to_thread(w.step, state, True) is True  # v1 handed over; its landing waits
+        assert await asyncio.to_thread(backend.writing.wait, 10)
+        [(_, v2)] = await store.insert_pending(c, [doc("x", "second version")])
+        while await asyncio.to_thread(w.step, state, True):  # v2 is encoded while v1 lands
+            pass
+        assert during_landing == ["second version"]
+        states = await store.document_states([v1, v2])
+        assert states == {v1: ("deleted", None), v2: ("live", None)}
+        assert (await store.get_document(c, "x"))["chunks"][0]["text"] == "second version"
+        assert state.dead_passage_count(c) == 1  # v1's passage, tombstoned by v2's landing
+        assert [p.passage_id for p in state.live_passages(c)] == [1]
+    finally:
+        w._lander.stop()

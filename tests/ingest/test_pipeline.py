@@ -54,3 +54,26 @@ def test_content_hash_and_metadata():
     a = prepare(DocumentInput("a", "same text", metadata={"k": 1}))
     b = prepare(DocumentInput("b", "same text"))
     assert a.content_hash == b.content_hash and a.metadata == {"k": 1} and b.metadata == {}
+
+
+def test_token_counts_match_the_tokenizer_whatever_its_last_call_set():
+    """The preparer counts with its own copy of the Rust tokenizer: the same
+    counts as the HF call, even after a call that truncated or padded."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from models.build_default_checkpoint import bundled_minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
+
+    class RealTokenizerEncoder:  # the preparer's view of an encoder, with the bundled tokenizer
+        chunk_lock = threading.Lock()
+        passage_token_budget = 32
+
+    RealTokenizerEncoder.tokenizer = tokenizer
+    texts = ["granite quarry", "A longer text, with punctuation; and numbers 1,234.5!" * 20, "", "naïve café"]
+    expected = [len(r) for r in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    tokenizer(texts, truncation=True, max_length=8, padding="max_length")  # leaves its settings behind
+    assert DocumentPreparer(RealTokenizerEncoder())._counts(texts) == expected
+    assert max(expected) > 8

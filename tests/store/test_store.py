@@ -108,3 +108,25 @@ async def test_a_failed_batch_rolls_back_whole(store):
         await store.insert_pending(c, [doc("a", "text")])
     row = await store._one("SELECT COUNT(*) AS n FROM documents")
     assert row["n"] == 0
+
+
+async def test_a_commit_holding_two_versions_of_one_id_makes_only_the_later_live(store):
+    """The writer leaves earlier pending versions out of a batch; if a batch
+    still holds two (inserted between its reads), the commit keeps the later
+    one live and the earlier one dead, and replaces the live version."""
+    c = (await store.create_collection("docs", None)).id
+    [(_, v1)] = await store.insert_pending(c, [doc("a", "version one")])
+    make_live(store, c)
+    [(_, v2)] = await store.insert_pending(c, [doc("a", "version two")])
+    [(_, v3)] = await store.insert_pending(c, [doc("a", "version three")])
+    [(_, other)] = await store.insert_pending(c, [doc("b", "another document")])
+    make_live(store, c)  # one batch: v2, v3 and b
+    states = await store.document_states([v1, v2, v3, other])
+    assert states == {v1: ("deleted", None), v2: ("deleted", None), v3: ("live", None), other: ("live", None)}
+    assert (await store.get_document(c, "a"))["chunks"][0]["text"] == "version three"
+    conn = connect(store.path)
+    try:
+        live = IndexStateStore(conn).live_passages(c)
+    finally:
+        conn.close()
+    assert sorted(p.text for p in live) == ["another document", "version three"]
