@@ -120,7 +120,7 @@ def quiet_faiss_interrupts() -> None:
     is milliseconds to seconds; nothing needs to interrupt it."""
     import faiss
 
-    faiss.InterruptCallback.clear_instance()
+    faiss.InterruptCallback.clear_instance()  # type: ignore[attr-defined]
 
 
 def apply() -> None:

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.ingest.chunking import Passage, SentenceChunker
 from app.store.store import NewDocument
@@ -62,7 +62,7 @@ class DocumentPreparer:
         self.encoder = encoder
         self.chunker = chunker
         self._chunkers: dict[int, Splitter] = {}
-        self._backend = False  # not looked up yet (see _counting_backend)
+        self._backend: Any = False  # not looked up yet (see _counting_backend)
 
     def prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
         with self.encoder.chunk_lock:
