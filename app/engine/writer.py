@@ -104,25 +104,26 @@ class _Lander:
 
     def submit(self, land) -> Future:
         """Run ``land(store)`` after everything handed over before it."""
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="index-lander", daemon=True)
-            self._thread.start()
         future: Future = Future()
         self._jobs.put((land, future))
+        if self._thread is None or not self._thread.is_alive():  # first use, or it stopped on an error
+            self._thread = threading.Thread(target=self._run, name="index-lander", daemon=True)
+            self._thread.start()
         return future
 
     def stop(self) -> None:
         """Finish what was handed over, then end the thread (a landing is
         seconds; the writer keeps its lease until this returns)."""
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             return
         self._jobs.put(None)
         self._thread.join()
 
     def _run(self) -> None:
-        conn = connect(self._database_path)
-        store = IndexStateStore(conn)
+        conn = None
         try:
+            conn = connect(self._database_path)
+            store = IndexStateStore(conn)
             while (job := self._jobs.get()) is not None:
                 land, future = job
                 future.set_running_or_notify_cancel()
@@ -131,8 +132,21 @@ class _Lander:
                 except BaseException as exc:  # landings handle their own failures; this is a bug's way out
                     logger.exception("landing an index commit failed")
                     future.set_exception(exc)
+        except BaseException as exc:  # no connection: fail what waits, so nobody waits for good
+            logger.exception("the index lander stopped")
+            self._fail_queued(exc)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(exc)
 
 
 class IndexWriter:
@@ -418,10 +432,15 @@ class IndexWriter:
         ids = frozenset(d.id for d in encoded.batch.documents)
         with self._landing_lock:
             self._landing_ids = self._landing_ids | ids
-        if overlap:
-            self._landing = self._lander.submit(lambda lander_store: self._land(lander_store, encoded, ids))
-        else:
+        if not overlap:
             self._land(store, encoded, ids)
+            return
+        try:
+            self._landing = self._lander.submit(lambda lander_store: self._land(lander_store, encoded, ids))
+        except BaseException:  # not handed over after all: the documents stay pending for the next batch
+            with self._landing_lock:
+                self._landing_ids = self._landing_ids - ids
+            raise
 
     def _land(self, store: IndexStateStore, encoded: _Encoded, ids: frozenset[int]) -> None:
         """Index files, then the SQLite transaction, on the collection as it is now."""
@@ -442,17 +461,20 @@ class IndexWriter:
             )
             if not encoded.priority_only:
                 self._commit_measured(encoded.own_s + time.perf_counter() - landed, len(batch.texts))
-            if outcome is Commit.COLLECTION_DELETED:
-                self.backend.drop(collection_id)
-                return
-            # Keep the previous generation: other processes may be loading it.
-            self.backend.release(collection_id, [manifest, col.manifest])
         except Exception as exc:
             self._failed(store, collection_id, batch.documents, exc)
             return
         finally:
             with self._landing_lock:
                 self._landing_ids = self._landing_ids - ids
+        try:  # the commit landed: cleaning up after it is not a failed landing
+            if outcome is Commit.COLLECTION_DELETED:
+                self.backend.drop(collection_id)
+                return
+            # Keep the previous generation: other processes may be loading it.
+            self.backend.release(collection_id, [manifest, col.manifest])
+        except Exception:
+            logger.exception("cleaning up after generation %d of collection %d failed", generation, collection_id)
         self.maintainer.notify()
         logger.info(
             "collection %d generation %d: %d documents, %d passages (encode %.2fs, index files %.2fs, "

@@ -208,10 +208,18 @@ class IndexStateStore:
                 (now, batch),
             )
             # Two pending versions of one id in the batch: the later one wins.
+            pending = {
+                row[0]
+                for row in self.conn.execute(
+                    "SELECT id FROM documents WHERE id IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+                    (batch,),
+                )
+            }
             latest: dict[str, int] = {}
             for d in documents:
-                latest[d.external_id] = max(d.id, latest.get(d.external_id, d.id))
-            overtaken = [d.id for d in documents if d.id != latest[d.external_id]]
+                if d.id in pending:
+                    latest[d.external_id] = max(d.id, latest.get(d.external_id, d.id))
+            overtaken = [d.id for d in documents if d.id in pending and d.id != latest[d.external_id]]
             if overtaken:
                 self.conn.execute(
                     """UPDATE documents SET state = 'deleted', updated_at = ?

@@ -428,3 +428,32 @@ async def test_with_overlap_a_version_upserted_while_the_earlier_one_lands_repla
         assert [p.passage_id for p in state.live_passages(c)] == [1]
     finally:
         w._lander.stop()
+
+
+def test_a_lander_that_cannot_open_its_database_fails_what_waits_instead_of_hanging(tmp_path):
+    from app.engine.writer import _Lander
+
+    lander = _Lander(tmp_path / "no such directory" / "index.sqlite")
+    first, second = lander.submit(lambda store: "landed"), lander.submit(lambda store: "landed")
+    assert first.exception(timeout=10) is not None and second.exception(timeout=10) is not None
+    lander.stop()
+
+
+async def test_with_overlap_a_failing_cleanup_after_a_landed_commit_is_not_a_failed_landing(env):
+    import asyncio
+
+    class FailingReleaseBackend(FakeInMemoryBackend):
+        def release(self, *args):
+            raise OSError("cannot remove an old file")
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, row)] = await store.insert_pending(c, [doc("a", "text")])
+    w = writer(settings, FailingReleaseBackend())
+    try:
+        assert await asyncio.to_thread(w.step, state, True) is True
+        w.drain()
+        assert (await store.document_states([row]))[row] == ("live", None)
+        assert w._failures == {} and not w._landing_ids
+    finally:
+        w._lander.stop()
