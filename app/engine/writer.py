@@ -92,6 +92,10 @@ class _Encoded:
     priority_only: bool
     started: float
 
+    @property
+    def document_ids(self) -> frozenset[int]:
+        return frozenset(d.id for d in self.batch.documents)
+
 
 class _Lander:
     """The thread that lands encoded batches, in the order handed over, with
@@ -289,9 +293,7 @@ class IndexWriter:
         finally:
             self.busy = False
             self._served[collection_id] = time.monotonic()
-        if not handed:  # everything pending is still landing
-            self.drain()
-        elif not overlap:
+        if not handed or not overlap:  # nothing to encode (all pending is landing), or landing here
             self.drain()
         return True
 
@@ -429,20 +431,20 @@ class IndexWriter:
         """Land ``encoded`` after the landing before it: on the lander
         (``overlap``: while the writer goes on), else here."""
         self.drain()  # at most one landing waits while a batch is encoded
-        ids = frozenset(d.id for d in encoded.batch.documents)
+        ids = encoded.document_ids
         with self._landing_lock:
             self._landing_ids = self._landing_ids | ids
         if not overlap:
-            self._land(store, encoded, ids)
+            self._land(store, encoded)
             return
         try:
-            self._landing = self._lander.submit(lambda lander_store: self._land(lander_store, encoded, ids))
+            self._landing = self._lander.submit(lambda lander_store: self._land(lander_store, encoded))
         except BaseException:  # not handed over after all: the documents stay pending for the next batch
             with self._landing_lock:
                 self._landing_ids = self._landing_ids - ids
             raise
 
-    def _land(self, store: IndexStateStore, encoded: _Encoded, ids: frozenset[int]) -> None:
+    def _land(self, store: IndexStateStore, encoded: _Encoded) -> None:
         """Index files, then the SQLite transaction, on the collection as it is now."""
         collection_id, batch, vectors = encoded.collection_id, encoded.batch, encoded.vectors
         landed = time.perf_counter()
@@ -466,7 +468,7 @@ class IndexWriter:
             return
         finally:
             with self._landing_lock:
-                self._landing_ids = self._landing_ids - ids
+                self._landing_ids = self._landing_ids - encoded.document_ids
         try:  # the commit landed: cleaning up after it is not a failed landing
             if outcome is Commit.COLLECTION_DELETED:
                 self.backend.drop(collection_id)
