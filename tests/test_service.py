@@ -73,3 +73,36 @@ async def test_an_uploaded_file_becomes_searchable(client):
         job = (await client.get(f"/v1/jobs/{job['id']}")).json()
     assert job["chunks_done"] == job["chunks_total"] == 1
     assert await search(client, "otters sleep") == ["notes.txt"]
+
+
+async def test_a_worker_whose_start_up_failed_answers_503_not_500(tmp_path, monkeypatch):
+    """A worker that could not open its database stays up (``/ready`` says
+    why); every route that needs the store answers 503 in the error shape."""
+    settings = Settings(
+        _env_file=None, environment="test", data_dir=tmp_path, log_level="WARNING", answer_preload=False
+    )
+    service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
+
+    def locked(path):
+        import sqlite3
+
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("app.store.store.initialise", locked)
+    app = create_app(settings, service=service)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
+            deadline = time.monotonic() + 30
+            while not app.state.startup.done():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            ready = await c.get("/ready")
+            assert ready.status_code == 503 and "start-up failed" in ready.json()["error"]["message"]
+            for method, url, body in (
+                ("POST", "/v1/collections", {"name": "docs"}),
+                ("GET", "/v1/collections", None),
+                ("GET", "/v1/collections/docs", None),
+            ):
+                r = await c.request(method, url, json=body)
+                assert r.status_code == 503, (url, r.text)
+                assert r.json()["error"]["code"] == "not_ready"

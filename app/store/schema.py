@@ -13,6 +13,8 @@ created and dropped with the collection and kept up to date by triggers on
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,10 +145,31 @@ def _migrate_columns(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+@contextmanager
+def _initialising(path: Path) -> Iterator[None]:
+    """One process at a time initialises the database (an flock'd file
+    beside it). Switching a new database to WAL takes an exclusive lock for
+    which SQLite does not wait out the busy timeout: workers starting
+    together on a fresh data directory otherwise fail one in twenty
+    starts with "database is locked"."""
+    fd = os.open(path.with_name(path.name + ".init-lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def initialise(path: Path) -> None:
     """Create or migrate the database, in one transaction (every process
-    runs this at start; the first one migrates, the others find nothing to do)."""
+    runs this at start, one at a time; the first one migrates, the others
+    find nothing to do)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _initialising(path):
+        _initialise(path)
+
+
+def _initialise(path: Path) -> None:
     conn = connect(path)
     try:
         # executescript commits an open transaction first, so the script opens its own.

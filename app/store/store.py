@@ -15,7 +15,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, NotReady
 from app.store import keyword_index
 from app.store.filters import compile_filter
 from app.store.jobs import Jobs
@@ -90,7 +90,8 @@ class Store:
 
     @property
     def db(self) -> aiosqlite.Connection:
-        assert self._db is not None, "store is not open"
+        if self._db is None:  # still starting, start-up failed (see /ready), or stopping
+            raise NotReady("the database is not open")
         return self._db
 
     @asynccontextmanager

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.ingest.chunking import Passage
 from app.store.index_state import Commit, IndexStateStore
-from app.store.schema import connect
+from app.store.schema import connect, initialise
 from app.store.store import NewDocument
 
 
@@ -130,3 +132,52 @@ async def test_a_commit_holding_two_versions_of_one_id_makes_only_the_later_live
     finally:
         conn.close()
     assert sorted(p.text for p in live) == ["another document", "version three"]
+
+
+def _initialise_in_child(path: str) -> str:
+    from app.store.schema import initialise
+
+    try:
+        initialise(Path(path))
+        return "ok"
+    except Exception as exc:  # reported to the parent, which asserts
+        return repr(exc)
+
+
+def test_initialisation_waits_for_another_process_initialising(tmp_path):
+    """Workers starting together on a fresh data directory: the one that
+    finds another initialising waits for it (switching a new database to
+    WAL is not covered by SQLite's busy timeout)."""
+    import fcntl
+    import os
+    import threading
+
+    path = tmp_path / "server.sqlite3"
+    fd = os.open(path.with_name(path.name + ".init-lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a process in the middle of initialise holds it
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (initialise(path), done.set()))
+    worker.start()
+    assert not done.wait(0.5)
+    os.close(fd)
+    worker.join(30)
+    assert done.is_set()
+    tables = {r["name"] for r in connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"collections", "documents"} <= tables
+
+
+def test_processes_initialising_one_fresh_database_together_all_succeed(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        for trial in range(8):
+            path = str(tmp_path / f"{trial}.sqlite3")
+            assert pool.map(_initialise_in_child, [path] * 6) == ["ok"] * 6
+
+
+async def test_a_store_that_is_not_open_answers_not_ready(tmp_path):
+    from app.errors import NotReady
+    from app.store.store import Store
+
+    with pytest.raises(NotReady):
+        await Store(tmp_path / "never-opened.sqlite3").list_collections()
