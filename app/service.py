@@ -115,7 +115,11 @@ class SearchService:
         self.writer: IndexWriter | None = None
         self.ready = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        # Snapshot loads (a new generation's segments opened, the previous
+        # snapshot's reused) run here, never on the search thread.
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-load")
         self._job_runner: asyncio.Task | None = None
+        self._refresher: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -129,26 +133,45 @@ class SearchService:
         self.backend = self._backend_factory(self.settings, self.encoder)
         self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
-        self.snapshots = SnapshotCache(self.store, self.backend, self._run, self.settings.snapshot_cache_bytes)
+        self.snapshots = SnapshotCache(self.store, self.backend, self._load, self.settings.snapshot_cache_bytes)
         self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
         jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held)
         self.writer.start()
         self._job_runner = asyncio.create_task(jobs.run())
+        if self.settings.snapshot_refresh_s:
+            self._refresher = asyncio.create_task(self._refresh_snapshots(self.settings.snapshot_refresh_s))
         self.ready = True
 
     async def astop(self) -> None:
         self.ready = False
-        if self._job_runner is not None:
-            self._job_runner.cancel()
-            await asyncio.gather(self._job_runner, return_exceptions=True)
+        for task in (self._job_runner, self._refresher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
         await self.store.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._loader.shutdown(wait=True, cancel_futures=True)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _load(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+
+    async def _refresh_snapshots(self, interval_s: float) -> None:
+        """Every ``interval_s``: the cached collections' new generations
+        loaded in the background (:meth:`SnapshotCache.refresh`)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.snapshots.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next round, or the next search, tries again
+                logger.exception("refreshing snapshots failed")
 
     def _require_ready(self) -> None:
         if not self.ready:

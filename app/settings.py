@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     commit_max_chunks: int = Field(default=4096, ge=1)
     commit_target_s: float = Field(default=1.0, gt=0)
     snapshot_cache_bytes: int = Field(default=8 << 30, ge=0, description="0: no limit")
+    snapshot_refresh_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="how often each worker loads its cached collections' new generations in the background (0: only when searched)",
+    )
     writer_poll_interval_s: float = Field(default=0.1, gt=0)
     writer_overlap: bool = Field(
         default=True,

@@ -106,3 +106,44 @@ async def test_a_worker_whose_start_up_failed_answers_503_not_500(tmp_path, monk
                 r = await c.request(method, url, json=body)
                 assert r.status_code == 503, (url, r.text)
                 assert r.json()["error"]["code"] == "not_ready"
+
+
+async def test_a_new_generation_is_loaded_in_the_background_while_the_search_thread_is_busy(tmp_path):
+    """Each worker loads its collections' new generations off the search
+    thread, whether searched or not (``SNAPSHOT_REFRESH_S``)."""
+    import threading
+
+    settings = Settings(
+        _env_file=None,
+        environment="test",
+        data_dir=tmp_path,
+        log_level="WARNING",
+        answer_preload=False,
+        snapshot_refresh_s=0.05,
+    )
+    service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
+    app = create_app(settings, service=service)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
+            deadline = time.monotonic() + 30
+            while (await c.get("/ready")).status_code != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert (await c.post("/v1/collections", json={"name": "docs"})).status_code == 201
+            body = {"documents": [{"id": "a", "text": "granite quarry"}], "wait": True}
+            assert (await c.post("/v1/collections/docs/documents", json=body)).status_code == 200
+            assert await search(c, "granite") == ["a"]
+            collection_id = (await service.store.get_collection("docs")).id
+            release = threading.Event()
+            service._executor.submit(release.wait, 30)  # the search thread is busy from now on
+            try:
+                body = {"documents": [{"id": "b", "text": "basalt columns"}], "wait": True}
+                assert (await c.post("/v1/collections/docs/documents", json=body)).status_code == 200
+                generation = (await service.store.index_state("docs"))[1]
+                while (cached := service.snapshots.cached(collection_id)).snapshot.generation != generation:
+                    assert time.monotonic() < deadline + 30, cached.snapshot.generation
+                    await asyncio.sleep(0.05)
+                assert cached.snapshot.num_passages == 2
+            finally:
+                release.set()
+            assert (await search(c, "basalt"))[0] == "b"

@@ -6,6 +6,14 @@ loads that generation if this process holds an older one (reusing what the
 old snapshot already holds), and recomputes the deleted mask only when the
 store's version moved (a delete or a commit).
 
+Loads run on their own thread (``load``), never on the search thread: a
+collection's new generation does not hold up searches of the others. The
+service's refresher calls :meth:`refresh` every ``snapshot_refresh_s``: each
+cached collection whose generation moved is loaded in the background and
+swapped in, so searches nearly always find it loaded, and every worker lets
+go of superseded segment files (their pages, their disk space) within a
+second of a commit, whether it is searched or not.
+
 The cache holds at most ``snapshot_cache_bytes`` of snapshots (their
 ``memory_bytes``: mapped index files and private arrays), evicting the least
 recently searched collection first; collections deleted by another process
@@ -25,6 +33,7 @@ from typing import Any
 import torch
 
 from app.engine.backend import IndexBackend, IndexSnapshot
+from app.errors import CollectionNotFound
 from app.store.store import Store
 
 logger = logging.getLogger("app.engine")
@@ -36,15 +45,16 @@ SWEEP_S = 10.0
 @dataclass
 class CachedSnapshot:
     snapshot: IndexSnapshot
+    name: str = ""
     version: int = -1
     alive: torch.Tensor | None = None  # the deleted mask at ``version``
 
 
 class SnapshotCache:
-    def __init__(self, store: Store, backend: IndexBackend, run: Callable[..., Awaitable[Any]], budget_bytes: int = 0):
+    def __init__(self, store: Store, backend: IndexBackend, load: Callable[..., Awaitable[Any]], budget_bytes: int = 0):
         self.store = store
         self.backend = backend
-        self._run = run  # runs blocking loads on the search thread
+        self._load = load  # runs blocking loads (on the loader thread, not the search thread)
         self.budget_bytes = budget_bytes  # 0: no limit
         self._cache: OrderedDict[int, CachedSnapshot] = OrderedDict()  # least recently searched first
         self._locks: dict[int, asyncio.Lock] = {}
@@ -83,19 +93,21 @@ class SnapshotCache:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _current(self, name: str) -> tuple[int, CachedSnapshot]:
+    async def _current(self, name: str, searched: bool = True) -> tuple[int, CachedSnapshot]:
         collection_id, generation, manifest, version = await self.store.index_state(name)
         cached = self._cache.get(collection_id)
         if cached is None or cached.snapshot.generation != generation:
             async with self._locks.setdefault(collection_id, asyncio.Lock()):
                 cached = self._cache.get(collection_id)
-                if cached is None or cached.snapshot.generation != generation:
+                if cached is None or cached.snapshot.generation < generation:
                     previous = cached.snapshot if cached is not None else None
-                    snapshot = await self._run(self.backend.load, collection_id, generation, manifest, previous)
-                    cached = CachedSnapshot(snapshot)
-                    self._cache[collection_id] = cached
-                    self._evict(keep=collection_id)
-        self._cache.move_to_end(collection_id)
+                    snapshot = await self._load(self.backend.load, collection_id, generation, manifest, previous)
+                    cached = CachedSnapshot(snapshot, name)
+                    if searched or collection_id in self._cache:  # not evicted or forgotten meanwhile
+                        self._cache[collection_id] = cached
+                        self._evict(keep=collection_id)
+        if searched and collection_id in self._cache:
+            self._cache.move_to_end(collection_id)
         if cached.version != version:
             dead = await self.store.dead_passage_ids(collection_id)
             cached.alive = cached.snapshot.deleted_mask(torch.tensor(dead, dtype=torch.int64))
@@ -112,6 +124,17 @@ class SnapshotCache:
             logger.info("evicting collection %d from the snapshot cache (budget %d bytes)", victim, self.budget_bytes)
             self.forget(victim)
             self.evictions += 1
+
+    async def refresh(self) -> None:
+        """Load the current generation of every cached collection whose
+        generation moved (the least recently searched keep their place)."""
+        for cached in list(self._cache.values()):
+            try:
+                await self._current(cached.name, searched=False)
+            except (CollectionNotFound, FileNotFoundError):
+                # Deleted, or a generation released while it loaded: the
+                # sweep or the next search settles it.
+                continue
 
     async def sweep(self) -> None:
         """Forget collections that no longer exist (deleted by any process)."""

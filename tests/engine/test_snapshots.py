@@ -1,5 +1,6 @@
 """The snapshot cache: a byte budget with least-recently-searched eviction,
-and collections deleted by another process forgotten."""
+collections deleted by another process forgotten, new generations loaded
+by the refresher before a search asks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ async def run_inline(fn, *args):
     return fn(*args)
 
 
+env_writer: list = []  # (writer, its state store) of the running ``env``
+
+
+async def add_documents(store, name: str, count: int) -> None:
+    """``count`` more documents in ``name``, committed by ``env``'s writer (a new generation)."""
+    w, state = env_writer
+    collection_id = (await store.get_collection(name)).id
+    await store.insert_pending(collection_id, [doc(f"{name}-more{i}", f"{name} more text {i}") for i in range(count)])
+    while w.step(state):
+        pass
+
+
 @pytest.fixture
 async def env(tmp_path):
     settings = Settings(_env_file=None, data_dir=tmp_path)
@@ -32,6 +45,7 @@ async def env(tmp_path):
         await store.insert_pending(c, [doc(f"{name}{i}", f"{name} text number {i}") for i in range(3)])
     while w.step(state):
         pass
+    env_writer[:] = [w, state]
     yield store, backend
     conn.close()
     await store.close()
@@ -72,3 +86,41 @@ async def test_collections_deleted_elsewhere_are_forgotten_at_the_sweep(env):
     await store.delete_collection("a")  # as another process would
     await cache.sweep()
     assert cache.cached(a) is None and cache.cached(b) is not None
+
+
+async def test_refresh_loads_a_new_generation_before_any_search_asks(env):
+    store, backend = env
+    loads: list[int] = []
+
+    async def counting_load(fn, *args):
+        loads.append(args[1])  # the generation loaded
+        return fn(*args)
+
+    cache = SnapshotCache(store, backend, counting_load)
+    a, first = await cache.get("a")
+    b, _ = await cache.get("b")
+    await add_documents(store, "a", 2)
+    generation = (await store.index_state("a"))[1]
+    assert generation > first.snapshot.generation
+    await cache.refresh()
+    refreshed = cache.cached(a)
+    assert refreshed is not None and refreshed.snapshot.generation == generation
+    assert refreshed.snapshot.num_passages == 5 and refreshed.version == (await store.index_state("a"))[3]
+    assert list(cache._cache) == [a, b]  # a refresh is not a search: b stays the most recent
+    loads.clear()
+    _, searched = await cache.get("a")  # the search finds it loaded
+    assert loads == [] and searched is refreshed
+    await cache.refresh()  # nothing moved: nothing loaded
+    assert loads == []
+
+
+async def test_refresh_skips_collections_deleted_meanwhile(env):
+    store, backend = env
+    cache = SnapshotCache(store, backend, run_inline)
+    a, _ = await cache.get("a")
+    b, _ = await cache.get("b")
+    await store.delete_collection("a")
+    await add_documents(store, "b", 1)
+    await cache.refresh()
+    refreshed = cache.cached(b)
+    assert refreshed is not None and refreshed.snapshot.num_passages == 4
