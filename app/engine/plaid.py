@@ -52,7 +52,15 @@ from colbert_patches.codec import (
     train_codec,
 )
 from colbert_patches.persistence import atomic_torch_save
-from colbert_patches.scorer import SnapshotScorer, load_extensions, search_params, segment_arrays
+from colbert_patches.scorer import (
+    IvfPart,
+    SnapshotScorer,
+    build_ivf,
+    load_extensions,
+    merge_ivfs,
+    search_params,
+    segment_arrays,
+)
 
 logger = logging.getLogger("app.engine")
 
@@ -413,7 +421,7 @@ class PlaidBackend:
     @staticmethod
     def _compress(codec, batch: PassageBatch) -> dict:
         codes, residuals = _Part(batch.pids, batch.doclens, embs=batch.embs).compressed_with(codec)
-        arrays = segment_arrays(torch.cat(codes), torch.cat(residuals), batch.doclens, _centroids(codec))
+        arrays = segment_arrays(codes, residuals, batch.doclens, _centroids(codec))
         return {"pids": batch.pids, **arrays}
 
     # -- background maintenance --------------------------------------------
@@ -728,6 +736,7 @@ class _Part:
     embs: torch.Tensor | None = None  # exact-tier vectors to compress
     source_codec: object | None = None  # codes and residuals of another codec: recompressed
     sample: torch.Tensor | None = None  # original vectors kept for codec training
+    ivf: IvfPart | None = None  # its segment's IVF, when its codes are kept as they are
 
     def compressed_with(self, current) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Codes and residuals on ``current``, block by block: a merge holds
@@ -771,8 +780,14 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     foreign = None if current is not None and _same_codec(codec, current) else codec
     if foreign is not None and complete:  # onto another codec: from the originals, not from the codes
         return _Part(pids, kept_lens, embs=sample)
-    codes, residuals = state["codes"][:n][tokens], state["residuals"][:n][tokens]
-    return _Part(pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample)
+    everything = bool(keep.all())
+    codes, residuals = state["codes"][:n], state["residuals"][:n]  # memory-mapped views
+    if not everything:
+        codes, residuals = codes[tokens], residuals[tokens]
+    ivf = None
+    if foreign is None and "ivf" in state:
+        ivf = IvfPart(state["ivf"], state["ivf_lengths"], int(keep.numel()), None if everything else keep)
+    return _Part(pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample, ivf=ivf)
 
 
 def _has_all_originals(files: IndexFiles, entry: SegmentEntry) -> bool:
@@ -791,10 +806,17 @@ def _concat(parts: list[_Part], current) -> dict:
     pids, doclens = torch.cat([p.pids for p in parts]), torch.cat([p.doclens for p in parts])
     if current is None:
         return {"pids": pids, "doclens": doclens, "embs": torch.cat([p.embs for p in parts if p.embs is not None])}
-    codes, residuals = [], []
+    codes, residuals, ivfs = [], [], []
     for p in parts:
         c, r = p.compressed_with(current)
         codes += c
         residuals += r
-    arrays = segment_arrays(torch.cat(codes), torch.cat(residuals), doclens, _centroids(current))
+        as_they_are = p.ivf is not None and p.source_codec is None and p.embs is None
+        if as_they_are:
+            ivfs.append(p.ivf)
+        else:  # compressed just now: its own lists, from its new codes
+            lists, lengths = build_ivf(torch.cat(c), p.doclens, _centroids(current))
+            ivfs.append(IvfPart(lists, lengths, p.passages))
+    ivf = merge_ivfs([i for i in ivfs if i is not None], _centroids(current))
+    arrays = segment_arrays(codes, residuals, doclens, _centroids(current), ivf=ivf)
     return {"pids": pids, **arrays}
