@@ -93,6 +93,59 @@ CREATE TABLE IF NOT EXISTS job_files (
 );
 CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files(state, id);
 CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id, id);
+-- Each collection's live and pending documents and chunks, kept by the
+-- triggers below in the transactions that change them: reading them is one
+-- row, not a count over every document (0.28 s per read at 1M passages).
+-- Documents leave the table only once deleted (not counted), or with their
+-- collection.
+CREATE TABLE IF NOT EXISTS collection_counts (
+    collection_id     INTEGER PRIMARY KEY REFERENCES collections(id) ON DELETE CASCADE,
+    live_documents    INTEGER NOT NULL DEFAULT 0,
+    live_chunks       INTEGER NOT NULL DEFAULT 0,
+    pending_documents INTEGER NOT NULL DEFAULT 0,
+    pending_chunks    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TRIGGER IF NOT EXISTS counts_of_a_new_collection AFTER INSERT ON collections BEGIN
+    INSERT OR IGNORE INTO collection_counts(collection_id) VALUES (new.id);
+END;
+CREATE TRIGGER IF NOT EXISTS counts_document_added AFTER INSERT ON documents
+WHEN new.state IN ('live', 'pending') BEGIN
+    UPDATE collection_counts SET
+        live_documents = live_documents + (new.state = 'live'),
+        pending_documents = pending_documents + (new.state = 'pending')
+    WHERE collection_id = new.collection_id;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_chunk_added AFTER INSERT ON chunks BEGIN
+    UPDATE collection_counts SET
+        live_chunks = live_chunks + ((SELECT state FROM documents WHERE id = new.document_id) = 'live'),
+        pending_chunks = pending_chunks + ((SELECT state FROM documents WHERE id = new.document_id) = 'pending')
+    WHERE collection_id = new.collection_id;
+END;
+CREATE TRIGGER IF NOT EXISTS counts_document_state AFTER UPDATE OF state ON documents
+WHEN old.state != new.state BEGIN
+    UPDATE collection_counts SET
+        live_documents = live_documents + (new.state = 'live') - (old.state = 'live'),
+        pending_documents = pending_documents + (new.state = 'pending') - (old.state = 'pending'),
+        live_chunks = live_chunks
+            + ((new.state = 'live') - (old.state = 'live')) * (SELECT COUNT(*) FROM chunks WHERE document_id = new.id),
+        pending_chunks = pending_chunks
+            + ((new.state = 'pending') - (old.state = 'pending')) * (SELECT COUNT(*) FROM chunks WHERE document_id = new.id)
+    WHERE collection_id = new.collection_id;
+END;
+"""
+
+# The counts of collections that have none yet (a database from before
+# collection_counts), counted once.
+COUNT_BACKFILL = """
+INSERT INTO collection_counts(collection_id, live_documents, live_chunks, pending_documents, pending_chunks)
+SELECT c.id,
+    (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'live'),
+    (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
+      WHERE d.collection_id = c.id AND d.state = 'live'),
+    (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'pending'),
+    (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
+      WHERE d.collection_id = c.id AND d.state = 'pending')
+FROM collections c WHERE c.id NOT IN (SELECT collection_id FROM collection_counts)
 """
 
 PRAGMAS = (
@@ -176,6 +229,7 @@ def _initialise(path: Path) -> None:
         conn.executescript("BEGIN IMMEDIATE;" + SCHEMA)
         try:
             _migrate_columns(conn)
+            conn.execute(COUNT_BACKFILL)
             keyword_index.reconcile(conn)
         except BaseException:
             conn.execute("ROLLBACK")

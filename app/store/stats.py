@@ -39,14 +39,10 @@ def read_store_stats(database: Path) -> StoreStats:
         stats.collections = [
             CollectionStats(*row)
             for row in conn.execute(
-                """SELECT c.name, c.generation,
-                     (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'live'),
-                     (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
-                       WHERE d.collection_id = c.id AND d.state = 'live'),
-                     (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id AND d.state = 'pending'),
-                     (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id
-                       WHERE d.collection_id = c.id AND d.state = 'pending')
-                   FROM collections c ORDER BY c.name"""
+                """SELECT c.name, c.generation, IFNULL(n.live_documents, 0), IFNULL(n.live_chunks, 0),
+                          IFNULL(n.pending_documents, 0), IFNULL(n.pending_chunks, 0)
+                   FROM collections c LEFT JOIN collection_counts n ON n.collection_id = c.id
+                   ORDER BY c.name"""
             )
         ]
         for row in conn.execute(

@@ -143,14 +143,11 @@ class Store:
 
     async def collection_counts(self, collection_id: int) -> dict:
         row = await self._one(
-            """SELECT
-                 (SELECT COUNT(*) FROM documents WHERE collection_id = ? AND state = 'live') AS documents,
-                 (SELECT COUNT(*) FROM documents WHERE collection_id = ? AND state = 'pending') AS pending_documents,
-                 (SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id = c.document_id
-                   WHERE d.collection_id = ? AND d.state = 'live') AS chunks""",
-            (collection_id, collection_id, collection_id),
+            """SELECT live_documents AS documents, pending_documents, live_chunks AS chunks
+               FROM collection_counts WHERE collection_id = ?""",
+            (collection_id,),
         )
-        return dict(row)
+        return dict(row) if row is not None else {"documents": 0, "pending_documents": 0, "chunks": 0}
 
     async def list_collections(self) -> list[CollectionRow]:
         rows = await self._all(

@@ -181,3 +181,67 @@ async def test_a_store_that_is_not_open_answers_not_ready(tmp_path):
 
     with pytest.raises(NotReady):
         await Store(tmp_path / "never-opened.sqlite3").list_collections()
+
+
+RECOUNT = """SELECT
+    (SELECT COUNT(*) FROM documents d WHERE d.collection_id = :c AND d.state = 'live'),
+    (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id WHERE d.collection_id = :c AND d.state = 'live'),
+    (SELECT COUNT(*) FROM documents d WHERE d.collection_id = :c AND d.state = 'pending'),
+    (SELECT COUNT(*) FROM chunks k JOIN documents d ON d.id = k.document_id WHERE d.collection_id = :c AND d.state = 'pending')"""
+KEPT = "SELECT live_documents, live_chunks, pending_documents, pending_chunks FROM collection_counts WHERE collection_id = ?"
+
+
+async def test_the_kept_counts_equal_a_recount_through_every_kind_of_change(store):
+    c = (await store.create_collection("docs", None)).id
+    other = (await store.create_collection("other", None)).id
+    conn = connect(store.path)
+    state = IndexStateStore(conn)
+
+    def check() -> None:
+        assert tuple(conn.execute(KEPT, (c,)).fetchone()) == tuple(conn.execute(RECOUNT, {"c": c}).fetchone())
+
+    check()
+    await store.insert_pending(c, [doc("a", "one", "two"), doc("b", "three"), doc("gone", "four", "five", "six")])
+    await store.insert_pending(other, [doc("x", "elsewhere")])
+    check()
+    make_live(store, c)
+    check()
+    await store.insert_pending(c, [doc("a", "one again"), doc("c", "seven", "eight")])  # a replaced, c new
+    check()
+    make_live(store, c)
+    check()
+    await store.delete_document(c, "gone")
+    await store.insert_pending(c, [doc("d", "nine"), doc("d", "ten", "eleven")])  # two versions while pending
+    pending = state.pending_documents(c)
+    state.supersede(sorted(state.later_pending_versions(c, pending)))
+    check()
+    state.fail([d.id for d in state.pending_documents(c)], "a document that breaks indexing")
+    check()
+    dead = state.dead_passage_ids(c)
+    col = state.collection(c)
+    state.commit_maintenance(c, col.generation, col.generation + 1, "m2", dead)  # deleted rows purged
+    check()
+    counts = await store.collection_counts(c)
+    assert counts == {"documents": 3, "pending_documents": 0, "chunks": 4}  # a (1 chunk), b (1), c (2)
+    assert (await store.collection_counts(other))["pending_documents"] == 1
+    conn.close()
+
+
+async def test_a_database_from_before_the_kept_counts_is_counted_once_at_start(tmp_path):
+    from app.store.store import Store
+
+    path = tmp_path / "old.sqlite3"
+    store = Store(path)
+    await store.open()
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc("a", "one", "two"), doc("b", "three")])
+    make_live(store, c)
+    await store.insert_pending(c, [doc("p", "four")])
+    await store.close()
+    conn = connect(path)
+    conn.execute("DROP TABLE collection_counts")  # as a database written before the table existed
+    conn.close()
+    initialise(path)
+    conn = connect(path)
+    assert tuple(conn.execute(KEPT, (c,)).fetchone()) == (2, 3, 1, 1)
+    conn.close()
