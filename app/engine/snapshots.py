@@ -103,9 +103,14 @@ class SnapshotCache:
                     previous = cached.snapshot if cached is not None else None
                     snapshot = await self._load(self.backend.load, collection_id, generation, manifest, previous)
                     cached = CachedSnapshot(snapshot, name)
-                    if searched or collection_id in self._cache:  # not evicted or forgotten meanwhile
+                    held = self._cache.get(collection_id)
+                    if held is not None and held.snapshot.generation >= generation:
+                        cached = held  # a newer one landed meanwhile (another lock, after a forget)
+                    elif searched or held is not None:  # a refresh never brings back what was evicted
                         self._cache[collection_id] = cached
-                        self._evict(keep=collection_id)
+                        # A searched collection stays whatever its size; a
+                        # refreshed one keeps its place and may go itself.
+                        self._evict(keep=collection_id if searched else None)
         if searched and collection_id in self._cache:
             self._cache.move_to_end(collection_id)
         if cached.version != version:
@@ -114,12 +119,12 @@ class SnapshotCache:
             cached.version = version
         return collection_id, cached
 
-    def _evict(self, keep: int) -> None:
-        """Least recently searched first, until within the budget (the
-        collection just loaded stays, whatever its size)."""
+    def _evict(self, keep: int | None) -> None:
+        """Least recently searched first, until within the budget (``keep``,
+        the collection a search just loaded, stays whatever its size)."""
         if not self.budget_bytes:
             return
-        while self.bytes > self.budget_bytes and len(self._cache) > 1:
+        while self.bytes > self.budget_bytes and len(self._cache) > (1 if keep is not None else 0):
             victim = next(c for c in self._cache if c != keep)
             logger.info("evicting collection %d from the snapshot cache (budget %d bytes)", victim, self.budget_bytes)
             self.forget(victim)
@@ -127,14 +132,21 @@ class SnapshotCache:
 
     async def refresh(self) -> None:
         """Load the current generation of every cached collection whose
-        generation moved (the least recently searched keep their place)."""
-        for cached in list(self._cache.values()):
+        generation moved (the least recently searched keep their place);
+        collections deleted meanwhile are forgotten."""
+        if time.monotonic() - self._swept > SWEEP_S:
+            await self.sweep()
+        for collection_id, cached in list(self._cache.items()):
             try:
+                current_id = (await self.store.index_state(cached.name))[0]
+                if current_id != collection_id:  # deleted, and the name taken by a new collection
+                    self.forget(collection_id)
+                    continue
                 await self._current(cached.name, searched=False)
-            except (CollectionNotFound, FileNotFoundError):
-                # Deleted, or a generation released while it loaded: the
-                # sweep or the next search settles it.
-                continue
+            except CollectionNotFound:
+                self.forget(collection_id)
+            except FileNotFoundError:
+                continue  # a generation released while it loaded: the next round or search settles it
 
     async def sweep(self) -> None:
         """Forget collections that no longer exist (deleted by any process)."""

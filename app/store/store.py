@@ -73,12 +73,14 @@ class Store:
         self.jobs = Jobs(self)
 
     async def open(self) -> None:
-        initialise(self.path)
-        self._db = await aiosqlite.connect(str(self.path), timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        # Off the event loop: another worker may be initialising (an flock wait).
+        await asyncio.to_thread(initialise, self.path)
+        db = await aiosqlite.connect(str(self.path), timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
         for pragma in PRAGMAS:
-            await self._db.execute(pragma)
+            await db.execute(pragma)
         self._bulk = connect(self.path)
+        self._db = db  # published once its pragmas (foreign keys) are set
 
     async def close(self) -> None:
         if self._db is not None:
@@ -180,7 +182,8 @@ class Store:
     def _insert_pending(
         self, collection_id: int, docs: list[NewDocument], job_file: int | None, priority: int
     ) -> list[tuple[str, int | None]]:
-        assert self._bulk is not None, "store is not open"
+        if self._bulk is None:  # closed while the request was on its way
+            raise NotReady("the database is not open")
         now = time.time()
         out: list[tuple[str, int | None]] = []
         with self._bulk_lock, transaction(self._bulk) as conn:

@@ -114,13 +114,38 @@ async def test_refresh_loads_a_new_generation_before_any_search_asks(env):
     assert loads == []
 
 
-async def test_refresh_skips_collections_deleted_meanwhile(env):
+async def test_refresh_forgets_collections_deleted_meanwhile_even_when_the_name_is_taken_again(env):
     store, backend = env
-    cache = SnapshotCache(store, backend, run_inline)
+    loads: list[int] = []
+
+    async def counting_load(fn, *args):
+        loads.append(args[0])  # the collection id loaded
+        return fn(*args)
+
+    cache = SnapshotCache(store, backend, counting_load)
     a, _ = await cache.get("a")
     b, _ = await cache.get("b")
+    c, _ = await cache.get("c")
     await store.delete_collection("a")
+    await store.delete_collection("c")
+    again = (await store.create_collection("c", None)).id  # a new collection under an old name
     await add_documents(store, "b", 1)
+    loads.clear()
     await cache.refresh()
+    assert cache.cached(a) is None and cache.cached(c) is None and cache.cached(again) is None
+    assert loads == [b]  # the new "c" is loaded when it is searched, not by the refresher
     refreshed = cache.cached(b)
     assert refreshed is not None and refreshed.snapshot.num_passages == 4
+
+
+async def test_a_refresh_over_the_budget_gives_up_the_refreshed_collection_not_a_recently_searched_one(env):
+    store, backend = env
+    probe = SnapshotCache(store, backend, run_inline)
+    size = (await probe.get("a"))[1].snapshot.memory_bytes
+    cache = SnapshotCache(store, backend, run_inline, budget_bytes=2 * size)
+    a, _ = await cache.get("a")  # cold from now on
+    b, _ = await cache.get("b")  # searched last
+    await add_documents(store, "a", 3)  # a grows past what the budget leaves it
+    await cache.refresh()
+    assert cache.cached(b) is not None
+    assert cache.cached(a) is None

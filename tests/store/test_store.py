@@ -239,6 +239,13 @@ async def test_a_database_from_before_the_kept_counts_is_counted_once_at_start(t
     await store.insert_pending(c, [doc("p", "four")])
     await store.close()
     conn = connect(path)
+    for trigger in (
+        "counts_of_a_new_collection",
+        "counts_document_added",
+        "counts_chunk_added",
+        "counts_document_state",
+    ):
+        conn.execute(f"DROP TRIGGER {trigger}")
     conn.execute("DROP TABLE collection_counts")  # as a database written before the table existed
     conn.close()
     initialise(path)
