@@ -5,6 +5,7 @@ encoder and the in-memory fake backend: the whole request -> store -> writer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -17,20 +18,33 @@ from app.settings import Settings
 from tests.fakes import FakeEncoder, FakeInMemoryBackend
 
 
-@pytest.fixture
-async def client(tmp_path):
+@contextlib.asynccontextmanager
+async def fake_app(tmp_path, ready: bool = True, **overrides):
+    """(app, service, client) of the real app over the fake encoder and
+    backend; with ``ready``, once ``/ready`` says 200."""
     settings = Settings(
-        _env_file=None, environment="test", data_dir=tmp_path, log_level="WARNING", answer_preload=False
+        _env_file=None,
+        environment="test",
+        data_dir=tmp_path,
+        log_level="WARNING",
+        answer_preload=False,
+        **overrides,
     )
     service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
     app = create_app(settings, service=service)
     async with LifespanManager(app) as manager:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
             deadline = time.monotonic() + 30
-            while (await c.get("/ready")).status_code != 200:
+            while ready and (await c.get("/ready")).status_code != 200:
                 assert time.monotonic() < deadline, (await c.get("/ready")).text
                 await asyncio.sleep(0.05)
-            yield c
+            yield app, service, c
+
+
+@pytest.fixture
+async def client(tmp_path):
+    async with fake_app(tmp_path) as (_, _, c):
+        yield c
 
 
 async def search(client, query: str, **body) -> list[str]:
@@ -78,10 +92,6 @@ async def test_an_uploaded_file_becomes_searchable(client):
 async def test_a_worker_whose_start_up_failed_answers_503_not_500(tmp_path, monkeypatch):
     """A worker that could not open its database stays up (``/ready`` says
     why); every route that needs the store answers 503 in the error shape."""
-    settings = Settings(
-        _env_file=None, environment="test", data_dir=tmp_path, log_level="WARNING", answer_preload=False
-    )
-    service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
 
     def locked(path):
         import sqlite3
@@ -89,23 +99,21 @@ async def test_a_worker_whose_start_up_failed_answers_503_not_500(tmp_path, monk
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr("app.store.store.initialise", locked)
-    app = create_app(settings, service=service)
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
-            deadline = time.monotonic() + 30
-            while not app.state.startup.done():
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-            ready = await c.get("/ready")
-            assert ready.status_code == 503 and "start-up failed" in ready.json()["error"]["message"]
-            for method, url, body in (
-                ("POST", "/v1/collections", {"name": "docs"}),
-                ("GET", "/v1/collections", None),
-                ("GET", "/v1/collections/docs", None),
-            ):
-                r = await c.request(method, url, json=body)
-                assert r.status_code == 503, (url, r.text)
-                assert r.json()["error"]["code"] == "not_ready"
+    async with fake_app(tmp_path, ready=False) as (app, _, c):
+        deadline = time.monotonic() + 30
+        while not app.state.startup.done():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        ready = await c.get("/ready")
+        assert ready.status_code == 503 and "start-up failed" in ready.json()["error"]["message"]
+        for method, url, body in (
+            ("POST", "/v1/collections", {"name": "docs"}),
+            ("GET", "/v1/collections", None),
+            ("GET", "/v1/collections/docs", None),
+        ):
+            r = await c.request(method, url, json=body)
+            assert r.status_code == 503, (url, r.text)
+            assert r.json()["error"]["code"] == "not_ready"
 
 
 async def test_a_new_generation_is_loaded_in_the_background_while_the_search_thread_is_busy(tmp_path):
@@ -113,37 +121,23 @@ async def test_a_new_generation_is_loaded_in_the_background_while_the_search_thr
     thread, whether searched or not (``SNAPSHOT_REFRESH_S``)."""
     import threading
 
-    settings = Settings(
-        _env_file=None,
-        environment="test",
-        data_dir=tmp_path,
-        log_level="WARNING",
-        answer_preload=False,
-        snapshot_refresh_s=0.05,
-    )
-    service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
-    app = create_app(settings, service=service)
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
-            deadline = time.monotonic() + 30
-            while (await c.get("/ready")).status_code != 200:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-            assert (await c.post("/v1/collections", json={"name": "docs"})).status_code == 201
-            body = {"documents": [{"id": "a", "text": "granite quarry"}], "wait": True}
+    async with fake_app(tmp_path, snapshot_refresh_s=0.05) as (_, service, c):
+        deadline = time.monotonic() + 30
+        assert (await c.post("/v1/collections", json={"name": "docs"})).status_code == 201
+        body = {"documents": [{"id": "a", "text": "granite quarry"}], "wait": True}
+        assert (await c.post("/v1/collections/docs/documents", json=body)).status_code == 200
+        assert await search(c, "granite") == ["a"]
+        collection_id = (await service.store.get_collection("docs")).id
+        release = threading.Event()
+        service._executor.submit(release.wait, 30)  # the search thread is busy from now on
+        try:
+            body = {"documents": [{"id": "b", "text": "basalt columns"}], "wait": True}
             assert (await c.post("/v1/collections/docs/documents", json=body)).status_code == 200
-            assert await search(c, "granite") == ["a"]
-            collection_id = (await service.store.get_collection("docs")).id
-            release = threading.Event()
-            service._executor.submit(release.wait, 30)  # the search thread is busy from now on
-            try:
-                body = {"documents": [{"id": "b", "text": "basalt columns"}], "wait": True}
-                assert (await c.post("/v1/collections/docs/documents", json=body)).status_code == 200
-                generation = (await service.store.index_state("docs"))[1]
-                while (cached := service.snapshots.cached(collection_id)).snapshot.generation != generation:
-                    assert time.monotonic() < deadline + 30, cached.snapshot.generation
-                    await asyncio.sleep(0.05)
-                assert cached.snapshot.num_passages == 2
-            finally:
-                release.set()
-            assert (await search(c, "basalt"))[0] == "b"
+            generation = (await service.store.index_state("docs"))[1]
+            while (cached := service.snapshots.cached(collection_id)).snapshot.generation != generation:
+                assert time.monotonic() < deadline + 30, cached.snapshot.generation
+                await asyncio.sleep(0.05)
+            assert cached.snapshot.num_passages == 2
+        finally:
+            release.set()
+        assert (await search(c, "basalt"))[0] == "b"

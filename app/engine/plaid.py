@@ -811,12 +811,11 @@ def _concat(parts: list[_Part], current) -> dict:
         c, r = p.compressed_with(current)
         codes += c
         residuals += r
-        as_they_are = p.ivf is not None and p.source_codec is None and p.embs is None
-        if as_they_are:
+        if p.ivf is not None:  # codes kept as they are (set only then: _select)
             ivfs.append(p.ivf)
         else:  # compressed just now: its own lists, from its new codes
             lists, lengths = build_ivf(torch.cat(c), p.doclens, _centroids(current))
             ivfs.append(IvfPart(lists, lengths, p.passages))
-    ivf = merge_ivfs([i for i in ivfs if i is not None], _centroids(current))
+    ivf = merge_ivfs(ivfs, _centroids(current))
     arrays = segment_arrays(codes, residuals, doclens, _centroids(current), ivf=ivf)
     return {"pids": pids, **arrays}

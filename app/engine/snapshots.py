@@ -93,8 +93,9 @@ class SnapshotCache:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def _current(self, name: str, searched: bool = True) -> tuple[int, CachedSnapshot]:
-        collection_id, generation, manifest, version = await self.store.index_state(name)
+    async def _current(self, name: str, searched: bool = True, state=None) -> tuple[int, CachedSnapshot]:
+        """``state``: the store's (id, generation, manifest, version) when the caller has just read it."""
+        collection_id, generation, manifest, version = state or await self.store.index_state(name)
         cached = self._cache.get(collection_id)
         if cached is None or cached.snapshot.generation != generation:
             async with self._locks.setdefault(collection_id, asyncio.Lock()):
@@ -138,11 +139,11 @@ class SnapshotCache:
             await self.sweep()
         for collection_id, cached in list(self._cache.items()):
             try:
-                current_id = (await self.store.index_state(cached.name))[0]
-                if current_id != collection_id:  # deleted, and the name taken by a new collection
+                state = await self.store.index_state(cached.name)
+                if state[0] != collection_id:  # deleted, and the name taken by a new collection
                     self.forget(collection_id)
                     continue
-                await self._current(cached.name, searched=False)
+                await self._current(cached.name, searched=False, state=state)
             except CollectionNotFound:
                 self.forget(collection_id)
             except FileNotFoundError:
