@@ -21,7 +21,9 @@ Batches are sized to take about ``commit_target_s`` (from the measured cost
 per chunk) and collections with pending work take turns, so a small update
 waits for at most one short batch of someone else's bulk load. Merges and
 codec retraining run on the maintainer's thread
-(:mod:`app.engine.maintenance`); the writer only folds their results in.
+(:mod:`app.engine.maintenance`); their results are folded in (cheap) on the
+lander, after the landings handed over before them, while the writer goes on
+encoding.
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ class IndexWriter:
         self._landing: Future | None = None  # the last landing handed to the lander
         self._landing_ids: frozenset[int] = frozenset()  # documents handed over and not landed yet
         self._landing_lock = threading.Lock()
+        self._applying: Submitted | None = None  # a maintenance change handed to the lander
         self.maintainer = Maintainer(
             settings.database_path, backend, is_writer=lambda: self.lease.held, on_submit=self.notify
         )
@@ -206,7 +209,7 @@ class IndexWriter:
         return WriterState(
             role="writer" if self.lease.held else "reader",
             alive=self.alive,
-            busy=self.busy or bool(self._landing_ids) or self.maintainer.busy,
+            busy=self.busy or bool(self._landing_ids) or self.maintainer.busy or self._change_in_flight(),
             last_error=self.last_error,
             lease_holder_pid=self.lease.holder_pid(),
         )
@@ -214,7 +217,13 @@ class IndexWriter:
     def settled(self) -> bool:
         """Nothing pending, no background step running or planned (tests and
         benchmarks wait for this before comparing results)."""
-        if self.busy or self._landing_ids or self.maintainer.busy or not self.maintainer.changes.empty():
+        if (
+            self.busy
+            or self._landing_ids
+            or self.maintainer.busy
+            or not self.maintainer.changes.empty()
+            or self._change_in_flight()
+        ):
             return False
         conn = connect(self.settings.database_path)
         try:
@@ -228,6 +237,10 @@ class IndexWriter:
             )
         finally:
             conn.close()
+
+    def _change_in_flight(self) -> bool:
+        applying = self._applying
+        return applying is not None and not applying.done.is_set()
 
     def _run(self) -> None:
         conn = connect(self.settings.database_path)
@@ -279,8 +292,7 @@ class IndexWriter:
         except queue.Empty:
             submitted = None
         if submitted is not None:
-            self.drain()  # a change applies to the generation the landings leave
-            self.apply_change(store, submitted)
+            self._hand_over_change(store, submitted, overlap)
             return True
         pending = store.pending_collections()
         if not pending:
@@ -305,6 +317,27 @@ class IndexWriter:
         running = not landing.done()
         landing.exception()  # waits; a landing handles its own failures (the lander logs any other)
         return running
+
+    def _hand_over_change(self, store: IndexStateStore, submitted: Submitted, overlap: bool) -> None:
+        """Fold a prepared change in after the landings handed over before it:
+        on the lander (``overlap``), so the writer goes on encoding meanwhile
+        instead of waiting for the landing in flight (that wait, then a
+        landing slowed by a merge, made the longest commit pauses at 1M:
+        BENCHMARKS.md); else here."""
+        if not overlap:
+            self.drain()  # a change applies to the generation the landings leave
+            self.apply_change(store, submitted)
+            return
+        self._applying = submitted
+        try:
+            self._landing = self._lander.submit(lambda lander_store: self.apply_change(lander_store, submitted))
+        except BaseException:
+            self._applying = None
+            raise
+        # Should the lander stop before it runs the change, the maintainer
+        # must not wait for it for good (the change's files are then orphans,
+        # removed at the next start).
+        self._landing.add_done_callback(lambda _: submitted.done.set())
 
     def apply_change(self, store: IndexStateStore, submitted: Submitted) -> None:
         """Swap in a prepared merge or codec (cheap: a manifest and one transaction)."""

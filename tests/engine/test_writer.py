@@ -308,10 +308,10 @@ async def test_slices_follow_the_batch_by_length_and_each_passage_keeps_its_own_
 
 
 class GatedBackend(FakeInMemoryBackend):
-    """A fake backend whose first write waits for ``gate`` (a landing held
+    """A fake backend whose first (or ``gated_write``-th) write waits for ``gate`` (a landing held
     open while the writer goes on), recording which thread wrote."""
 
-    def __init__(self, fail_first: bool = False):
+    def __init__(self, fail_first: bool = False, gated_write: int = 1):
         super().__init__()
         import threading
 
@@ -319,12 +319,13 @@ class GatedBackend(FakeInMemoryBackend):
         self.writing = threading.Event()
         self.threads: list[str] = []
         self.fail_first = fail_first
+        self.gated_write = gated_write  # which write (1: the first) waits for the gate
 
     def write(self, *args):
         import threading
 
         self.threads.append(threading.current_thread().name)
-        if len(self.threads) == 1:
+        if len(self.threads) == self.gated_write:
             self.writing.set()
             assert self.gate.wait(10), "the writer never reached the next batch"
             if self.fail_first:
@@ -378,6 +379,40 @@ async def test_with_overlap_the_next_batch_is_encoded_while_the_previous_one_lan
         ]
         assert search(w, state, c, "note 7")[0] == 7
         assert not w.busy and not w._landing_ids
+    finally:
+        w._lander.stop()
+
+
+async def test_with_overlap_a_maintenance_change_waits_behind_the_landing_without_stopping_the_writer(env):
+    import asyncio
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"d{i}", f"old {i}") for i in range(4)])
+    backend = GatedBackend(gated_write=2)  # the first overlapped landing is held open
+    w, encoded, during_landing = overlapped(settings, backend)
+    try:
+        assert w.step(state) is True  # d0-d3 land here
+        await store.delete_document(c, "d0")
+        await store.delete_document(c, "d1")
+        submitted = w.maintainer.prepare_step(state, c, state.collection(c).manifest)
+        assert submitted is not None
+        await store.insert_pending(c, [doc(f"n{i}", f"note {i}") for i in range(8)])
+        assert await asyncio.to_thread(w.step, state, True) is True  # n0-n3 handed over; their landing waits
+        assert await asyncio.to_thread(backend.writing.wait, 10)
+        w.maintainer.changes.put(submitted)
+        assert await asyncio.to_thread(w.step, state, True) is True  # queued behind the landing, not waited for
+        assert not submitted.done.is_set() and w.state().busy and not w.settled()
+        while await asyncio.to_thread(w.step, state, True):  # n4-n7 are encoded while n0-n3 land
+            pass
+        assert during_landing == [f"note {i}" for i in range(4, 8)]
+        assert submitted.done.is_set() and submitted.outcome == "landed"
+        assert set(backend.threads[1:]) == {"index-lander"}
+        col = state.collection(c)
+        assert col.generation == 4  # d0-d3, n0-n3, the change, n4-n7: in the order handed over
+        assert state.dead_passage_count(c) == 0
+        assert sorted(search(w, state, c, "note", k=20)) == list(range(2, 12))
+        assert not w.state().busy
     finally:
         w._lander.stop()
 
