@@ -39,6 +39,7 @@ from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.jobs import summarise_job
 from app.store.store import CollectionRow, Store
+from app.validation import check_metadata
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import load_extensions
 
@@ -51,13 +52,15 @@ logger = logging.getLogger("app.engine")
 # 0.005 it may cost, so it is a setting, not the default.
 AUTO_CPU_RUNTIME = "torch"
 
-COLLECTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+COLLECTION_NAME = re.compile(
+    r"[a-z0-9][a-z0-9_-]{0,63}"
+)  # whole name: fullmatch, never $ (it takes a trailing newline)
 
 __all__ = ["DocumentInput", "SearchHit", "SearchService", "UploadedFile"]
 
 
 def check_collection_name(name: str) -> str:
-    if not COLLECTION_NAME.match(name or ""):
+    if not COLLECTION_NAME.fullmatch(name or ""):
         raise InvalidInput(
             f"invalid collection name {name!r}: use 1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
         )
@@ -257,6 +260,10 @@ class SearchService:
     async def submit_files(self, name: str, files: list[UploadedFile], metadata: dict | None) -> str:
         """Store an upload as a durable job; files refused up front are
         recorded as failed with their reason, the rest are queued."""
+        try:
+            check_metadata(metadata)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         collection = await self.get_collection(name)
         return await self.store.jobs.create(collection.id, job_files(files, metadata))
 

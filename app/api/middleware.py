@@ -74,7 +74,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
-        request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500

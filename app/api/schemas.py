@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
+from app.validation import MAX_DEPTH, MAX_METADATA_BYTES, check_json_value, check_metadata
 
-def _check_encodable(value: Any) -> None:
-    """Refuse text that is not valid Unicode: JSON allows lone surrogates ("\\ud800"), which
-    neither the tokenizer nor SQLite can take."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(f"text holds a lone surrogate at position {exc.start}") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_encodable(key)
-            _check_encodable(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_encodable(item)
+# Rerank runs on the search thread that every search of the process shares:
+# its work is bounded per request.
+RERANK_TEXT_CHARS = 10_000
+RERANK_TOTAL_CHARS = 1_000_000
 
 
 class Strict(BaseModel):
@@ -29,8 +19,11 @@ class Strict(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        _check_encodable(data)
+    def _valid_json_values(cls, data: Any) -> Any:
+        # Lone surrogates, NaN/Infinity, integers past 64 bits, deep nesting:
+        # 422 here rather than a 500 from SQLite or the tokenizer later. The
+        # request's own envelope (lists of documents) adds a few levels.
+        check_json_value(data, "the request body", max_depth=MAX_DEPTH + 4)
         return data
 
 
@@ -66,7 +59,17 @@ class DocumentIn(Strict):
     id: StrictStr | None = Field(default=None, min_length=1, max_length=1024)
     text: StrictStr
     title: StrictStr | None = Field(default=None, max_length=10_000)
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None,
+        description=f"any JSON object: finite numbers, integers within 64 bits, at most {MAX_DEPTH} levels "
+        f"deep and {MAX_METADATA_BYTES:,} bytes as JSON",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        check_metadata(value)
+        return value
 
 
 class UpsertRequest(Strict):
@@ -154,7 +157,20 @@ class SearchResponse(BaseModel):
 
 class RerankRequest(Strict):
     query: StrictStr = Field(min_length=1, max_length=10_000)
-    documents: list[StrictStr] = Field(min_length=1, max_length=1000)
+    documents: list[Annotated[StrictStr, Field(max_length=RERANK_TEXT_CHARS)]] = Field(
+        min_length=1,
+        max_length=1000,
+        description=f"texts to score, each at most {RERANK_TEXT_CHARS:,} characters, "
+        f"{RERANK_TOTAL_CHARS:,} in all (the encoder reads only the first few hundred tokens of each)",
+    )
+
+    @field_validator("documents")
+    @classmethod
+    def _bounded_total(cls, value: list[str]) -> list[str]:
+        total = sum(len(t) for t in value)
+        if total > RERANK_TOTAL_CHARS:
+            raise ValueError(f"documents hold {total:,} characters in all; at most {RERANK_TOTAL_CHARS:,} are allowed")
+        return value
 
 
 class RerankResult(BaseModel):

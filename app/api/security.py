@@ -50,7 +50,7 @@ def public_paths(app: FastAPI, settings: Settings) -> frozenset[str]:
 
 
 def required_access(method: str, path: str) -> Access:
-    if method in READ_METHODS or (method == "POST" and READ_ONLY_POSTS.match(path)):
+    if method in READ_METHODS or (method == "POST" and READ_ONLY_POSTS.fullmatch(path)):
         return Access.READ
     return Access.WRITE
 

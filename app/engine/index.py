@@ -172,5 +172,5 @@ class IndexFiles:
         for path in self.root.iterdir():
             if path.name in keep:
                 continue
-            if _GENERATION_FILE.match(path.name) or (temp_files and path.name.startswith(".")):
+            if _GENERATION_FILE.fullmatch(path.name) or (temp_files and path.name.startswith(".")):
                 path.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from app.errors import IndexingFailed, InvalidInput
 from app.ingest.pipeline import DocumentInput, DocumentPreparer
 from app.settings import Settings
 from app.store.store import Store
+from app.validation import check_metadata
 
 # A document row's state, as an upsert result reports it.
 RESULT_STATUS = {"live": "indexed", "deleted": "superseded"}
@@ -40,6 +41,10 @@ class DocumentIngest:
                 raise InvalidInput(
                     f"documents[{i}].text has {len(doc.text)} characters; the limit is {self.settings.max_document_chars}"
                 )
+            try:  # every way in (HTTP, multipart, CLI) stores only what SQLite's JSON functions can read
+                check_metadata(doc.metadata, f"documents[{i}].metadata")
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
             if doc.id is None:
                 doc.id = uuid.uuid4().hex
             if doc.id in seen:

@@ -102,7 +102,7 @@ class Jobs:
                         job_id,
                         f.filename,
                         f.document_id,
-                        json.dumps(f.metadata, sort_keys=True, ensure_ascii=False),
+                        json.dumps(f.metadata, sort_keys=True, ensure_ascii=False, allow_nan=False),
                         None if f.error else f.data,
                         "failed" if f.error else "queued",
                         f.error,

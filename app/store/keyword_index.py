@@ -98,7 +98,7 @@ def reconcile(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TRIGGER IF EXISTS chunks_fts_delete")
     conn.execute("DROP TABLE IF EXISTS chunks_fts")
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'trigger')")}
-    tables = {int(m.group(1)) for name in names if (m := _TABLE.match(name))}
+    tables = {int(m.group(1)) for name in names if (m := _TABLE.fullmatch(name))}
     collections = {r[0] for r in conn.execute("SELECT id FROM collections")}
     for cid in sorted(tables - collections):
         for sql in drop_statements(cid):

@@ -21,6 +21,10 @@ from app.store.filters import compile_filter
 from app.store.jobs import Jobs
 from app.store.schema import PRAGMAS, SQL_VARIABLES, connect, initialise, transaction
 
+# A keyword query becomes one FTS5 phrase per distinct term: the first this
+# many terms are searched (a 10,000-character query would make thousands).
+MAX_KEYWORD_TERMS = 64
+
 
 @dataclass(frozen=True)
 class CollectionRow:
@@ -190,7 +194,7 @@ class Store:
             if conn.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is None:
                 raise CollectionNotFound("the collection was deleted")
             for doc in docs:
-                metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False)
+                metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False, allow_nan=False)
                 latest = conn.execute(
                     """SELECT id, state, content_hash, title, metadata FROM documents
                        WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
@@ -350,10 +354,10 @@ class Store:
         """(passage id, BM25 score) of live chunks, best first, from the
         collection's own FTS5 index (its cost and its IDF are the collection's
         alone)."""
-        terms = [t for t in re.findall(r"\w+", query.lower()) if t]
+        terms = list(dict.fromkeys(t for t in re.findall(r"\w+", query.lower()) if t))[:MAX_KEYWORD_TERMS]
         if not terms:
             return []
-        match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
+        match = " OR ".join(f'"{t}"' for t in terms)
         condition, params = compile_filter(where)
         try:
             rows = await self._all(keyword_index.search_sql(collection_id, condition), (match, *params, k))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 import pytest
@@ -243,6 +244,75 @@ async def test_bad_input_changes_nothing(client):
     assert await search(client, "guard", "yellow fruit", k=10) == before
     ids = {d["id"] for d in (await client.get(f"{coll}/documents")).json()["documents"]}
     assert ids == {"paris", "bananas"}
+
+
+async def test_values_that_broke_the_store_answer_4xx_and_change_nothing(client):
+    """Each finding of the reliability review that answered 500 (or stored a
+    value that made later searches answer 500), sent raw as a client could."""
+    await create(client, "limits")
+    await upsert(client, "limits", [{**DOCS[1], "metadata": {"team": "fruit", "n": 3}}, DOCS[0]])
+    coll = "/v1/collections/limits"
+    before = await search(client, "limits", "yellow fruit", k=10)
+    json_headers = {"content-type": "application/json"}
+
+    def doc_with(metadata: str) -> bytes:
+        return b'{"documents": [{"id": "m", "text": "poison", "metadata": ' + metadata.encode() + b"}]}"
+
+    for metadata in (
+        '{"x": NaN}',
+        '{"x": Infinity}',
+        '{"x": [-Infinity]}',
+        '{"x": 9223372036854775808}',
+        '{"x": ' + "[" * 40 + "1" + "]" * 40 + "}",
+        json.dumps({"x": "y" * 70_000}),
+    ):
+        assert_error(await client.post(f"{coll}/documents", content=doc_with(metadata), headers=json_headers), 422)
+    # Nesting past the parser's own recursion limit: refused, not a 500.
+    r = await client.post(f"{coll}/documents", content=doc_with("[" * 100_000 + "]" * 100_000), headers=json_headers)
+    assert r.status_code in (400, 422), r.text
+    assert_error(r, r.status_code)
+
+    for raw in (
+        b'{"query": "fruit", "filter": {"n": NaN}}',
+        b'{"query": "fruit", "filter": {"n": 9223372036854775808}}',
+        b'{"query": "fruit", "filter": {"n": {"$gt": -9223372036854775809}}}',
+    ):
+        assert_error(await client.post(f"{coll}/search", content=raw, headers=json_headers), 422)
+    for where in ({"$or": [{"n": i} for i in range(998)]}, {f"k{i}": 1 for i in range(1000)}, {"team\n": "fruit"}):
+        for mode in ("colbert", "keyword", "hybrid"):
+            assert_error(
+                await client.post(f"{coll}/search", json={"query": "fruit", "mode": mode, "filter": where}), 422
+            )
+    assert_error(await client.get(f"{coll}/documents", params={"offset": 2**63}), 422)
+    assert_error(await client.post("/v1/collections", json={"name": "limits\n"}), 422)
+    assert_error(await client.post("/v1/collections/limits%0A/search", json={"query": "x"}), 422)
+
+    # The multipart upload applies the same limits to its JSON form fields.
+    files = [("files", ("a.txt", b"Kiwis are small brown fruits.", "text/plain"))]
+    for form in (
+        {"ids": '["\\ud800"]'},
+        {"ids": json.dumps(["x" * 1025])},
+        {"metadata": '{"x": NaN}'},
+        {"metadata": '{"x": 9223372036854775808}'},
+    ):
+        assert_error(await client.post(f"{coll}/files", files=files, data=form), 422)
+
+    # Rerank runs on the shared search thread: its texts are bounded.
+    assert_error(await client.post("/v1/rerank", json={"query": "q", "documents": ["x" * 10_001]}), 422)
+    assert_error(await client.post("/v1/rerank", json={"query": "q", "documents": ["x" * 10_000] * 101}), 422)
+    # A keyword query of thousands of distinct words searches its first terms.
+    words = " ".join(f"w{i}" for i in range(1_500))  # about 8,400 characters
+    r = await client.post(f"{coll}/search", json={"query": f"yellow {words}", "mode": "keyword"})
+    assert r.status_code == 200, r.text
+    assert [h["document_id"] for h in r.json()["results"]] == ["bananas"]
+
+    # Nothing stored changed, and filtered searches of the collection still work.
+    info = (await client.get(coll)).json()
+    assert info["documents"] == 2 and info["pending_documents"] == 0
+    assert await search(client, "limits", "yellow fruit", k=10) == before
+    r = await client.post(f"{coll}/search", json={"query": "fruit", "filter": {"n": {"$gte": 3}}})
+    assert r.status_code == 200 and [h["document_id"] for h in r.json()["results"]] == ["bananas"]
+    assert (await client.get("/v1/jobs/none")).status_code == 404
 
 
 async def test_generated_ids_and_listing(client):

@@ -7,6 +7,9 @@ from app.api.deps import ServiceDep
 from app.api.schemas import DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
 from app.service import DocumentInput
 
+# SQLite's OFFSET is a signed 64-bit integer; no collection comes near this.
+MAX_OFFSET = 2**53
+
 router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["documents"])
 
 
@@ -26,7 +29,7 @@ async def list_documents(
     collection: str,
     service: ServiceDep,
     limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ):
     docs, total = await service.list_documents(collection, limit, offset)
     return {

@@ -9,6 +9,9 @@ from app.api.deps import ServiceDep, SettingsDep
 from app.api.schemas import JobOut
 from app.errors import InvalidInput
 from app.service import UploadedFile
+from app.validation import check_json_value, check_metadata
+
+MAX_ID_CHARS = 1024  # as for ids in the JSON routes
 
 router = APIRouter(tags=["files"])
 
@@ -22,6 +25,13 @@ def _json_form(value: str | None, what: str, kind: type):
         raise InvalidInput(f"{what} is not valid JSON") from None
     if not isinstance(parsed, kind):
         raise InvalidInput(f"{what} must be a JSON {kind.__name__}")
+    try:  # the same limits as the JSON routes' bodies
+        if isinstance(parsed, dict):
+            check_metadata(parsed, what)
+        else:
+            check_json_value(parsed, what)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     return parsed
 
 
@@ -37,8 +47,10 @@ async def upload_files(
     """Upload files; answers 202 with a job at once. Poll ``GET /v1/jobs/{id}``."""
     meta = _json_form(metadata, "metadata", dict)
     id_list = _json_form(ids, "ids", list)
-    if id_list is not None and (len(id_list) != len(files) or not all(isinstance(i, str) and i for i in id_list)):
-        raise InvalidInput("ids must list one non-empty string per file")
+    if id_list is not None and (
+        len(id_list) != len(files) or not all(isinstance(i, str) and 0 < len(i) <= MAX_ID_CHARS for i in id_list)
+    ):
+        raise InvalidInput(f"ids must list one non-empty string of at most {MAX_ID_CHARS} characters per file")
     uploads = []
     for i, f in enumerate(files):
         data = await f.read(settings.max_file_bytes + 1)

@@ -1,0 +1,65 @@
+"""Limits on JSON values that clients send (document metadata, filters, the
+multipart forms): what SQLite, the tokenizer and the JSON readers of the
+answers can take. Every route checks with :func:`check_json_value`, so a
+value that breaks one of these answers 4xx when it arrives, never 500 later
+(a NaN stored in metadata made every filtered search of its collection fail).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+# SQLite integers are signed 64-bit: a larger JSON integer cannot be bound
+# as a parameter or compared by json_extract.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 32  # nested objects and lists in one value
+MAX_METADATA_BYTES = 64 * 1024  # one document's metadata as stored JSON; returned with every hit
+
+
+def check_json_value(value: Any, where: str = "value", max_depth: int = MAX_DEPTH) -> None:
+    """Raise ValueError unless ``value`` (parsed JSON) holds only valid
+    Unicode, finite numbers, integers SQLite can store, and at most
+    ``max_depth`` levels of nesting. Iterative: no input depth can make it
+    recurse."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, where)
+        elif isinstance(item, bool) or item is None:
+            continue
+        elif isinstance(item, int):
+            if not INT_MIN <= item <= INT_MAX:
+                raise ValueError(f"{where} holds an integer outside the signed 64-bit range")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"{where} holds a non-finite number ({item}); JSON numbers must be finite")
+        elif isinstance(item, (dict, list)):
+            if depth >= max_depth:
+                raise ValueError(f"{where} is nested more than {max_depth} levels deep")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key, where)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, where: str) -> None:
+    # JSON allows lone surrogates ("\ud800"), which neither the tokenizer nor SQLite can take.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{where} holds a lone surrogate at position {exc.start}") from None
+
+
+def check_metadata(metadata: dict | None, where: str = "metadata") -> None:
+    """:func:`check_json_value`, and at most MAX_METADATA_BYTES as stored."""
+    if metadata is None:
+        return
+    check_json_value(metadata, where)
+    size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{where} is {size:,} bytes as JSON; at most {MAX_METADATA_BYTES:,} are allowed")
