@@ -27,6 +27,18 @@ _HTML_BLOCKS = frozenset(
 )  # fmt: skip
 
 
+MAX_HEADING_CHARS = 300  # of a heading's text kept as its section's title
+
+
+class _Heading:
+    __slots__ = ("offset", "order", "part")
+
+    def __init__(self, order: int):
+        self.order = order
+        self.offset: int | None = None  # where its first character landed
+        self.part = 0  # index of that part
+
+
 class _TextBuilder:
     """Accumulates HTML text, with separators decided lazily.
 
@@ -40,16 +52,44 @@ class _TextBuilder:
         self.parts: list[str] = []
         self.length = 0
         self.pending = ""  # "", " " or "\n"
-        self.anchors: list[tuple[int, str]] = []
-        self._pending_heading: str | None = None
+        self._anchors: list[tuple[int, int, str]] = []  # (offset, heading opened as n-th, title)
+        self._awaiting: list[_Heading] = []  # opened headings whose first character is still to come
+        self._opened = 0
+
+    @property
+    def anchors(self) -> list[tuple[int, str]]:
+        # By offset; at one offset the heading opened last (the innermost) comes last and wins.
+        return [(offset, title) for offset, _, title in sorted(self._anchors)]
 
     def separate(self, sep: str) -> None:
         if sep == "\n" or not self.pending:
             self.pending = sep
 
-    def heading(self, title: str) -> None:
-        # The heading's offset is where its first character will land.
-        self._pending_heading = title
+    def open_heading(self) -> _Heading:
+        self._opened += 1
+        heading = _Heading(self._opened)
+        self._awaiting.append(heading)
+        return heading
+
+    def close_heading(self, heading: _Heading) -> None:
+        """Anchor ``heading`` where its first character landed, titled with
+        the first MAX_HEADING_CHARS of the text written since: each heading
+        reads a bounded part of the text, so nested headings stay linear
+        (reading each heading's whole subtree was quadratic: 24 KB of nested
+        <h1> took 10 s)."""
+        if heading.offset is None:  # no text in it
+            if heading in self._awaiting:
+                self._awaiting.remove(heading)
+            return
+        taken, size = [], 0
+        for i in range(heading.part, len(self.parts)):
+            taken.append(self.parts[i])
+            size += len(self.parts[i])
+            if size >= MAX_HEADING_CHARS:
+                break
+        title = " ".join("".join(taken)[:MAX_HEADING_CHARS].split())
+        if title:
+            self._anchors.append((heading.offset, heading.order, title))
 
     def write(self, text: str) -> None:
         if not text:
@@ -58,9 +98,9 @@ class _TextBuilder:
             self.parts.append(self.pending)
             self.length += len(self.pending)
         self.pending = ""
-        if self._pending_heading is not None:
-            self.anchors.append((self.length, self._pending_heading))
-            self._pending_heading = None
+        for heading in self._awaiting:  # the offset is where a heading's first character lands
+            heading.offset, heading.part = self.length, len(self.parts)
+        self._awaiting.clear()
         self.parts.append(text)
         self.length += len(text)
 
@@ -117,6 +157,8 @@ def _walk(soup) -> _TextBuilder:
             tag = node[1]
             if tag.name == "pre":
                 pre_depth -= 1
+            if len(node) == 3:
+                out.close_heading(node[2])
             if tag.name in _HTML_BLOCKS or tag.name in _HTML_HEADINGS:
                 out.separate("\n")
             continue
@@ -146,12 +188,8 @@ def _walk(soup) -> _TextBuilder:
             out.separate("\n")
         elif name in {"td", "th"}:  # cells of a row stay on one line
             out.separate(" ")
-        if name in _HTML_HEADINGS:
-            heading = " ".join(node.get_text(" ").split())
-            if heading:
-                out.heading(heading)
         if name == "pre":
             pre_depth += 1
-        stack.append(("end", node))
+        stack.append(("end", node, out.open_heading()) if name in _HTML_HEADINGS else ("end", node))
         stack.extend(reversed(node.contents))
     return out

@@ -429,3 +429,29 @@ def test_page_and_heading_at():
 def test_extraction_error_reason():
     err = ExtractionError("not a valid PDF")
     assert err.reason == "not a valid PDF" and str(err) == "not a valid PDF"
+
+
+def test_nested_headings_are_titled_from_a_bounded_part_of_their_text():
+    # Each heading used to read its whole subtree: 36 KB of nested <h1> built
+    # 17 million characters of titles, and 240 KB would have run for minutes.
+    from app.ingest.html import MAX_HEADING_CHARS, extract_html
+
+    levels = 16_000
+    text, sections = extract_html(("<h1>level " * levels + "</h1>" * levels).encode())
+    assert text == "\n".join(["level"] * levels)  # headings are blocks
+    titled = [s for s in sections if s.heading]
+    assert len(titled) == levels
+    assert all(len(s.heading) <= MAX_HEADING_CHARS for s in titled)
+    assert [s.char_start for s in titled] == [6 * i for i in range(levels)]  # each where its own text starts
+    assert titled[-1].heading == "level"
+
+
+def test_a_heading_nested_in_another_starts_its_own_section_and_empty_ones_none():
+    from app.ingest.html import extract_html
+
+    text, sections = extract_html(b"<h1>Top <h2>Inner</h2> tail</h1><h3></h3><p>Body text</p>")
+    assert text == "Top\nInner\ntail\nBody text"
+    assert [(text[s.char_start : s.char_end], s.heading) for s in sections] == [
+        ("Top\n", "Top Inner tail"),
+        ("Inner\ntail\nBody text", "Inner"),
+    ]
