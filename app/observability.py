@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from app.store.stats import read_store_stats
 
@@ -188,7 +188,14 @@ class ServerCollector:
         role.add_metric(["thread_alive"], float(bool(writer and writer.alive)))
         role.add_metric(["busy"], float(bool(writer and writer.busy)))
         role.add_metric(["last_step_failed"], float(bool(writer and writer.last_error)))
+        role.add_metric(["degraded"], float(bool(writer and writer.degraded)))
         yield role
+        failed = CounterMetricFamily(
+            "colbert_index_documents_failed",
+            "Documents marked failed by this process's writer since it started, each isolated from its batch",
+        )
+        failed.add_metric([], float(writer.documents_failed if writer else 0))
+        yield failed
         if settings is None:
             return
         try:

@@ -102,7 +102,8 @@ class DocumentOut(BaseModel):
     id: str
     title: str | None
     metadata: dict[str, Any]
-    state: str
+    state: str = Field(description="live, pending (not indexed yet) or failed (see error)")
+    error: str | None = Field(default=None, description="why indexing this version failed")
     created_at: float
     updated_at: float
     chunks: list[ChunkOut]

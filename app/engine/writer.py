@@ -28,6 +28,7 @@ encoding.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -49,7 +50,8 @@ from app.store.schema import connect
 
 logger = logging.getLogger("app.engine")
 
-MAX_ATTEMPTS = 3  # tries of one batch before its documents are marked failed
+MAX_ATTEMPTS = 3  # tries of a document alone before it is marked failed
+INFRASTRUCTURE_BACKOFF_MAX_S = 60.0
 MIN_BATCH_CHUNKS = 16
 # A bulk commit (encoding, compression and files, the SQLite transaction) is
 # sized to take about this many commit targets: commits stay seconds apart
@@ -73,6 +75,8 @@ class WriterState:
     busy: bool
     last_error: str | None
     lease_holder_pid: int | None
+    degraded: str | None = None  # a cause outside the documents (disk full, database locked) keeps them pending
+    documents_failed: int = 0  # since start, each by its own fault, isolated from its batch
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,12 @@ class IndexWriter:
         self._thread: threading.Thread | None = None
         self.busy = False
         self.last_error: str | None = None
-        self._failures: dict[int, int] = {}
+        self._failures: dict[int, int] = {}  # tries of a document isolated in a batch of its own
+        # collection -> (documents per batch, documents of the failed batch still to land or fail)
+        self._isolating: dict[int, tuple[int, int]] = {}
+        self._infrastructure_failures = 0  # in a row
+        self.degraded: str | None = None  # the machine's fault that keeps documents pending now
+        self.documents_failed = 0  # since start, by the documents' own fault
         self._seconds_per_chunk: float | None = None  # moving average of encoding cost
         self._commit_seconds_per_chunk: float | None = None  # moving average of a whole commit's cost
         self._served: dict[int, float] = {}  # collection -> when its last batch was committed
@@ -212,6 +221,8 @@ class IndexWriter:
             busy=self.busy or bool(self._landing_ids) or self.maintainer.busy or self._change_in_flight(),
             last_error=self.last_error,
             lease_holder_pid=self.lease.holder_pid(),
+            degraded=self.degraded,
+            documents_failed=self.documents_failed,
         )
 
     def settled(self) -> bool:
@@ -393,6 +404,7 @@ class IndexWriter:
         :meth:`_batch_chunks` chunks; a later pending version of the same id
         supersedes an earlier one."""
         budget = self._batch_chunks()
+        most = self._isolating.get(collection_id, (len(exclude) + budget, 0))[0]  # documents, while taking one apart
         exclude = exclude | self._landing_ids  # handed to the lander, still pending in SQLite
         pending = [
             d
@@ -407,7 +419,7 @@ class IndexWriter:
         texts = store.chunks_of([d.id for d in kept])
         for d in kept:
             chunks = texts[d.id]
-            if batch.documents and len(batch.chunk_ids) + len(chunks) > budget:
+            if batch.documents and (len(batch.chunk_ids) + len(chunks) > budget or len(batch.documents) >= most):
                 break
             batch.documents.append(d)
             batch.chunk_ids.extend(chunk_id for chunk_id, _ in chunks)
@@ -496,6 +508,7 @@ class IndexWriter:
             )
             if not encoded.priority_only:
                 self._commit_measured(encoded.own_s + time.perf_counter() - landed, len(batch.texts))
+            self._landed(collection_id, len(batch.documents))
         except Exception as exc:
             self._failed(store, collection_id, batch.documents, exc)
             return
@@ -537,12 +550,87 @@ class IndexWriter:
         self._commit_seconds_per_chunk = _moving_average(self._commit_seconds_per_chunk, seconds / max(chunks, 1))
 
     def _failed(self, store: IndexStateStore, collection_id: int, documents: list[PendingDocument], exc: Exception):
-        """Back off and retry; after MAX_ATTEMPTS mark the batch failed."""
-        logger.exception("indexing %d documents of collection %d failed", len(documents), collection_id)
-        key = documents[0].id  # the oldest pending document heads every retry
-        self._failures[key] = self._failures.get(key, 0) + 1
-        if self._failures[key] < MAX_ATTEMPTS:
-            self._stop.wait(min(2 ** self._failures[key], 30))  # back off; the work stays pending
+        """A batch did not land. The machine's fault (disk full, database
+        locked, out of memory): nothing fails, the writer backs off and says
+        so until the cause is gone. Otherwise something in the batch breaks
+        indexing: the batch is halved until that document is alone, and only
+        it is marked failed, after MAX_ATTEMPTS tries, with the reason."""
+        if infrastructure_error(exc):
+            self._infrastructure_failures += 1
+            delay = min(2.0**self._infrastructure_failures, INFRASTRUCTURE_BACKOFF_MAX_S)
+            self.degraded = f"{type(exc).__name__}: {exc}"[:500]
+            logger.exception(
+                "indexing %d documents of collection %d failed for a cause outside them; they stay pending, "
+                "next try in %.0fs",
+                len(documents),
+                collection_id,
+                delay,
+            )
+            self._stop.wait(delay)
             return
-        self._failures.pop(key, None)
-        store.fail([d.id for d in documents], f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}")
+        logger.exception("indexing %d documents of collection %d failed", len(documents), collection_id)
+        if len(documents) > 1:
+            _, remaining = self._isolating.get(collection_id, (0, len(documents)))
+            self._isolating[collection_id] = ((len(documents) + 1) // 2, remaining)
+            return
+        [document] = documents
+        attempts = self._failures[document.id] = self._failures.get(document.id, 0) + 1
+        if attempts < MAX_ATTEMPTS:
+            self._stop.wait(min(2**attempts, 30))  # it may still be transient: back off and retry it alone
+            return
+        self._failures.pop(document.id, None)
+        self._isolated(collection_id, 1)
+        reason = f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}: {exc}"[:1000]
+        store.fail([document.id], reason)
+        self.documents_failed += 1
+
+    def _landed(self, collection_id: int, documents: int) -> None:
+        self._infrastructure_failures = 0
+        self.degraded = None
+        self._isolated(collection_id, documents)
+
+    def _isolated(self, collection_id: int, documents: int) -> None:
+        """``documents`` of a batch being taken apart are done with."""
+        if collection_id not in self._isolating:
+            return
+        cap, remaining = self._isolating[collection_id]
+        if remaining - documents <= 0:
+            del self._isolating[collection_id]
+        else:
+            self._isolating[collection_id] = (cap, remaining - documents)
+
+
+# Causes outside the documents: retrying later succeeds once they are gone.
+_INFRASTRUCTURE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
+)
+_INFRASTRUCTURE_MESSAGES = (
+    "no space left",
+    "disk is full",
+    "database is locked",
+    "database table is locked",
+    "disk i/o error",
+    "unable to open database",
+    "readonly database",
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+)
+
+
+def infrastructure_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the machine's fault (disk full,
+    a locked database, memory), not the document's."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return True
+        if isinstance(current, OSError) and current.errno in _INFRASTRUCTURE_ERRNOS:
+            return True
+        text = str(current).lower()
+        if any(marker in text for marker in _INFRASTRUCTURE_MESSAGES):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

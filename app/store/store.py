@@ -247,9 +247,11 @@ class Store:
 
     async def get_document(self, collection_id: int, external_id: str) -> dict:
         row = await self._one(
-            """SELECT id, external_id, title, metadata, content_hash, state, created_at, updated_at
-               FROM documents WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
-               ORDER BY (state = 'live') DESC, id DESC LIMIT 1""",
+            # The live version if any, else the newest pending one, else the
+            # newest that failed to index (with its reason in ``error``).
+            """SELECT id, external_id, title, metadata, content_hash, state, error, created_at, updated_at
+               FROM documents WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending', 'failed')
+               ORDER BY (state = 'live') DESC, (state = 'pending') DESC, id DESC LIMIT 1""",
             (collection_id, external_id),
         )
         if row is None:
@@ -282,11 +284,11 @@ class Store:
         return docs, total["n"]
 
     async def delete_document(self, collection_id: int, external_id: str) -> None:
-        """Tombstone every live or pending version; visible to search at once."""
+        """Tombstone every live, pending or failed version; visible to search at once."""
         async with self.transaction():
             cur = await self.db.execute(
                 """UPDATE documents SET state = 'deleted', updated_at = ?
-                   WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')""",
+                   WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending', 'failed')""",
                 (time.time(), collection_id, external_id),
             )
             if cur.rowcount == 0:

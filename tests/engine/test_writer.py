@@ -3,10 +3,14 @@ real SQLite store, the fake encoder and the in-memory fake backend."""
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 import pytest
 import torch
 
-from app.engine.writer import MAX_ATTEMPTS, IndexWriter
+from app.engine.writer import MAX_ATTEMPTS, IndexWriter, infrastructure_error
+from app.errors import DocumentNotFound
 from app.ingest.chunking import Passage
 from app.settings import Settings
 from app.store.index_state import IndexStateStore
@@ -94,18 +98,82 @@ async def test_commits_are_bounded_by_commit_max_chunks_and_first_in_first_out(e
     assert state.collection(c).generation == 3
 
 
-async def test_a_batch_that_keeps_failing_is_marked_failed_after_max_attempts(env):
+async def test_a_full_disk_keeps_documents_pending_and_they_land_once_it_is_gone(env):
     settings, store, state = env
     c = (await store.create_collection("docs", None)).id
     [(_, row)] = await store.insert_pending(c, [doc("a", "text")])
-    w = writer(settings, FailingBackend())
-    for attempt in range(1, MAX_ATTEMPTS):
+    backend = FailingBackend()
+    w = writer(settings, backend)
+    for attempt in range(MAX_ATTEMPTS + 3):
         w.step(state)
         assert (await store.document_states([row]))[row] == ("pending", None), attempt
-    w.step(state)
-    status, error = (await store.document_states([row]))[row]
-    assert status == "failed" and "OSError" in error
     assert state.collection(c).generation == 0  # nothing half-committed
+    assert "no space left" in w.state().degraded and w.state().documents_failed == 0
+    backend.write = FakeInMemoryBackend.write.__get__(backend)  # space freed
+    w.step(state)
+    assert (await store.document_states([row]))[row] == ("live", None)
+    assert w.state().degraded is None
+
+
+class PoisonEncoder(FakeEncoder):
+    """A fake encoder that cannot encode any text holding "poison"."""
+
+    def encode_documents(self, texts):
+        if any("poison" in t for t in texts):
+            raise ValueError("this text breaks the encoder")
+        return super().encode_documents(texts)
+
+
+async def test_a_document_that_breaks_indexing_is_isolated_and_only_it_fails(env):
+    settings, store, state = env  # commit_max_chunks=4: batches of 4 one-chunk documents
+    c = (await store.create_collection("docs", None)).id
+    names = ["d0", "d1", "bad", "d3", "d4", "d5", "d6"]
+    rows = dict(await store.insert_pending(c, [doc(n, "poison" if n == "bad" else f"note {n}") for n in names]))
+    w = IndexWriter(settings, PoisonEncoder(), FakeInMemoryBackend())
+    w._stop.set()  # no back-off sleeps
+    steps = 0
+    while w.step(state):
+        steps += 1
+        assert steps < 20, "the batch was never taken apart"
+    states = await store.document_states(list(rows.values()))
+    assert {n: states[rows[n]][0] for n in names} == {n: "failed" if n == "bad" else "live" for n in names}
+    assert "ValueError: this text breaks the encoder" in states[rows["bad"]][1]
+    assert w.state().documents_failed == 1 and w.state().degraded is None and w._isolating == {}
+    # The failed version is what GET shows, with its reason; a delete removes it.
+    got = await store.get_document(c, "bad")
+    assert got["state"] == "failed" and "this text breaks the encoder" in got["error"]
+    await store.delete_document(c, "bad")
+    with pytest.raises(DocumentNotFound):
+        await store.get_document(c, "bad")
+    # A corrected version indexes as usual.
+    await store.insert_pending(c, [doc("bad", "fixed now")])
+    while w.step(state):
+        pass
+    assert (await store.get_document(c, "bad"))["state"] == "live"
+
+
+@pytest.mark.parametrize(
+    "exc, machine",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (sqlite3.OperationalError("database is locked"), True),
+        (sqlite3.OperationalError("database or disk is full"), True),
+        (MemoryError(), True),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+        (sqlite3.OperationalError("malformed JSON"), False),
+        (ValueError("this text breaks the encoder"), False),
+        (OSError(errno.ENOENT, "No such file or directory"), False),
+    ],
+)
+def test_the_machines_faults_are_told_from_the_documents(exc, machine):
+    assert infrastructure_error(exc) is machine
+    try:
+        try:
+            raise exc
+        except BaseException as cause:
+            raise RuntimeError("a landing failed") from cause
+    except RuntimeError as wrapped:
+        assert infrastructure_error(wrapped) is machine
 
 
 def maintain(w: IndexWriter, state: IndexStateStore, collection_id: int) -> bool:

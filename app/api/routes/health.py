@@ -55,7 +55,10 @@ async def ready(request: Request):
     ok, reason, details = readiness(request)
     if not ok:
         return JSONResponse(error_body("not_ready", reason, details), status_code=503)
-    return {"status": "ready", "version": __version__, **details}
+    # Searches still serve while a cause outside the documents (disk full, a
+    # locked database) keeps new writes pending: ready, but degraded.
+    degraded = bool(details["writer"] and details["writer"].get("degraded"))
+    return {"status": "degraded" if degraded else "ready", "version": __version__, **details}
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
