@@ -122,6 +122,7 @@ class SearchService:
         # snapshot's reused) run here, never on the search thread.
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-load")
         self._job_runner: asyncio.Task | None = None
+        self._jobs: JobRunner | None = None
         self._refresher: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -139,7 +140,9 @@ class SearchService:
         self.snapshots = SnapshotCache(self.store, self.backend, self._load, self.settings.snapshot_cache_bytes)
         self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
-        jobs = JobRunner(self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held)
+        self._jobs = jobs = JobRunner(
+            self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held
+        )
         self.writer.start()
         self._job_runner = asyncio.create_task(jobs.run())
         if self.settings.snapshot_refresh_s:
@@ -152,6 +155,8 @@ class SearchService:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._jobs is not None:
+            await asyncio.to_thread(self._jobs.close)  # the extractor process
         if self.writer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
         await self.store.close()

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # Requests.
     max_document_chars: int = Field(default=1_000_000, ge=1)
     max_file_bytes: int = Field(default=20_000_000, ge=1)
+    # Uploaded files are parsed in a child process within these limits; a file
+    # that breaks one fails with the reason and the queue moves on.
+    extract_timeout_s: float = Field(default=120.0, gt=0, description="wall-clock limit of one file's extraction")
+    extract_memory_mb: int = Field(default=2048, ge=0, description="address space of the extractor process; 0: none")
     max_batch_documents: int = Field(default=10_000, ge=1)
     upsert_wait_timeout_s: float = Field(default=600.0, gt=0)
     default_collection: str = "default"

@@ -133,6 +133,8 @@ def extract_html(data: bytes) -> tuple[str, list[Section]]:
     markup = _decode_html(data)
     try:
         soup = BeautifulSoup(markup, "html.parser")
+    except MemoryError:
+        raise  # the caller's limit, not a malformed document
     except Exception:
         raise ExtractionError("not a valid HTML document") from None
 

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.errors import CollectionNotFound, InvalidInput
-from app.ingest.extract import ExtractionError, extract, safe_filename
+from app.ingest.extract import ExtractionError, safe_filename
 from app.ingest.pipeline import DocumentInput, DocumentPreparer
+from app.ingest.sandbox import ExtractionSandbox
 from app.settings import Settings
 from app.store.jobs import NewJobFile, QueuedFile
 from app.store.store import Store
@@ -67,6 +68,7 @@ class JobRunner:
         self.preparer = preparer
         self.notify = notify
         self.is_writer = is_writer
+        self.sandbox = ExtractionSandbox(settings.extract_timeout_s, settings.extract_memory_mb * 1024 * 1024)
 
     async def run(self) -> None:
         while True:
@@ -86,27 +88,38 @@ class JobRunner:
                 await asyncio.sleep(1.0)
 
     async def process(self, item: QueuedFile) -> None:
+        if item.attempts >= MAX_FILE_ATTEMPTS:  # earlier attempts never finished: the process stopped during them
+            await self.store.jobs.fail_file(
+                item.id, f"processing did not finish in {item.attempts} attempts (the server stopped during each)"
+            )
+            return
+        await self.store.jobs.begin_attempt(item.id)
         try:
-            extracted = await asyncio.to_thread(extract, item.filename, item.data, self.settings.max_file_bytes)
+            extracted = await asyncio.to_thread(
+                self.sandbox.extract, item.filename, item.data, self.settings.max_file_bytes
+            )
             if len(extracted.text) > self.settings.max_document_chars:
                 raise ExtractionError(
                     f"the extracted text has {len(extracted.text):,} characters; the limit is {self.settings.max_document_chars:,}"
                 )
+            metadata = {**json.loads(item.metadata), "filename": item.filename, "media_type": extracted.media_type}
+            doc = DocumentInput(item.document_id, extracted.text, None, metadata, extracted.sections)
+            prepared = await asyncio.to_thread(self.preparer.prepare, [doc])
         except ExtractionError as exc:
-            await self.store.jobs.fail_file(item.id, exc.reason, final=True)
+            await self.store.jobs.fail_file(item.id, exc.reason)
             return
-        except Exception as exc:  # an unexpected parser failure: retry a bounded number of times
-            final = item.attempts + 1 >= MAX_FILE_ATTEMPTS
+        except Exception as exc:  # unexpected (chunking, the store): retried a bounded number of times
             logger.exception("processing %s failed (attempt %d)", item.filename, item.attempts + 1)
-            await self.store.jobs.fail_file(item.id, f"processing failed: {type(exc).__name__}", final=final)
+            if item.attempts + 1 >= MAX_FILE_ATTEMPTS:
+                await self.store.jobs.fail_file(item.id, f"processing failed: {type(exc).__name__}")
             await asyncio.sleep(min(2**item.attempts, 10))
             return
-        metadata = {**json.loads(item.metadata), "filename": item.filename, "media_type": extracted.media_type}
-        doc = DocumentInput(item.document_id, extracted.text, None, metadata, extracted.sections)
-        prepared = await asyncio.to_thread(self.preparer.prepare, [doc])
         try:
             await self.store.insert_pending(item.collection_id, prepared, job_file=item.id)
         except CollectionNotFound:
-            await self.store.jobs.fail_file(item.id, "the collection was deleted", final=True)
+            await self.store.jobs.fail_file(item.id, "the collection was deleted")
             return
         self.notify()
+
+    def close(self) -> None:
+        self.sandbox.close()

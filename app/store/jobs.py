@@ -119,16 +119,19 @@ class Jobs:
         )
         return QueuedFile(**dict(row)) if row else None
 
-    async def fail_file(self, file_id: int, error: str | None, final: bool) -> None:
-        """Count a failed attempt; ``final`` marks the file failed and drops its data."""
+    async def begin_attempt(self, file_id: int) -> None:
+        """Count an attempt before it runs: one that never ends (the process
+        killed, out of memory) still counts, so a file cannot stall the queue
+        at every restart."""
         async with self.store.transaction() as db:
-            if final:
-                await db.execute(
-                    "UPDATE job_files SET state = 'failed', error = ?, data = NULL, attempts = attempts + 1 WHERE id = ?",
-                    (error, file_id),
-                )
-            else:
-                await db.execute("UPDATE job_files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
+            await db.execute("UPDATE job_files SET attempts = attempts + 1 WHERE id = ?", (file_id,))
+
+    async def fail_file(self, file_id: int, error: str | None) -> None:
+        """Mark the file failed (its attempt was counted when it began) and drop its data."""
+        async with self.store.transaction() as db:
+            await db.execute(
+                "UPDATE job_files SET state = 'failed', error = ?, data = NULL WHERE id = ?", (error, file_id)
+            )
 
     async def get(self, job_id: str) -> dict:
         job = await self.store._one(

@@ -129,6 +129,24 @@ async def test_bad_files_get_per_file_errors_and_the_rest_is_ingested(client, ap
     assert not list(data_dir.parent.rglob("escape.txt"))
 
 
+async def test_a_file_past_the_extraction_limits_fails_with_its_reason_and_the_queue_moves_on(client, app_env):
+    from tests.ingest.test_sandbox import SLOW_HTML
+
+    await create(client, "poison")
+    sandbox = app_env.app.state.service._jobs.sandbox
+    limit, sandbox.timeout_s = sandbox.timeout_s, 0.5  # SLOW_HTML takes seconds to parse
+    try:
+        job = await upload(client, "poison", {"slow.html": SLOW_HTML, "fine.txt": b"Otters hold hands while sleeping."})
+        job = await wait_job(client, job["id"], timeout=60)
+    finally:
+        sandbox.timeout_s = limit
+    states = {f["filename"]: (f["state"], f["error"]) for f in job["files"]}
+    assert states["slow.html"][0] == "failed" and "longer than the 0.5 s limit" in states["slow.html"][1]
+    assert states["fine.txt"][0] == "added"
+    assert (await search(client, "poison", "sleeping otters", k=1))[0]["document_id"] == "fine.txt"
+    assert (await client.get("/ready")).status_code == 200
+
+
 async def test_file_over_the_size_limit(client, app_env):
     await create(client, "bigfile")
     limit = app_env.settings.max_file_bytes

@@ -1,0 +1,144 @@
+"""Text extraction in a separate process, within memory and time limits.
+
+Parsers of untrusted files can take super-linear time or memory on crafted
+input (nested markup, decompression bombs, pathological PDFs). In the server
+process such a file would stall the job queue, or take the whole process
+down with an out-of-memory kill, at every restart again. Here extraction runs
+in one long-lived child process (a fresh interpreter, so it shares no
+threads or locks with the server and never re-imports the server's main
+module) with an address-space limit; a file that runs past the
+wall-clock limit, or kills the child, fails with that reason, the child is
+replaced, and the queue moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from app.ingest.extract import ExtractedDocument, ExtractionError
+
+logger = logging.getLogger("app.ingest")
+
+
+def main(fd: int, memory_bytes: int) -> None:
+    """The child's entry point (``python -c``): serve on the inherited socket."""
+    _serve(Connection(fd), memory_bytes)
+
+
+def _serve(conn: Connection, memory_bytes: int) -> None:
+    """The child: extract each file sent until the pipe closes."""
+    try:
+        import resource
+
+        if memory_bytes:
+            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    except (ImportError, ValueError, OSError):  # not on this OS: the wall-clock limit still holds
+        pass
+    from app.ingest.extract import extract
+
+    while True:
+        try:
+            filename, data, max_bytes = conn.recv()
+        except (EOFError, OSError):  # the server closed the pipe or died
+            return
+        try:
+            result: tuple[bool, object] = (True, extract(filename, data, max_bytes))
+        except ExtractionError as exc:
+            result = (False, exc.reason)
+        except MemoryError:
+            result = (False, "extraction needed more memory than the limit allows")
+        except Exception as exc:  # a parser bug: reported as the file's failure, not a crash
+            result = (False, f"extraction failed: {type(exc).__name__}")
+        del data
+        try:
+            conn.send(result)
+        except (OSError, MemoryError):
+            return
+
+
+class ExtractionSandbox:
+    """One child process that extracts files one at a time (thread-safe)."""
+
+    def __init__(self, timeout_s: float, memory_bytes: int):
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_bytes
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+
+    def extract(self, filename: str, data: bytes, max_bytes: int) -> ExtractedDocument:
+        """The file's text, or ExtractionError with the reason (a parser's
+        refusal, the time limit, the memory limit, a crash)."""
+        with self._lock:
+            conn = self._start()
+            try:
+                conn.send((filename, data, max_bytes))
+                if not conn.poll(self.timeout_s):
+                    self._stop()
+                    raise ExtractionError(f"extraction took longer than the {self.timeout_s:g} s limit")
+                ok, payload = conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                code = self._process.poll() if self._process is not None else None
+                self._stop()
+                raise ExtractionError(
+                    f"the extraction process stopped (exit code {code}): the file needs more memory than "
+                    "the limit allows, or crashed its parser"
+                ) from None
+            if not ok:
+                if "memory" in str(payload):
+                    self._stop()  # a MemoryError may leave the child's heap in a bad state: start afresh
+                raise ExtractionError(str(payload))
+            assert isinstance(payload, ExtractedDocument)
+            return payload
+
+    def _start(self) -> Connection:
+        if self._process is not None and self._process.poll() is None and self._conn is not None:
+            return self._conn
+        self._stop()
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding the app package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    f"from app.ingest.sandbox import main; main({theirs.fileno()}, {int(self.memory_bytes)})",
+                ],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        return self._conn
+
+    def _stop(self) -> None:
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                logger.warning("the extraction process %d did not stop", process.pid)
+
+    def close(self) -> None:
+        """Stop the child, even in the middle of a file (its caller then gets
+        an ExtractionError; the file's attempt is already counted)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+        with self._lock:
+            self._stop()

@@ -1,0 +1,60 @@
+"""Extraction in a child process: the time and memory limits, a killed
+child, and the child replaced after each (real processes, no model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from app.ingest.extract import ExtractionError
+from app.ingest.sandbox import ExtractionSandbox
+
+# Valid HTML that takes the parser seconds (about 3.5 s on the 2-core machine).
+SLOW_HTML = b"<p>word</p>" * 200_000
+
+
+@pytest.fixture
+def sandbox():
+    box = ExtractionSandbox(timeout_s=60, memory_bytes=1024 * 2**20)
+    yield box
+    box.close()
+
+
+def test_files_are_extracted_and_refusals_keep_their_reason(sandbox):
+    assert sandbox.extract("a.txt", b"hello world", 1000).text == "hello world"
+    with pytest.raises(ExtractionError, match="binary"):
+        sandbox.extract("b.txt", b"\x00\x01\x02" * 10, 1000)
+    first = sandbox._process.pid
+    assert sandbox.extract("c.md", b"# Title\n\ntext", 1000).sections[0].heading == "Title"
+    assert sandbox._process.pid == first  # one child serves file after file
+
+
+def test_a_file_past_the_time_limit_fails_and_the_next_one_is_served(sandbox):
+    sandbox.timeout_s = 0.5
+    started = time.monotonic()
+    with pytest.raises(ExtractionError, match="longer than the 0.5 s limit"):
+        sandbox.extract("slow.html", SLOW_HTML, 10**8)
+    assert time.monotonic() - started < 5
+    assert sandbox.extract("next.txt", b"still served", 1000).text == "still served"
+
+
+def test_a_file_past_the_memory_limit_fails_and_the_next_one_is_served():
+    box = ExtractionSandbox(timeout_s=120, memory_bytes=300 * 2**20)
+    try:
+        with pytest.raises(ExtractionError, match="memory"):
+            box.extract("huge.html", b"<p>word</p>" * 1_500_000, 10**9)
+        assert box.extract("next.txt", b"still served", 1000).text == "still served"
+    finally:
+        box.close()
+
+
+def test_a_child_killed_mid_file_fails_that_file_only(sandbox):
+    sandbox.extract("warm.txt", b"warm", 100)  # the child is up
+    killer = threading.Timer(0.3, lambda: sandbox._process.kill())
+    killer.start()
+    with pytest.raises(ExtractionError, match="stopped"):
+        sandbox.extract("slow.html", SLOW_HTML, 10**8)
+    killer.join()
+    assert sandbox.extract("next.txt", b"still served", 1000).text == "still served"
