@@ -68,6 +68,7 @@ class JobRunner:
         self.preparer = preparer
         self.notify = notify
         self.is_writer = is_writer
+        self._served: dict[str, int] = {}  # files taken per job with files still queued: uploads take turns
         self.sandbox = ExtractionSandbox(settings.extract_timeout_s, settings.extract_memory_mb * 1024 * 1024)
 
     async def run(self) -> None:
@@ -76,7 +77,7 @@ class JobRunner:
                 if not self.is_writer():
                     await asyncio.sleep(0.5)
                     continue
-                item = await self.store.jobs.next_queued()
+                item = await self.store.jobs.next_queued(self._served)
                 if item is None:
                     await asyncio.sleep(0.1)
                     continue

@@ -112,12 +112,33 @@ class Jobs:
             )
         return job_id
 
-    async def next_queued(self) -> QueuedFile | None:
+    async def next_queued(self, served: dict[str, int] | None = None) -> QueuedFile | None:
+        """The next file to process: with ``served`` (files taken per job so
+        far, kept by the caller), the oldest file of the job served least,
+        so a large upload does not hold back the uploads made after it;
+        without, the oldest file of all."""
+        if served is None:
+            where = "f.id = (SELECT MIN(id) FROM job_files WHERE state = 'queued')"
+            params: tuple = ()
+        else:
+            heads = await self.store._all(
+                "SELECT job_id, MIN(id) AS head FROM job_files WHERE state = 'queued' GROUP BY job_id"
+            )
+            for gone in set(served) - {h["job_id"] for h in heads}:
+                del served[gone]
+            if not heads:
+                return None
+            where, params = "f.id = ?", (min(heads, key=lambda h: (served.get(h["job_id"], 0), h["head"]))["head"],)
         row = await self.store._one(
-            """SELECT f.id, f.job_id, f.filename, f.document_id, f.metadata, f.data, f.attempts, j.collection_id
-               FROM job_files f JOIN jobs j ON j.id = f.job_id WHERE f.state = 'queued' ORDER BY f.id LIMIT 1"""
+            f"""SELECT f.id, f.job_id, f.filename, f.document_id, f.metadata, f.data, f.attempts, j.collection_id
+                FROM job_files f JOIN jobs j ON j.id = f.job_id WHERE {where} AND f.state = 'queued'""",
+            params,
         )
-        return QueuedFile(**dict(row)) if row else None
+        if row is None:
+            return None
+        if served is not None:
+            served[row["job_id"]] = served.get(row["job_id"], 0) + 1
+        return QueuedFile(**dict(row))
 
     async def begin_attempt(self, file_id: int) -> None:
         """Count an attempt before it runs: one that never ends (the process

@@ -92,6 +92,7 @@ CREATE TABLE IF NOT EXISTS job_files (
     chunks        INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files(state, id);
+CREATE INDEX IF NOT EXISTS job_files_queued_by_job ON job_files(state, job_id, id);
 CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id, id);
 -- Each collection's live and pending documents and chunks, kept by the
 -- triggers below in the transactions that change them: reading them is one

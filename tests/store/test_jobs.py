@@ -123,3 +123,17 @@ async def test_a_chunking_error_is_retried_a_bounded_number_of_times(store, tmp_
 
 async def _no_sleep(seconds):
     return None
+
+
+async def test_uploads_take_turns_so_a_large_one_does_not_hold_back_a_later_one(store):
+    c = (await store.create_collection("docs", None)).id
+    big = await store.jobs.create(c, [NewJobFile(f"big{i}.txt", f"big{i}", {}, b"x") for i in range(6)])
+    small = await store.jobs.create(c, [NewJobFile(f"small{i}.txt", f"small{i}", {}, b"y") for i in range(2)])
+    served: dict[str, int] = {}
+    order = []
+    while (item := await store.jobs.next_queued(served)) is not None:
+        order.append(item.filename)
+        await store.jobs.fail_file(item.id, "done with it")
+    assert order == ["big0.txt", "small0.txt", "big1.txt", "small1.txt", "big2.txt", "big3.txt", "big4.txt", "big5.txt"]
+    assert served == {}  # jobs with nothing queued are forgotten
+    assert big != small
