@@ -189,6 +189,7 @@ class ServerCollector:
         role.add_metric(["busy"], float(bool(writer and writer.busy)))
         role.add_metric(["last_step_failed"], float(bool(writer and writer.last_error)))
         role.add_metric(["degraded"], float(bool(writer and writer.degraded)))
+        role.add_metric(["stalled"], float(bool(writer and writer.stalled_s)))
         yield role
         failed = CounterMetricFamily(
             "colbert_index_documents_failed",

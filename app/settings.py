@@ -50,6 +50,9 @@ class Settings(BaseSettings):
         description="how often each worker loads its cached collections' new generations in the background (0: only when searched)",
     )
     writer_poll_interval_s: float = Field(default=0.1, gt=0)
+    writer_stall_s: float = Field(
+        default=30.0, gt=0, description="a writer without a sign of life this long shows as stalled in /ready"
+    )
     writer_overlap: bool = Field(
         default=True,
         description="land each batch (compression, files, SQLite) on a second thread while the next is encoded",

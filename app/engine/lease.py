@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 
@@ -29,6 +30,19 @@ class WriterLease:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return True
+
+    def beat(self) -> None:
+        """The holder's sign of life: the lease file's mtime, which any
+        process can read (:meth:`heartbeat_age`)."""
+        if self._fd is not None:
+            os.utime(self._fd)
+
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the holder's last :meth:`beat` (None: no lease file)."""
+        try:
+            return max(0.0, time.time() - os.stat(self.path).st_mtime)
+        except OSError:
+            return None
 
     @property
     def held(self) -> bool:

@@ -60,6 +60,7 @@ MIN_BATCH_CHUNKS = 16
 COMMIT_SLICES = 3
 FIRST_BATCH_CHUNKS = 1024  # before any commit has been timed
 IDLE_POLL_MAX_S = 0.5  # an idle writer polls less often, up to this (a notify wakes it at once)
+HEARTBEAT_FILE_S = 2.0  # the lease file's mtime is refreshed at most this often
 
 
 def _moving_average(previous: float | None, value: float) -> float:
@@ -76,6 +77,7 @@ class WriterState:
     last_error: str | None
     lease_holder_pid: int | None
     degraded: str | None = None  # a cause outside the documents (disk full, database locked) keeps them pending
+    stalled_s: float | None = None  # the lease holder's writer showed no sign of life for this long (a hang, SIGSTOP)
     documents_failed: int = 0  # since start, each by its own fault, isolated from its batch
 
 
@@ -176,6 +178,8 @@ class IndexWriter:
         self._infrastructure_failures = 0  # in a row
         self.degraded: str | None = None  # the machine's fault that keeps documents pending now
         self.documents_failed = 0  # since start, by the documents' own fault
+        self._last_beat = time.monotonic()
+        self._last_file_beat = 0.0
         self._seconds_per_chunk: float | None = None  # moving average of encoding cost
         self._commit_seconds_per_chunk: float | None = None  # moving average of a whole commit's cost
         self._served: dict[int, float] = {}  # collection -> when its last batch was committed
@@ -223,7 +227,33 @@ class IndexWriter:
             lease_holder_pid=self.lease.holder_pid(),
             degraded=self.degraded,
             documents_failed=self.documents_failed,
+            stalled_s=self._stalled_s(),
         )
+
+    def _beat(self) -> None:
+        """A sign of life, at each step of the writer's loop and between
+        slices of a long batch; written to the lease file every few seconds
+        for the other processes."""
+        now = time.monotonic()
+        self._last_beat = now
+        if now - self._last_file_beat >= HEARTBEAT_FILE_S:
+            self._last_file_beat = now
+            try:
+                self.lease.beat()
+            except OSError:
+                logger.warning("could not mark the writer lease as alive", exc_info=True)
+
+    def _stalled_s(self) -> float | None:
+        """How long the writer holding the lease (this process's or
+        another's) has shown no sign of life, once that passes
+        ``writer_stall_s``."""
+        if self.lease.held:
+            age: float | None = time.monotonic() - self._last_beat
+        elif self.lease.holder_pid() is not None:
+            age = self.lease.heartbeat_age()
+        else:
+            age = None
+        return round(age, 1) if age is not None and age > self.settings.writer_stall_s else None
 
     def settled(self) -> bool:
         """Nothing pending, no background step running or planned (tests and
@@ -260,6 +290,7 @@ class IndexWriter:
         idle_wait = self.settings.writer_poll_interval_s
         try:
             while not self._stop.is_set():
+                self._beat()
                 if not self.lease.held:
                     if not self.lease.try_acquire():
                         self._stop.wait(1.0)
@@ -462,6 +493,7 @@ class IndexWriter:
                     vectors[i] = rows
                 own_s += time.perf_counter() - sliced
                 self._measured(time.perf_counter() - sliced, len(part))
+                self._beat()
                 done += n
                 if interleave and done < len(order):
                     self._commit_priority(store, in_flight, overlap)
@@ -566,7 +598,7 @@ class IndexWriter:
                 collection_id,
                 delay,
             )
-            self._stop.wait(delay)
+            self._back_off(delay)
             return
         logger.exception("indexing %d documents of collection %d failed", len(documents), collection_id)
         if len(documents) > 1:
@@ -576,13 +608,20 @@ class IndexWriter:
         [document] = documents
         attempts = self._failures[document.id] = self._failures.get(document.id, 0) + 1
         if attempts < MAX_ATTEMPTS:
-            self._stop.wait(min(2**attempts, 30))  # it may still be transient: back off and retry it alone
+            self._back_off(min(2**attempts, 30))  # it may still be transient: back off and retry it alone
             return
         self._failures.pop(document.id, None)
         self._isolated(collection_id, 1)
         reason = f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}: {exc}"[:1000]
         store.fail([document.id], reason)
         self.documents_failed += 1
+
+    def _back_off(self, seconds: float) -> None:
+        """Wait (or stop), with signs of life: backing off is not a stall."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._stop.wait(min(left, 1.0))
+            self._beat()
 
     def _landed(self, collection_id: int, documents: int) -> None:
         self._infrastructure_failures = 0

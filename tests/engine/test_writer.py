@@ -560,3 +560,45 @@ async def test_with_overlap_a_failing_cleanup_after_a_landed_commit_is_not_a_fai
         assert w._failures == {} and not w._landing_ids
     finally:
         w._lander.stop()
+
+
+async def test_a_hung_writer_shows_as_stalled_here_and_to_other_processes_then_recovers(env, monkeypatch):
+    import asyncio
+    import threading
+
+    import app.engine.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "HEARTBEAT_FILE_S", 0.0)  # every sign of life reaches the lease file
+    settings, store, state = env
+    settings = settings.model_copy(update={"writer_stall_s": 0.5})
+    released = threading.Event()
+
+    class HangingBackend(FakeInMemoryBackend):
+        def write(self, *args):
+            assert released.wait(30)  # a landing that hangs (a stuck disk, a stopped process)
+            return super().write(*args)
+
+    c = (await store.create_collection("docs", None)).id
+    w = IndexWriter(settings, FakeEncoder(), HangingBackend())
+    other = IndexWriter(settings, FakeEncoder(), FakeInMemoryBackend())  # another process's view: no lease
+    w.start()
+    try:
+        await store.insert_pending(c, [doc("a", "text")])
+        w.notify()
+        await asyncio.sleep(1.5)
+        assert w.state().stalled_s is not None and w.state().stalled_s >= 0.5
+        assert not other.lease.held and other.state().stalled_s is not None
+        released.set()
+        for _ in range(100):
+            if w.state().stalled_s is None and other.state().stalled_s is None:
+                break
+            await asyncio.sleep(0.05)
+        assert w.state().stalled_s is None and other.state().stalled_s is None
+        for _ in range(100):
+            if state.live_passages(c):
+                break
+            await asyncio.sleep(0.05)
+        assert [p.text for p in state.live_passages(c)] == ["text"]  # the hung landing went through
+    finally:
+        released.set()
+        w.stop()

@@ -57,7 +57,10 @@ async def ready(request: Request):
         return JSONResponse(error_body("not_ready", reason, details), status_code=503)
     # Searches still serve while a cause outside the documents (disk full, a
     # locked database) keeps new writes pending: ready, but degraded.
-    degraded = bool(details["writer"] and details["writer"].get("degraded"))
+    # So does a stalled writer (hung, or its process stopped): searches serve,
+    # writes wait.
+    writer = details["writer"] or {}
+    degraded = bool(writer.get("degraded") or writer.get("stalled_s"))
     return {"status": "degraded" if degraded else "ready", "version": __version__, **details}
 
 
