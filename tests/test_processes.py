@@ -136,3 +136,43 @@ def test_kill_9_during_large_upserts_loses_no_acknowledged_write(tmp_path, check
                 assert found, f"acknowledged {doc_id} is not searchable"
     finally:
         restarted.stop()
+
+
+def test_a_stopped_writer_shows_as_stalled_and_acknowledged_writes_land_once_it_resumes(tmp_path, checkpoint_dir):
+    import os
+    import signal
+
+    data = tmp_path / "data"
+    env = {"COLBERT_SERVER_WRITER_STALL_S": "2"}
+    a = ServerProcess(data, checkpoint_dir, env)
+    b = ServerProcess(data, checkpoint_dir, env)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        writer, reader = (a, b) if httpx.get(a.url + "/ready").json()["writer"]["role"] == "writer" else (b, a)
+        httpx.post(reader.url + "/v1/collections", json={"name": "paused"}).raise_for_status()
+        os.kill(writer.proc.pid, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            r = httpx.post(
+                f"{reader.url}/v1/collections/paused/documents",
+                json={"documents": [{"id": "heron", "text": "Herons stand still for hours."}], "wait": False},
+                timeout=60,
+            )
+            assert r.status_code == 202, r.text  # acknowledged while no writer runs
+            while (ready := httpx.get(reader.url + "/ready", timeout=10).json())["status"] != "degraded":
+                assert time.monotonic() - stopped < 15, ready
+                time.sleep(0.2)
+            assert ready["writer"]["stalled_s"] >= 2 and ready["writer"]["role"] == "reader"
+        finally:
+            os.kill(writer.proc.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        while "heron" not in search_ids(reader.url, "paused", "bird standing still", k=1):
+            assert time.monotonic() - resumed < 60, "the acknowledged write never landed"
+            time.sleep(0.2)
+        while httpx.get(reader.url + "/ready", timeout=10).json()["status"] != "ready":
+            assert time.monotonic() - resumed < 15
+            time.sleep(0.2)
+    finally:
+        a.stop()
+        b.stop()
