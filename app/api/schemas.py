@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
 from app.validation import MAX_DEPTH, MAX_METADATA_BYTES, check_json_value, check_metadata
+
+# Declared in the OpenAPI document, so generated clients and fuzzers know them
+# (the service checks the same rule for every way in).
+COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+COLLECTION_NAME_RULE = "1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
+CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, description=COLLECTION_NAME_RULE)]
+DocumentId = Annotated[str, Path(min_length=1, max_length=1024)]
 
 # Rerank runs on the search thread that every search of the process shares:
 # its work is bounded per request.
@@ -28,7 +36,7 @@ class Strict(BaseModel):
 
 
 class CollectionCreate(Strict):
-    name: StrictStr
+    name: StrictStr = Field(pattern=COLLECTION_NAME_PATTERN, description=COLLECTION_NAME_RULE)
     description: StrictStr | None = Field(default=None, max_length=10_000)
 
 

@@ -416,3 +416,28 @@ async def test_a_store_locked_past_its_busy_timeout_answers_503_and_changes_noth
     monkeypatch.undo()
     hits = await search(client, "busy", "basalt lava", k=10)
     assert [h["document_id"] for h in hits] == ["kept"]
+
+
+async def test_the_openapi_document_states_the_limits_the_server_enforces(client):
+    import re
+
+    spec = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    pattern = schemas["CollectionCreate"]["properties"]["name"]["pattern"]
+    assert re.fullmatch(pattern, "notes") and not re.fullmatch(pattern, "Notes")  # "$": JSON Schema's end of text
+    for path, item in spec["paths"].items():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "collection" and parameter["in"] == "path":
+                    assert parameter["schema"]["pattern"] == pattern, path
+                if parameter["name"] == "document_id":
+                    assert parameter["schema"]["maxLength"] == 1024, path
+    assert (
+        spec["paths"]["/v1/collections/{collection}/documents"]["get"]["parameters"][-1]["schema"]["maximum"] == 2**53
+    )
+    rerank = schemas["RerankRequest"]["properties"]["documents"]
+    assert rerank["maxItems"] == 1000 and rerank["items"]["maxLength"] == 10_000
+    # What the schema declares is what a request meets.
+    assert_error(await client.post("/v1/collections", json={"name": "Notes"}), 422)
+    assert_error(await client.get("/v1/collections/Notes"), 422)
+    assert_error(await client.get("/v1/collections/notes/documents/" + "x" * 1025), 422)

@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from app.answer.service import AnswerService
 from app.api.errors import error_body
-from app.api.schemas import AnswerRequest, AnswerResponse
+from app.api.schemas import AnswerRequest, AnswerResponse, CollectionName
 from app.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _sse(event: str, data) -> bytes:
         503: {"description": "no answer LM could be loaded (search still works)"},
     },
 )
-async def answer(collection: str, body: AnswerRequest, answers: AnswersDep):
+async def answer(collection: CollectionName, body: AnswerRequest, answers: AnswersDep):
     """Answer a question from the collection: retrieve ``k`` chunks, generate
     with the configured LM (DSPy program), cite the chunks used, and score how
     well they support the answer (per sentence and overall)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.api.deps import ServiceDep
-from app.api.schemas import CollectionCreate, CollectionList, CollectionOut
+from app.api.schemas import CollectionCreate, CollectionList, CollectionName, CollectionOut
 
 router = APIRouter(prefix="/v1/collections", tags=["collections"])
 
@@ -20,11 +20,11 @@ async def list_collections(service: ServiceDep):
 
 
 @router.get("/{collection}", response_model=CollectionOut)
-async def get_collection(collection: str, service: ServiceDep):
+async def get_collection(collection: CollectionName, service: ServiceDep):
     return await service.describe_collection(await service.get_collection(collection))
 
 
 @router.delete("/{collection}", status_code=204)
-async def delete_collection(collection: str, service: ServiceDep):
+async def delete_collection(collection: CollectionName, service: ServiceDep):
     await service.delete_collection(collection)
     return Response(status_code=204)

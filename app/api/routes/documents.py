@@ -4,7 +4,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep
-from app.api.schemas import DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
+from app.api.schemas import CollectionName, DocumentId, DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
 from app.service import DocumentInput
 
 # SQLite's OFFSET is a signed 64-bit integer; no collection comes near this.
@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["docum
 
 
 @router.post("", response_model=UpsertResponse, responses={202: {"model": UpsertResponse}})
-async def upsert_documents(collection: str, body: UpsertRequest, service: ServiceDep):
+async def upsert_documents(collection: CollectionName, body: UpsertRequest, service: ServiceDep):
     """Insert or replace documents. With ``wait`` (default) the answer comes
     after the index commit, so a search right after it sees the documents."""
     docs = [DocumentInput(d.id, d.text, d.title, d.metadata) for d in body.documents]
@@ -26,7 +26,7 @@ async def upsert_documents(collection: str, body: UpsertRequest, service: Servic
 
 @router.get("", response_model=DocumentPage)
 async def list_documents(
-    collection: str,
+    collection: CollectionName,
     service: ServiceDep,
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
@@ -41,7 +41,7 @@ async def list_documents(
 
 
 @router.get("/{document_id:path}", response_model=DocumentOut)
-async def get_document(collection: str, document_id: str, service: ServiceDep):
+async def get_document(collection: CollectionName, document_id: DocumentId, service: ServiceDep):
     doc = await service.get_document(collection, document_id)
     doc["id"] = doc.pop("external_id")
     doc["chunks"] = [
@@ -58,6 +58,6 @@ async def get_document(collection: str, document_id: str, service: ServiceDep):
 
 
 @router.delete("/{document_id:path}", status_code=204)
-async def delete_document(collection: str, document_id: str, service: ServiceDep):
+async def delete_document(collection: CollectionName, document_id: DocumentId, service: ServiceDep):
     await service.delete_document(collection, document_id)
     return Response(status_code=204)

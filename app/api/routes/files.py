@@ -6,7 +6,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep, SettingsDep
-from app.api.schemas import JobOut
+from app.api.schemas import CollectionName, JobOut
 from app.errors import InvalidInput
 from app.service import UploadedFile
 from app.validation import check_json_value, check_metadata
@@ -37,7 +37,7 @@ def _json_form(value: str | None, what: str, kind: type):
 
 @router.post("/v1/collections/{collection}/files", status_code=202, response_model=JobOut)
 async def upload_files(
-    collection: str,
+    collection: CollectionName,
     service: ServiceDep,
     settings: SettingsDep,
     files: list[UploadFile] = File(description="one or more files: .txt, .md, .html, .docx, .pdf"),

@@ -6,7 +6,7 @@ import time
 from fastapi import APIRouter, Query
 
 from app.api.deps import ServiceDep, SettingsDep
-from app.api.schemas import RerankRequest, RerankResponse, SearchRequest, SearchResponse
+from app.api.schemas import CollectionName, RerankRequest, RerankResponse, SearchRequest, SearchResponse
 
 router = APIRouter(tags=["search"])
 
@@ -29,7 +29,7 @@ def _hit_out(h) -> dict:
 
 
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
-async def search(collection: str, body: SearchRequest, service: ServiceDep):
+async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep):
     started = time.perf_counter()
     hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion)
     return {
