@@ -204,8 +204,48 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class ForeignOriginMiddleware:
+    """403 for a state-changing request that a browser sent from another
+    site: its ``Origin`` is neither this server's own nor one of
+    ``CORS_ORIGINS``. A cross-site form or multipart POST is a CORS "simple
+    request" that the browser sends without asking first, so without this
+    any web page its user visits could upload files or change collections
+    (with no keys set, or with a key the browser holds). Clients that are not
+    browsers send no ``Origin`` and are not affected."""
+
+    def __init__(self, app: ASGIApp, allowed_origins: list[str]):
+        self.app = app
+        self.any_origin = "*" in allowed_origins
+        self.allowed = {o.rstrip("/").lower() for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS and not self.any_origin:
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and not self._allowed(origin.strip().lower(), headers.get("host", "").lower()):
+                response = JSONResponse(
+                    error_body("forbidden_origin", f"requests that change data are not accepted from {origin[:200]!r}"),
+                    status_code=403,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, origin: str, host: str) -> bool:
+        if origin in self.allowed:
+            return True
+        # The page this server serves itself: same host and port, whatever
+        # scheme a proxy in front terminates.
+        scheme, _, netloc = origin.partition("://")
+        return scheme in ("http", "https") and bool(netloc) and netloc == host
+
+
 def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """Outermost first: request context, CORS, API keys, body limit. CORS
+    """Outermost first: request context, CORS, API keys, foreign origins,
+    body limit. CORS
     sits outside the keys so preflights (which carry no key) get their answer
     and refusals still carry CORS headers the browser needs to read them; the
     keys sit outside the body limit so an unauthenticated upload is refused
@@ -216,6 +256,7 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> No
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
     )
+    app.add_middleware(ForeignOriginMiddleware, allowed_origins=settings.cors_origins)
     if settings.api_keys or settings.read_only_api_keys:
         public = public_paths(app, settings)
         app.add_middleware(

@@ -318,3 +318,21 @@ async def test_names_never_escape_the_data_directory(secured, tmp_path):
     for folder in (Path.cwd(), *Path.cwd().parents[:2], data_dir.parent):
         assert not [p for p in folder.glob(f"*{marker}*")], f"a file escaped into {folder}"
     assert not [p for p in data_dir.rglob(f"*{marker}*")]  # not even inside: files stay in SQLite
+
+
+async def test_a_state_changing_request_from_a_foreign_site_is_refused(secured):
+    client = secured.client
+    evil = {"Origin": "https://evil.example", **RW}
+    r = await client.post("/v1/collections", json={"name": "csrf"}, headers=evil)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_origin"
+    files = [("files", ("a.txt", b"planted text", "text/plain"))]
+    r = await client.post("/v1/collections/kept/files", files=files, headers={"Origin": "null", **RW})
+    assert r.status_code == 403  # sandboxed frames and file:// pages send "null"
+    r = await client.delete("/v1/collections/kept", headers=evil)
+    assert r.status_code == 403
+    assert (await client.get("/v1/collections/kept", headers=RO)).status_code == 200  # nothing changed
+    # Reads are CORS's business; the allowed origin, this server's own page and non-browser clients may write.
+    assert (await client.get("/v1/collections", headers={"Origin": "https://evil.example", **RO})).status_code == 200
+    for headers in ({"Origin": ALLOWED_ORIGIN, **RW}, {"Origin": "http://test", **RW}, RW):
+        r = await client.post("/v1/collections/kept/search", json={"query": "x"}, headers=headers)
+        assert r.status_code == 200, (headers, r.text)
