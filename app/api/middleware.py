@@ -225,7 +225,11 @@ class ForeignOriginMiddleware:
         if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS and not self.any_origin:
             headers = Headers(scope=scope)
             origin = headers.get("origin")
-            if origin is not None and not self._allowed(origin.strip().lower(), headers.get("host", "").lower()):
+            # Behind a proxy the Host may be the upstream's: the host the
+            # browser used is then in X-Forwarded-Host (a header a cross-site
+            # page cannot set without a preflight).
+            hosts = {headers.get("host", "").lower(), headers.get("x-forwarded-host", "").split(",")[0].strip().lower()}
+            if origin is not None and not self._allowed(origin.strip().lower(), hosts - {""}):
                 response = JSONResponse(
                     error_body("forbidden_origin", f"requests that change data are not accepted from {origin[:200]!r}"),
                     status_code=403,
@@ -234,13 +238,13 @@ class ForeignOriginMiddleware:
                 return
         await self.app(scope, receive, send)
 
-    def _allowed(self, origin: str, host: str) -> bool:
+    def _allowed(self, origin: str, hosts: set[str]) -> bool:
         if origin in self.allowed:
             return True
         # The page this server serves itself: same host and port, whatever
         # scheme a proxy in front terminates.
         scheme, _, netloc = origin.partition("://")
-        return scheme in ("http", "https") and bool(netloc) and netloc == host
+        return scheme in ("http", "https") and bool(netloc) and netloc in hosts
 
 
 def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:

@@ -173,8 +173,9 @@ class IndexWriter:
         self.busy = False
         self.last_error: str | None = None
         self._failures: dict[int, int] = {}  # tries of a document isolated in a batch of its own
-        # collection -> (documents per batch, documents of the failed batch still to land or fail)
-        self._isolating: dict[int, tuple[int, int]] = {}
+        # collection -> (documents per batch, documents of the failed batches not landed yet)
+        self._isolating: dict[int, tuple[int, frozenset[int]]] = {}
+        self._isolating_lock = threading.Lock()
         self._infrastructure_failures = 0  # in a row
         self.degraded: str | None = None  # the machine's fault that keeps documents pending now
         self.documents_failed = 0  # since start, by the documents' own fault
@@ -338,6 +339,7 @@ class IndexWriter:
             return True
         pending = store.pending_collections()
         if not pending:
+            self.degraded = None  # what it held back was deleted meanwhile
             return self.drain()
         # Priority documents (small upserts) first; otherwise collections take turns.
         collection_id, _ = min(pending, key=lambda c: (not c[1], self._served.get(c[0], 0.0)))
@@ -435,13 +437,14 @@ class IndexWriter:
         :meth:`_batch_chunks` chunks; a later pending version of the same id
         supersedes an earlier one."""
         budget = self._batch_chunks()
-        most = self._isolating.get(collection_id, (len(exclude) + budget, 0))[0]  # documents, while taking one apart
         exclude = exclude | self._landing_ids  # handed to the lander, still pending in SQLite
         pending = [
             d
             for d in store.pending_documents(collection_id, limit=budget + len(exclude), priority_only=priority_only)
             if d.id not in exclude
         ]
+        # While a failed batch is taken apart, at most this many documents (its suspects come first: oldest).
+        most = self._batch_cap(collection_id, {d.id for d in pending}) or len(pending) + 1
         superseded = store.later_pending_versions(collection_id, pending)
         if superseded:
             store.supersede(sorted(superseded))
@@ -540,7 +543,7 @@ class IndexWriter:
             )
             if not encoded.priority_only:
                 self._commit_measured(encoded.own_s + time.perf_counter() - landed, len(batch.texts))
-            self._landed(collection_id, len(batch.documents))
+            self._landed(collection_id, batch.documents)
         except Exception as exc:
             self._failed(store, collection_id, batch.documents, exc)
             return
@@ -602,8 +605,9 @@ class IndexWriter:
             return
         logger.exception("indexing %d documents of collection %d failed", len(documents), collection_id)
         if len(documents) > 1:
-            _, remaining = self._isolating.get(collection_id, (0, len(documents)))
-            self._isolating[collection_id] = ((len(documents) + 1) // 2, remaining)
+            with self._isolating_lock:  # the writer (encoding) and the lander (landing) both report failures
+                _, suspects = self._isolating.get(collection_id, (0, frozenset()))
+                self._isolating[collection_id] = ((len(documents) + 1) // 2, suspects | {d.id for d in documents})
             return
         [document] = documents
         attempts = self._failures[document.id] = self._failures.get(document.id, 0) + 1
@@ -611,10 +615,13 @@ class IndexWriter:
             self._back_off(min(2**attempts, 30))  # it may still be transient: back off and retry it alone
             return
         self._failures.pop(document.id, None)
-        self._isolated(collection_id, 1)
         reason = f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}: {exc}"[:1000]
         store.fail([document.id], reason)
         self.documents_failed += 1
+        # Found: full batches again (another bad document among the rest is
+        # taken apart the same way when its batch fails).
+        with self._isolating_lock:
+            self._isolating.pop(collection_id, None)
 
     def _back_off(self, seconds: float) -> None:
         """Wait (or stop), with signs of life: backing off is not a stall."""
@@ -623,25 +630,46 @@ class IndexWriter:
             self._stop.wait(min(left, 1.0))
             self._beat()
 
-    def _landed(self, collection_id: int, documents: int) -> None:
+    def _landed(self, collection_id: int, documents: list[PendingDocument]) -> None:
         self._infrastructure_failures = 0
         self.degraded = None
-        self._isolated(collection_id, documents)
+        with self._isolating_lock:
+            if collection_id in self._isolating:
+                cap, suspects = self._isolating[collection_id]
+                suspects = suspects - {d.id for d in documents}
+                if suspects:
+                    self._isolating[collection_id] = (cap, suspects)
+                else:  # every document of the failed batches landed: it was transient after all
+                    del self._isolating[collection_id]
 
-    def _isolated(self, collection_id: int, documents: int) -> None:
-        """``documents`` of a batch being taken apart are done with."""
-        if collection_id not in self._isolating:
-            return
-        cap, remaining = self._isolating[collection_id]
-        if remaining - documents <= 0:
-            del self._isolating[collection_id]
-        else:
-            self._isolating[collection_id] = (cap, remaining - documents)
+    def _batch_cap(self, collection_id: int, pending_ids: set[int]) -> int | None:
+        """Documents per batch while a failed batch of this collection is
+        taken apart (None: no limit); forgotten once none of its documents
+        is pending any more (deleted or replaced meanwhile)."""
+        with self._isolating_lock:
+            if collection_id not in self._isolating:
+                return None
+            cap, suspects = self._isolating[collection_id]
+            if not suspects & pending_ids:
+                del self._isolating[collection_id]
+                return None
+            return cap
 
 
 # Causes outside the documents: retrying later succeeds once they are gone.
 _INFRASTRUCTURE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EIO,
+        errno.EROFS,
+        errno.ENOMEM,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.EAGAIN,
+        errno.EACCES,  # files owned by another user after a restore, say
+        errno.EPERM,
+    }
 )
 _INFRASTRUCTURE_MESSAGES = (
     "no space left",
@@ -649,6 +677,7 @@ _INFRASTRUCTURE_MESSAGES = (
     "database is locked",
     "database table is locked",
     "disk i/o error",
+    "database disk image is malformed",
     "unable to open database",
     "readonly database",
     "out of memory",

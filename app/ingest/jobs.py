@@ -91,7 +91,9 @@ class JobRunner:
     async def process(self, item: QueuedFile) -> None:
         if item.attempts >= MAX_FILE_ATTEMPTS:  # earlier attempts never finished: the process stopped during them
             await self.store.jobs.fail_file(
-                item.id, f"processing did not finish in {item.attempts} attempts (the server stopped during each)"
+                item.id,
+                f"processing did not finish in {item.attempts} attempts (the server stopped, or the store failed, "
+                "during each)",
             )
             return
         await self.store.jobs.begin_attempt(item.id)
@@ -112,7 +114,7 @@ class JobRunner:
         except Exception as exc:  # unexpected (chunking, the store): retried a bounded number of times
             logger.exception("processing %s failed (attempt %d)", item.filename, item.attempts + 1)
             if item.attempts + 1 >= MAX_FILE_ATTEMPTS:
-                await self.store.jobs.fail_file(item.id, f"processing failed: {type(exc).__name__}")
+                await self.store.jobs.fail_file(item.id, f"processing failed: {type(exc).__name__}: {exc}"[:500])
             await asyncio.sleep(min(2**item.attempts, 10))
             return
         try:

@@ -72,6 +72,7 @@ class ExtractionSandbox:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._closed = False
 
     def extract(self, filename: str, data: bytes, max_bytes: int) -> ExtractedDocument:
         """The file's text, or ExtractionError with the reason (a parser's
@@ -99,6 +100,8 @@ class ExtractionSandbox:
             return payload
 
     def _start(self) -> Connection:
+        if self._closed:
+            raise ExtractionError("the server is stopping")
         if self._process is not None and self._process.poll() is None and self._conn is not None:
             return self._conn
         self._stop()
@@ -115,6 +118,10 @@ class ExtractionSandbox:
                 pass_fds=[theirs.fileno()],
                 env=env,
                 stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C or a group-wide SIGTERM meant for
+                # the server must not kill it mid-file (that file would fail
+                # for good); it ends when the server closes its pipe.
+                start_new_session=True,
             )
         finally:
             theirs.close()
@@ -137,6 +144,7 @@ class ExtractionSandbox:
     def close(self) -> None:
         """Stop the child, even in the middle of a file (its caller then gets
         an ExtractionError; the file's attempt is already counted)."""
+        self._closed = True  # no new child after this
         process = self._process
         if process is not None and process.poll() is None:
             process.kill()

@@ -113,10 +113,11 @@ class Jobs:
         return job_id
 
     async def next_queued(self, served: dict[str, int] | None = None) -> QueuedFile | None:
-        """The next file to process: with ``served`` (files taken per job so
-        far, kept by the caller), the oldest file of the job served least,
-        so a large upload does not hold back the uploads made after it;
-        without, the oldest file of all."""
+        """The next file to process: with ``served`` (the turn at which each
+        job was last served, kept by the caller), the oldest file of the job
+        whose turn is oldest (a new job first): jobs take turns, so a large
+        upload does not hold back the uploads made after it; without, the
+        oldest file of all."""
         if served is None:
             where = "f.id = (SELECT MIN(id) FROM job_files WHERE state = 'queued')"
             params: tuple = ()
@@ -137,7 +138,7 @@ class Jobs:
         if row is None:
             return None
         if served is not None:
-            served[row["job_id"]] = served.get(row["job_id"], 0) + 1
+            served[row["job_id"]] = max(served.values(), default=0) + 1
         return QueuedFile(**dict(row))
 
     async def begin_attempt(self, file_id: int) -> None:

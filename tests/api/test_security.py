@@ -333,6 +333,7 @@ async def test_a_state_changing_request_from_a_foreign_site_is_refused(secured):
     assert (await client.get("/v1/collections/kept", headers=RO)).status_code == 200  # nothing changed
     # Reads are CORS's business; the allowed origin, this server's own page and non-browser clients may write.
     assert (await client.get("/v1/collections", headers={"Origin": "https://evil.example", **RO})).status_code == 200
-    for headers in ({"Origin": ALLOWED_ORIGIN, **RW}, {"Origin": "http://test", **RW}, RW):
+    behind_a_proxy = {"Origin": "https://search.example", "X-Forwarded-Host": "search.example", **RW}
+    for headers in ({"Origin": ALLOWED_ORIGIN, **RW}, {"Origin": "http://test", **RW}, behind_a_proxy, RW):
         r = await client.post("/v1/collections/kept/search", json={"query": "x"}, headers=headers)
         assert r.status_code == 200, (headers, r.text)

@@ -602,3 +602,33 @@ async def test_a_hung_writer_shows_as_stalled_here_and_to_other_processes_then_r
     finally:
         released.set()
         w.stop()
+
+
+async def test_once_the_bad_document_is_found_the_rest_lands_in_full_batches(env):
+    settings, store, state = env  # commit_max_chunks=4
+    c = (await store.create_collection("docs", None)).id
+    names = ["bad", "d1", "d2", "d3", "d4", "d5", "d6"]
+    rows = dict(await store.insert_pending(c, [doc(n, "poison" if n == "bad" else f"note {n}") for n in names]))
+    w = IndexWriter(settings, PoisonEncoder(), FakeInMemoryBackend())
+    w._stop.set()
+    while w.step(state):
+        pass
+    states = await store.document_states(list(rows.values()))
+    assert [states[rows[n]][0] for n in names] == ["failed"] + ["live"] * 6
+    assert state.collection(c).generation == 2  # d1-d4 and d5-d6, not six one-document commits
+    assert w._isolating == {}
+
+
+async def test_a_batch_taken_apart_is_forgotten_when_its_documents_are_deleted(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc(f"p{i}", "poison") for i in range(4)])
+    w = IndexWriter(settings, PoisonEncoder(), FakeInMemoryBackend())
+    w._stop.set()
+    w.step(state)  # the batch of four fails: taken apart
+    assert w._isolating[c][0] == 2
+    for i in range(4):
+        await store.delete_document(c, f"p{i}")
+    await store.insert_pending(c, [doc(f"n{i}", f"note {i}") for i in range(4)])
+    w.step(state)
+    assert w._isolating == {} and state.collection(c).generation == 1  # one full batch
