@@ -39,7 +39,7 @@ from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.jobs import summarise_job
 from app.store.store import CollectionRow, Store
-from app.validation import check_metadata
+from app.validation import COLLECTION_NAME_PATTERN, COLLECTION_NAME_RULE, check_metadata
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import load_extensions
 
@@ -52,18 +52,14 @@ logger = logging.getLogger("app.engine")
 # 0.005 it may cost, so it is a setting, not the default.
 AUTO_CPU_RUNTIME = "torch"
 
-COLLECTION_NAME = re.compile(
-    r"[a-z0-9][a-z0-9_-]{0,63}"
-)  # whole name: fullmatch, never $ (it takes a trailing newline)
+COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
 __all__ = ["DocumentInput", "SearchHit", "SearchService", "UploadedFile"]
 
 
 def check_collection_name(name: str) -> str:
     if not COLLECTION_NAME.fullmatch(name or ""):
-        raise InvalidInput(
-            f"invalid collection name {name!r}: use 1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
-        )
+        raise InvalidInput(f"invalid collection name {name!r}: use {COLLECTION_NAME_RULE}")
     return name
 
 

@@ -15,6 +15,10 @@ from typing import Any
 # as a parameter or compared by json_extract.
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 32  # nested objects and lists in one value
+# Collection names. Matched whole (``fullmatch``): a plain ``match`` would let
+# "$" take a trailing newline. The same string is declared in the OpenAPI page.
+COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+COLLECTION_NAME_RULE = "1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
 MAX_METADATA_BYTES = 64 * 1024  # one document's metadata as stored JSON; returned with every hit
 
 

@@ -7,12 +7,16 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
-from app.validation import MAX_DEPTH, MAX_METADATA_BYTES, check_json_value, check_metadata
+from app.validation import (
+    COLLECTION_NAME_PATTERN,
+    COLLECTION_NAME_RULE,
+    MAX_DEPTH,
+    MAX_METADATA_BYTES,
+    check_json_value,
+)
 
 # Declared in the OpenAPI document, so generated clients and fuzzers know them
 # (the service checks the same rule for every way in).
-COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-COLLECTION_NAME_RULE = "1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
 CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, description=COLLECTION_NAME_RULE)]
 DocumentId = Annotated[str, Path(min_length=1, max_length=1024)]
 
@@ -72,12 +76,6 @@ class DocumentIn(Strict):
         description=f"any JSON object: finite numbers, integers within 64 bits, at most {MAX_DEPTH} levels "
         f"deep and {MAX_METADATA_BYTES:,} bytes as JSON",
     )
-
-    @field_validator("metadata")
-    @classmethod
-    def _bounded_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        check_metadata(value)
-        return value
 
 
 class UpsertRequest(Strict):

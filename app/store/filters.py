@@ -16,12 +16,11 @@ bound parameters than its build allows, which would otherwise surface as 500s.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
 from app.errors import InvalidInput
-from app.validation import INT_MAX, INT_MIN
+from app.validation import check_json_value
 
 _COMPARISONS = {"$eq": "=", "$ne": "!=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 # Metadata keys go into a JSON path literal: no quotes, backslashes or controls.
@@ -35,11 +34,11 @@ MAX_VALUES = 10_000
 def _scalar(value: Any, where: str):
     if isinstance(value, bool):
         return int(value)  # JSON true/false come back from json_extract as 1/0
-    if isinstance(value, int) and not INT_MIN <= value <= INT_MAX:
-        raise InvalidInput(f"filter {where}: integers must fit in 64 bits")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInput(f"filter {where}: numbers must be finite")
     if isinstance(value, (int, float, str)):
+        try:  # finite, within 64 bits, valid Unicode: what SQLite can bind and compare
+            check_json_value(value, f"filter {where}")
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         return value
     raise InvalidInput(f"filter {where}: values must be strings, numbers or booleans, not {type(value).__name__}")
 
@@ -53,21 +52,15 @@ def _field(key: str) -> str:
 
 
 class _Budget:
-    """Conditions and values compiled so far, against the caps."""
+    """Conditions compiled so far, against MAX_CONDITIONS."""
 
     def __init__(self) -> None:
         self.conditions = 0
 
-    def condition(self, params: list) -> None:
+    def condition(self) -> None:
         self.conditions += 1
         if self.conditions > MAX_CONDITIONS:
             raise InvalidInput(f"filter has more than {MAX_CONDITIONS} conditions; use $in for many values")
-        self.values(params)
-
-    @staticmethod
-    def values(params: list) -> None:
-        if len(params) > MAX_VALUES:
-            raise InvalidInput(f"filter has more than {MAX_VALUES:,} values in all")
 
 
 def _condition(key: str, spec: Any, params: list, budget: _Budget) -> str:
@@ -76,13 +69,13 @@ def _condition(key: str, spec: Any, params: list, budget: _Budget) -> str:
         spec = {"$in": spec}
     if not isinstance(spec, dict):
         params.append(_scalar(spec, key))
-        budget.condition(params)
+        budget.condition()
         return f"{field} = ?"
     if not spec:
         raise InvalidInput(f"filter on {key!r} has no operator")
     parts = []
     for op, value in spec.items():
-        budget.condition(params)
+        budget.condition()
         if op in _COMPARISONS:
             params.append(_scalar(value, f"{key}.{op}"))
             parts.append(f"{field} {_COMPARISONS[op]} ?")
@@ -123,7 +116,7 @@ def compile_filter(where: dict | None) -> tuple[str, list]:
     if where is None:
         return "1", []
     params: list = []
-    budget = _Budget()
-    sql = _compile(where, params, 0, budget)
-    budget.values(params)
+    sql = _compile(where, params, 0, _Budget())
+    if len(params) > MAX_VALUES:  # each list is capped too: at most MAX_CONDITIONS x MAX_LIST before this
+        raise InvalidInput(f"filter has more than {MAX_VALUES:,} values in all")
     return sql, params

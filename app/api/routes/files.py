@@ -9,7 +9,7 @@ from app.api.deps import ServiceDep, SettingsDep
 from app.api.schemas import CollectionName, JobOut
 from app.errors import InvalidInput
 from app.service import UploadedFile
-from app.validation import check_json_value, check_metadata
+from app.validation import check_json_value
 
 MAX_ID_CHARS = 1024  # as for ids in the JSON routes
 
@@ -25,11 +25,8 @@ def _json_form(value: str | None, what: str, kind: type):
         raise InvalidInput(f"{what} is not valid JSON") from None
     if not isinstance(parsed, kind):
         raise InvalidInput(f"{what} must be a JSON {kind.__name__}")
-    try:  # the same limits as the JSON routes' bodies
-        if isinstance(parsed, dict):
-            check_metadata(parsed, what)
-        else:
-            check_json_value(parsed, what)
+    try:  # as the JSON routes' bodies (the metadata's size: the service checks it for every way in)
+        check_json_value(parsed, what)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     return parsed
