@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
         version=__version__,
         description="Late-interaction (ColBERT/PLAID) search over your documents.",
         lifespan=lifespan,
+        # Served by install_web from local assets (app/api/routes/web.py).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics(app)

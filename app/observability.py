@@ -143,6 +143,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.overloaded = Counter(
+            "colbert_http_overloaded",
+            "Requests refused with 503 because their kind of route had its bound of requests in progress",
+            ["kind"],
+            registry=self.registry,
+        )
         self.engine = EngineMetrics(self.registry)
         self.server = ServerCollector(app)
         self.registry.register(self.server)

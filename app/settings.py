@@ -120,16 +120,27 @@ class Settings(BaseSettings):
     public_docs: bool = True
     # Origins allowed to call the API from a browser (CORS); empty: no CORS headers.
     cors_origins: Annotated[list[str], NoDecode] = []
+    # Host names this server answers to (the Host header; "*" any, "*.example.com"
+    # a domain and its subdomains). Loopback only by default: a web page that
+    # points its own domain at this machine's address (DNS rebinding) gets 400.
+    # Behind a proxy or on a LAN, name the hosts clients use.
+    allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
     # Request bodies over these sizes get 413 before they are read in full.
-    max_request_bytes: int = Field(default=100_000_000, ge=1, description="any body but a multipart upload")
+    max_request_bytes: int = Field(default=100_000_000, ge=1, description="any body but the ones below")
     max_upload_bytes: int = Field(default=200_000_000, ge=1, description="a multipart upload, all files together")
+    max_query_bytes: int = Field(default=4_000_000, ge=1, description="a search, answer or rerank request")
+    # Requests in progress per kind of route; one more gets 503 with
+    # Retry-After rather than a place in an unbounded queue.
+    max_concurrent_searches: int = Field(default=64, ge=1, description="search and rerank")
+    max_concurrent_answers: int = Field(default=8, ge=1)
+    max_concurrent_writes: int = Field(default=32, ge=1, description="upserts, uploads and deletes")
 
     # Operations (logs, metrics).
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     access_log: bool = True  # one line per request: method, route, status, duration
 
-    @field_validator("api_keys", "read_only_api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "read_only_api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split_list(cls, value):
         """A JSON list or comma-separated values, as environment variables give them."""

@@ -55,7 +55,9 @@ async def run(args) -> dict:
     )
     app = create_app(settings)
     async with LifespanManager(app, startup_timeout=900, shutdown_timeout=120) as manager:
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://bench", timeout=600)
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://localhost", timeout=600
+        )
         while (await client.get("/ready")).status_code != 200:
             await asyncio.sleep(0.2)
         await client.post("/v1/collections", json={"name": "msmarco"})

@@ -65,7 +65,9 @@ class RunningApp:
         self.app = create_app(self.settings)
         self.manager = LifespanManager(self.app, startup_timeout=600, shutdown_timeout=120)
         await self.manager.__aenter__()
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.manager.app), base_url="http://test")
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.manager.app), base_url="http://localhost"
+        )
         await wait_ready(self.client)
         return self.client
 

@@ -33,7 +33,7 @@ async def fake_app(tmp_path, ready: bool = True, **overrides):
     service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
     app = create_app(settings, service=service)
     async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://localhost") as c:
             deadline = time.monotonic() + 30
             while ready and (await c.get("/ready")).status_code != 200:
                 assert time.monotonic() < deadline, (await c.get("/ready")).text

@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_body
-from app.api.security import ApiKeyMiddleware, install_openapi_security, public_paths
+from app.api.security import READ_ONLY_POSTS, ApiKeyMiddleware, install_openapi_security, public_paths
 from app.observability import Metrics, request_id_var
 from app.settings import Settings
 
@@ -132,12 +132,14 @@ class BodyLimitMiddleware:
     """413 in the JSON error shape for a body over the limit: at once when
     Content-Length says so, else as soon as a chunked body grows past it
     (whatever the route was doing with the partial body is discarded).
-    Multipart uploads to the files route have their own, larger limit."""
+    Multipart uploads to the files route have their own, larger limit; the
+    routes that only read (search, answer, rerank) a small one."""
 
-    def __init__(self, app: ASGIApp, max_request_bytes: int, max_upload_bytes: int):
+    def __init__(self, app: ASGIApp, max_request_bytes: int, max_upload_bytes: int, max_query_bytes: int):
         self.app = app
         self.max_request_bytes = max_request_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.max_query_bytes = max_query_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -149,8 +151,12 @@ class BodyLimitMiddleware:
         upload = headers.get("content-type", "").lower().startswith("multipart/") and bool(
             _UPLOAD_PATH.search(scope["path"])
         )
-        limit = self.max_upload_bytes if upload else self.max_request_bytes
-        what = "upload" if upload else "request body"
+        if upload:
+            limit, what = self.max_upload_bytes, "upload"
+        elif scope["method"] == "POST" and READ_ONLY_POSTS.fullmatch(scope["path"]):
+            limit, what = self.max_query_bytes, "request body"
+        else:
+            limit, what = self.max_request_bytes, "request body"
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             await self._reject(scope, receive, send, what, limit)
@@ -247,18 +253,188 @@ class ForeignOriginMiddleware:
         return scheme in ("http", "https") and bool(netloc) and netloc in hosts
 
 
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without its port: ``[::1]:8000`` gives ``::1``."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host  # a bare name, or an IPv6 address without brackets
+
+
+class TrustedHostMiddleware:
+    """400 in the JSON error shape for a Host header this server was not told
+    to answer to. A web page can point its own domain at this machine's
+    address (DNS rebinding) and then call the API as same-origin; its requests
+    carry that domain in Host, which this refuses. The same check as
+    Starlette's middleware of this name, with IPv6 hosts parsed and the
+    project's error shape."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
+        self.app = app
+        hosts = [h.strip().lower() for h in allowed_hosts]
+        self.any_host = "*" in hosts
+        self.exact = {h.strip("[]") for h in hosts if not h.startswith("*.")}
+        self.suffixes = tuple(h[1:] for h in hosts if h.startswith("*."))
+
+    def allowed(self, host_header: str) -> bool:
+        name = host_name(host_header)
+        return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not self.any_host:
+            host = Headers(scope=scope).get("host", "")
+            if not self.allowed(host):
+                response = JSONResponse(
+                    error_body(
+                        "invalid_host",
+                        f"this server does not answer to the host {host[:200]!r}; "
+                        "COLBERT_SERVER_ALLOWED_HOSTS names the hosts it answers to",
+                    ),
+                    status_code=400,
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# Routes whose requests hold a thread or a model while they run, by kind:
+# each kind has its own bound on requests in progress (settings
+# max_concurrent_*). Routes not listed (reads of SQLite, probes) are cheap.
+_SEARCH = re.compile(r"/v1/collections/[^/]+/search/?|/v1/rerank/?|/api/search/?")
+_ANSWER = re.compile(r"/v1/collections/[^/]+/answer/?")
+_WRITE = re.compile(r"/v1/collections/[^/]+/(?:documents|files)(?:/.*)?")
+
+
+class ConcurrencyLimitMiddleware:
+    """503 ``overloaded`` with ``Retry-After`` once a kind of expensive route
+    has its bound of requests in progress, instead of queueing without
+    limit (a queue the client would wait out anyway, holding memory, then
+    time out). A streamed answer counts until its stream ends."""
+
+    def __init__(self, app: ASGIApp, searches: int, answers: int, writes: int, metrics: Metrics | None = None):
+        self.app = app
+        self.limits = {"search": searches, "answer": answers, "write": writes}
+        self.in_progress = dict.fromkeys(self.limits, 0)
+        self.metrics = metrics
+
+    @staticmethod
+    def kind(method: str, path: str) -> str | None:
+        if method == "POST" and _SEARCH.fullmatch(path):
+            return "search"
+        if method == "GET" and path.rstrip("/") == "/api/search":
+            return "search"
+        if method == "POST" and _ANSWER.fullmatch(path):
+            return "answer"
+        if method in ("POST", "PUT", "DELETE") and _WRITE.fullmatch(path):
+            return "write"
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = self.kind(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress[kind] >= self.limits[kind]:
+            if self.metrics is not None:
+                self.metrics.overloaded.labels(kind).inc()
+            response = JSONResponse(
+                error_body("overloaded", f"the server has {self.limits[kind]} {kind} requests in progress; try again"),
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+        self.in_progress[kind] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress[kind] -= 1
+
+
+# The web page's scripts and styles are its own files: nothing inline, nothing
+# from elsewhere. A script injected into the page (the page shows stored
+# text) could read the API key it keeps; this policy keeps such a script from
+# running and from sending anything to another site.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """Headers every response gets (no MIME sniffing, no referrer sent on)
+    and the page's Content-Security-Policy on HTML responses that set none
+    themselves (the API docs pages set their own)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+                if headers.get("content-type", "").startswith("text/html"):
+                    headers.setdefault("Content-Security-Policy", PAGE_CSP)
+                    headers.setdefault("X-Frame-Options", "DENY")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class OpenBindWarningMiddleware:
+    """A loud warning, once per process, when requests arrive on an address
+    other than loopback while no API key is set: then anyone who can reach
+    that address can change and delete every collection."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.warned = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.warned and scope["type"] == "http":
+            server = scope.get("server")
+            if server and server[0] not in LOOPBACK and not str(server[0]).startswith("127."):
+                self.warned = True
+                logger.warning(
+                    "serving on %s without API keys: anyone who reaches this address can read, change and "
+                    "delete every collection; set COLBERT_SERVER_API_KEYS",
+                    server[0],
+                )
+        await self.app(scope, receive, send)
+
+
 def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
-    """Outermost first: request context, CORS, API keys, foreign origins,
-    body limit. CORS
+    """Outermost first: request context, security headers, trusted hosts,
+    CORS, API keys, foreign origins, concurrency bounds, body limit. CORS
     sits outside the keys so preflights (which carry no key) get their answer
     and refusals still carry CORS headers the browser needs to read them; the
     keys sit outside the body limit so an unauthenticated upload is refused
-    before any of it is read."""
+    before any of it is read, and outside the concurrency bounds so refused
+    requests take no place."""
     # add_middleware puts each new one outermost: add innermost first.
     app.add_middleware(
         BodyLimitMiddleware,
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
+        max_query_bytes=settings.max_query_bytes,
+    )
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        searches=settings.max_concurrent_searches,
+        answers=settings.max_concurrent_answers,
+        writes=settings.max_concurrent_writes,
+        metrics=metrics,
     )
     app.add_middleware(ForeignOriginMiddleware, allowed_origins=settings.cors_origins)
     if settings.api_keys or settings.read_only_api_keys:
@@ -270,6 +446,8 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> No
             public=public,
         )
         install_openapi_security(app, public)
+    else:
+        app.add_middleware(OpenBindWarningMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -279,4 +457,6 @@ def install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> No
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, access_log=settings.access_log)

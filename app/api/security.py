@@ -23,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import error_body
+from app.api.routes.web import DOCS_ASSETS_URL, DOCS_PATHS
 from app.settings import Settings
 
 logger = logging.getLogger("app.api")
@@ -32,7 +33,7 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # POST routes that only read: search, answer, rerank, the reference format.
 READ_ONLY_POSTS = re.compile(r"^/v1/collections/[^/]+/(?:search|answer)/?$|^/v1/rerank/?$|^/api/search/?$")
 # The web page's shell and its files hold no data; the page asks for a key.
-PUBLIC_PREFIXES = ("/ui/",)
+PUBLIC_PREFIXES = ("/ui/", DOCS_ASSETS_URL + "/")
 
 
 class Access(Enum):
@@ -45,7 +46,9 @@ def public_paths(app: FastAPI, settings: Settings) -> frozenset[str]:
     ``public_docs`` is false) the OpenAPI pages, which hold no data."""
     paths = {"/health", "/ready", "/", "/ui"}
     if settings.public_docs:
-        paths.update(p for p in (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url) if p)
+        paths.update(DOCS_PATHS)
+        if app.openapi_url:
+            paths.add(app.openapi_url)
     return frozenset(paths)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -23,9 +24,11 @@ class WriterLease:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            return False
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False  # another process holds it
+            raise  # no locks on this filesystem, say: the caller must not pass for a reader in silence
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

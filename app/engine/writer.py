@@ -34,6 +34,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from app.engine.lease import WriterLease
 from app.engine.maintenance import Maintainer, Submitted
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
-from app.store.index_state import Commit, IndexStateStore, PendingDocument
+from app.store.index_state import Commit, IndexStateStore, LeaseLost, PendingDocument, take_writer_epoch
 from app.store.schema import connect
 
 logger = logging.getLogger("app.engine")
@@ -109,8 +110,9 @@ class _Lander:
     """The thread that lands encoded batches, in the order handed over, with
     its own SQLite connection."""
 
-    def __init__(self, database_path: Path):
+    def __init__(self, database_path: Path, epoch: Callable[[], int | None]):
         self._database_path = database_path
+        self._epoch = epoch  # the writer's fencing token, checked in each commit
         self._jobs: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -135,7 +137,7 @@ class _Lander:
         conn = None
         try:
             conn = connect(self._database_path)
-            store = IndexStateStore(conn)
+            store = IndexStateStore(conn, self._epoch)
             while (job := self._jobs.get()) is not None:
                 land, future = job
                 future.set_running_or_notify_cancel()
@@ -167,6 +169,11 @@ class IndexWriter:
         self.encoder = encoder
         self.backend = backend
         self.lease = WriterLease(settings.data_dir / "writer.lock")
+        # The fencing token of the lease held (app/store/index_state.py); None
+        # before any lease (unfenced: tests drive step() by hand), 0 once
+        # given up (no epoch is 0: every commit is refused).
+        self.epoch: int | None = None
+        self._lease_lost = False  # a commit found another writer's epoch
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -184,7 +191,7 @@ class IndexWriter:
         self._seconds_per_chunk: float | None = None  # moving average of encoding cost
         self._commit_seconds_per_chunk: float | None = None  # moving average of a whole commit's cost
         self._served: dict[int, float] = {}  # collection -> when its last batch was committed
-        self._lander = _Lander(settings.database_path)
+        self._lander = _Lander(settings.database_path, lambda: self.epoch)
         self._landing: Future | None = None  # the last landing handed to the lander
         self._landing_ids: frozenset[int] = frozenset()  # documents handed over and not landed yet
         self._landing_lock = threading.Lock()
@@ -286,17 +293,18 @@ class IndexWriter:
 
     def _run(self) -> None:
         conn = connect(self.settings.database_path)
-        store = IndexStateStore(conn)
+        store = IndexStateStore(conn, lambda: self.epoch)
         recovered = False
         idle_wait = self.settings.writer_poll_interval_s
         try:
             while not self._stop.is_set():
                 self._beat()
+                if self._lease_lost:
+                    self._give_up_lease()
                 if not self.lease.held:
-                    if not self.lease.try_acquire():
+                    if not self._acquire(conn):
                         self._stop.wait(1.0)
                         continue
-                    logger.info("this process (pid %d) is the index writer", os.getpid())
                     recovered = False
                 try:
                     if not recovered:
@@ -304,6 +312,10 @@ class IndexWriter:
                         recovered = True
                     did_work = self.step(store, overlap=self.settings.writer_overlap)
                     self.last_error = None
+                except LeaseLost:
+                    logger.error("another process took the writer lease: this one stops writing", exc_info=True)
+                    self._lease_lost = True
+                    did_work = True  # give the lease up at once
                 except Exception as exc:  # keep the writer alive; the work stays pending
                     logger.exception("index writer step failed")
                     self.last_error = type(exc).__name__
@@ -320,6 +332,34 @@ class IndexWriter:
             self._lander.stop()
             conn.close()
             self.lease.release()
+
+    def _acquire(self, conn) -> bool:
+        """Take the lease if it is free, and a new fencing token with it. An
+        error other than "held by another" (a filesystem without locks, a
+        lease file this process may not open) leaves no writer at all: it is
+        logged and shown as ``degraded`` in /ready, and tried again."""
+        try:
+            if not self.lease.try_acquire():
+                return False
+            self.epoch = take_writer_epoch(conn, os.getpid())
+        except Exception as exc:
+            self.lease.release()
+            self.epoch = 0 if self.epoch is not None else None
+            self.degraded = f"writer lease: {type(exc).__name__}: {exc}"[:500]
+            logger.exception("could not take the writer lease")
+            return False
+        if self.degraded is not None and self.degraded.startswith("writer lease:"):
+            self.degraded = None
+        logger.info("this process (pid %d) is the index writer (epoch %d)", os.getpid(), self.epoch)
+        return True
+
+    def _give_up_lease(self) -> None:
+        """After a commit was refused for an old epoch: land nothing more,
+        let go of the lease, and compete for it again as any process would."""
+        self._lander.stop()  # what it still holds is refused the same way; the documents stay pending
+        self.lease.release()
+        self.epoch = 0
+        self._lease_lost = False
 
     # -- work --------------------------------------------------------------
 
@@ -590,6 +630,10 @@ class IndexWriter:
         so until the cause is gone. Otherwise something in the batch breaks
         indexing: the batch is halved until that document is alone, and only
         it is marked failed, after MAX_ATTEMPTS tries, with the reason."""
+        if isinstance(exc, LeaseLost):  # rolled back; another process writes now
+            logger.error("collection %d: %s; %d documents stay pending", collection_id, exc, len(documents))
+            self._lease_lost = True
+            return
         if infrastructure_error(exc):
             self._infrastructure_failures += 1
             delay = min(2.0**self._infrastructure_failures, INFRASTRUCTURE_BACKOFF_MAX_S)

@@ -11,6 +11,8 @@ import enum
 import json
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from app.store.schema import SQL_VARIABLES, transaction
@@ -46,9 +48,44 @@ class Commit(enum.Enum):
     STALE = "stale"  # another commit moved the generation first
 
 
+class LeaseLost(RuntimeError):
+    """Another process took the writer lease since this one did: its
+    commits are refused (rolled back) and it must stop writing."""
+
+
+def take_writer_epoch(conn: sqlite3.Connection, pid: int) -> int:
+    """Raise the writer epoch for a process that just took the lease; its
+    commits then carry the new epoch as their fencing token."""
+    with transaction(conn):
+        row = conn.execute(
+            """INSERT INTO writer_epoch(id, epoch, pid, taken_at) VALUES (1, 1, ?, ?)
+               ON CONFLICT(id) DO UPDATE SET epoch = epoch + 1, pid = excluded.pid, taken_at = excluded.taken_at
+               RETURNING epoch""",
+            (pid, time.time()),
+        ).fetchone()
+    return int(row[0])
+
+
 class IndexStateStore:
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, epoch: Callable[[], int | None] | None = None):
+        """``epoch``: gives the fencing token of the lease this writer holds,
+        checked in every write; it gives None for a writer that never took a
+        lease (tools, tests driving the writer by hand): unfenced."""
         self.conn = conn
+        self.epoch = epoch
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write transaction that first checks the fencing token."""
+        with transaction(self.conn):
+            mine = self.epoch() if self.epoch is not None else None
+            if mine is not None:
+                row = self.conn.execute("SELECT epoch FROM writer_epoch WHERE id = 1").fetchone()
+                if row is None or row[0] != mine:
+                    raise LeaseLost(
+                        f"the writer lease moved on (epoch {None if row is None else row[0]}, this writer's {mine})"
+                    )
+            yield
 
     # -- reads -------------------------------------------------------------
 
@@ -157,7 +194,7 @@ class IndexStateStore:
     def supersede(self, document_ids: list[int]) -> None:
         """Pending versions overtaken by a later pending version of the same id."""
         now = time.time()
-        with transaction(self.conn):
+        with self._writing():
             self.conn.executemany(
                 "UPDATE documents SET state = 'deleted', updated_at = ? WHERE id = ? AND state = 'pending'",
                 [(now, i) for i in document_ids],
@@ -165,7 +202,7 @@ class IndexStateStore:
 
     def fail(self, document_ids: list[int], error: str) -> None:
         now = time.time()
-        with transaction(self.conn):
+        with self._writing():
             self.conn.executemany(
                 "UPDATE documents SET state = 'failed', error = ?, updated_at = ? WHERE id = ? AND state = 'pending'",
                 [(error, now, i) for i in document_ids],
@@ -185,7 +222,7 @@ class IndexStateStore:
         ids from ``first_pid`` on, the previous live version of each is
         tombstoned. Only the writer appends, so a moved generation is an error."""
         now = time.time()
-        with transaction(self.conn):
+        with self._writing():
             col = self.collection(collection_id)
             if col is None:
                 return Commit.COLLECTION_DELETED
@@ -252,7 +289,7 @@ class IndexStateStore:
         """Swap in a generation from background maintenance and purge the
         deleted documents whose passages it dropped (a document's passages
         always sit in one segment, so they go together)."""
-        with transaction(self.conn):
+        with self._writing():
             col = self.collection(collection_id)
             if col is None:
                 return Commit.COLLECTION_DELETED

@@ -94,6 +94,17 @@ CREATE TABLE IF NOT EXISTS job_files (
 CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files(state, id);
 CREATE INDEX IF NOT EXISTS job_files_queued_by_job ON job_files(state, job_id, id);
 CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id, id);
+-- The writer lease's fencing token: each process that takes the lease
+-- raises the epoch, and every index commit checks, inside its transaction,
+-- that the epoch is still the one it took. A writer that lost the lease
+-- without noticing (stopped for a while, its lease file replaced) cannot
+-- commit over the new writer's work.
+CREATE TABLE IF NOT EXISTS writer_epoch (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch     INTEGER NOT NULL,
+    pid       INTEGER NOT NULL,
+    taken_at  REAL NOT NULL
+);
 -- Each collection's live and pending documents and chunks, kept by the
 -- triggers below in the transactions that change them: reading them is one
 -- row, not a count over every document (0.28 s per read at 1M passages).

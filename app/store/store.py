@@ -65,8 +65,12 @@ class Store:
     def __init__(self, path: Path):
         self.path = path
         self._db: aiosqlite.Connection | None = None
-        # One connection serves every request: writes (and their explicit
-        # transactions) must not interleave on it.
+        # Reads go to a connection of their own: each read sees the last
+        # committed state (a WAL snapshot), never another request's open
+        # write transaction, and waits for no writer.
+        self._read: aiosqlite.Connection | None = None
+        # One connection takes every request's writes: they (and their
+        # explicit transactions) must not interleave on it.
         self._write_lock = asyncio.Lock()
         # Bulk writes run whole on a thread over their own connection (under
         # the same lock): a statement-by-statement await would hold SQLite's
@@ -79,17 +83,27 @@ class Store:
     async def open(self) -> None:
         # Off the event loop: another worker may be initialising (an flock wait).
         await asyncio.to_thread(initialise, self.path)
+        db = await self._connect()
+        read = await self._connect()
+        await read.execute("PRAGMA query_only=ON")
+        self._bulk = connect(self.path)
+        self._read = read
+        self._db = db  # published once its pragmas (foreign keys) are set
+
+    async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(str(self.path), timeout=30, isolation_level=None)
         db.row_factory = sqlite3.Row
         for pragma in PRAGMAS:
             await db.execute(pragma)
-        self._bulk = connect(self.path)
-        self._db = db  # published once its pragmas (foreign keys) are set
+        return db
 
     async def close(self) -> None:
         if self._db is not None:
             await self._db.close()
             self._db = None
+        if self._read is not None:
+            await self._read.close()
+            self._read = None
         if self._bulk is not None:
             self._bulk.close()
             self._bulk = None
@@ -114,12 +128,19 @@ class Store:
                 raise
             await self.db.execute("COMMIT")
 
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._read is None:
+            raise NotReady("the database is not open")
+        return self._read
+
     async def _one(self, sql: str, params=()):
-        async with self.db.execute(sql, params) as cur:
+        """One row, read on the read connection (committed state only)."""
+        async with self.reader.execute(sql, params) as cur:
             return await cur.fetchone()
 
     async def _all(self, sql: str, params=()):
-        async with self.db.execute(sql, params) as cur:
+        async with self.reader.execute(sql, params) as cur:
             return await cur.fetchall()
 
     # -- collections -------------------------------------------------------

@@ -334,6 +334,145 @@ async def test_a_state_changing_request_from_a_foreign_site_is_refused(secured):
     # Reads are CORS's business; the allowed origin, this server's own page and non-browser clients may write.
     assert (await client.get("/v1/collections", headers={"Origin": "https://evil.example", **RO})).status_code == 200
     behind_a_proxy = {"Origin": "https://search.example", "X-Forwarded-Host": "search.example", **RW}
-    for headers in ({"Origin": ALLOWED_ORIGIN, **RW}, {"Origin": "http://test", **RW}, behind_a_proxy, RW):
+    for headers in ({"Origin": ALLOWED_ORIGIN, **RW}, {"Origin": "http://localhost", **RW}, behind_a_proxy, RW):
         r = await client.post("/v1/collections/kept/search", json={"query": "x"}, headers=headers)
         assert r.status_code == 200, (headers, r.text)
+
+
+async def test_a_host_this_server_was_not_told_to_answer_to_gets_400(secured):
+    client = secured.client
+    # A page on evil.example whose name now resolves to 127.0.0.1 (DNS
+    # rebinding) calls the API "same-origin": its Host header gives it away.
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+        r = await client.get("/v1/collections", headers={"Host": host, **RO})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+        r = await client.post("/v1/collections", json={"name": "rebound"}, headers={"Host": host, **RW})
+        assert r.status_code == 400, host
+    assert (await client.get("/v1/collections/rebound", headers=RO)).status_code == 404
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"):
+        assert (await client.get("/v1/collections", headers={"Host": host, **RO})).status_code == 200, host
+
+
+def test_allowed_hosts_take_names_wildcard_domains_and_any():
+    from app.api.middleware import TrustedHostMiddleware, host_name
+
+    assert (
+        host_name("[::1]:8000") == "::1" and host_name("Example.org:80") == "example.org" and host_name("::1") == "::1"
+    )
+    check = TrustedHostMiddleware(None, ["search.example.org", "*.corp.example", "[::1]"])
+    assert check.allowed("search.example.org:443") and check.allowed("a.b.corp.example") and check.allowed("[::1]")
+    assert not check.allowed("corp.example") and not check.allowed("evilcorp.example") and not check.allowed("x")
+    assert TrustedHostMiddleware(None, ["*"]).any_host
+
+
+async def test_search_answer_and_rerank_bodies_have_the_small_limit(tmp_path, checkpoint_dir):
+    running = RunningApp(make_settings(tmp_path / "data", checkpoint_dir, max_query_bytes=2048, answer_preload=False))
+    await running.start()
+    try:
+        client = running.client
+        assert (await client.post("/v1/collections", json={"name": "small"})).status_code == 201
+        text = "words " * 1000  # 6,000 bytes: over the query limit, well under the request limit
+        r = await client.post("/v1/collections/small/documents", json={"documents": [{"id": "a", "text": text}]})
+        assert r.status_code == 200, r.text
+        for path, body in (
+            ("/v1/collections/small/search", {"query": text}),
+            ("/v1/collections/small/answer", {"question": text}),
+            ("/v1/rerank", {"query": "words", "documents": [text]}),
+        ):
+            r = await client.post(path, json=body)
+            assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", path
+        assert (await client.post("/v1/collections/small/search", json={"query": "words"})).status_code == 200
+    finally:
+        await running.stop()
+
+
+async def test_each_kind_of_expensive_route_has_a_bound_and_says_when_to_retry():
+    from app.api.middleware import ConcurrencyLimitMiddleware
+
+    release = asyncio.Event()
+    started = 0
+
+    async def slow_route(scope, receive, send):
+        nonlocal started
+        started += 1
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    limited = ConcurrencyLimitMiddleware(slow_route, searches=2, answers=1, writes=1)
+    sent: list[dict] = []
+
+    async def call(method, path):
+        out: list[dict] = []
+
+        async def send(message):
+            out.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": []}
+        await limited(scope, None, send)
+        sent.append({"path": path, "status": out[0]["status"], "headers": dict(out[0]["headers"])})
+
+    held = [
+        asyncio.create_task(call("POST", "/v1/collections/a/search")),
+        asyncio.create_task(call("POST", "/v1/rerank")),
+        asyncio.create_task(call("POST", "/v1/collections/a/answer")),
+        asyncio.create_task(call("POST", "/v1/collections/a/documents")),
+    ]
+    while started < 4:
+        await asyncio.sleep(0.01)
+    for method, path in (
+        ("GET", "/api/search"),
+        ("POST", "/v1/collections/b/answer"),
+        ("DELETE", "/v1/collections/a/documents/x"),
+    ):
+        await call(method, path)
+    refused = sent[-3:]
+    assert [r["status"] for r in refused] == [503, 503, 503]
+    assert all(r["headers"][b"retry-after"] == b"1" for r in refused)
+    held.append(asyncio.create_task(call("GET", "/v1/collections/a/documents")))  # cheap reads have no bound
+    while started < 5:
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(*held)
+    assert [r["status"] for r in sent[-5:]] == [200] * 5
+    assert limited.in_progress == {"search": 0, "answer": 0, "write": 0}
+    await call("POST", "/v1/collections/a/search")  # places are given back
+    assert sent[-1]["status"] == 200
+
+
+async def test_pages_carry_a_content_security_policy_and_the_docs_load_nothing_from_elsewhere(secured):
+    import base64
+    import hashlib
+    import re
+
+    client = secured.client
+    page = await client.get("/")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    for path in ("/docs", "/redoc"):
+        r = await client.get(path)
+        assert r.status_code == 200
+        assert not re.findall(r"(?:src|href)=[\"']?(?:https?:)?//", r.text), f"{path} loads from another site"
+        for asset in re.findall(r"/docs-assets/[\w.-]+", r.text):
+            assert (await client.get(asset)).status_code == 200, asset  # no key needed: they hold no data
+        inline = re.findall(r"<script>(.*?)</script>", r.text, re.S)
+        policy = r.headers["content-security-policy"]
+        for script in inline:
+            digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+            assert f"'sha256-{digest}'" in policy
+        assert "'unsafe-inline'" not in policy.split("script-src")[1].split(";")[0]
+
+
+def test_serving_a_public_address_without_keys_warns_once(caplog):
+    from app.api.middleware import OpenBindWarningMiddleware
+
+    async def ok(scope, receive, send):
+        return None
+
+    warn = OpenBindWarningMiddleware(ok)
+    with caplog.at_level(logging.WARNING, logger="app.api"):
+        for server in (("127.0.0.1", 8000), ("::1", 8000), ("10.1.2.3", 8000), ("10.1.2.3", 8000)):
+            asyncio.run(warn({"type": "http", "server": server}, None, None))
+    warnings = [r for r in caplog.records if "without API keys" in r.getMessage()]
+    assert len(warnings) == 1 and "10.1.2.3" in warnings[0].getMessage()

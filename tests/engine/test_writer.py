@@ -536,7 +536,7 @@ async def test_with_overlap_a_version_upserted_while_the_earlier_one_lands_repla
 def test_a_lander_that_cannot_open_its_database_fails_what_waits_instead_of_hanging(tmp_path):
     from app.engine.writer import _Lander
 
-    lander = _Lander(tmp_path / "no such directory" / "index.sqlite")
+    lander = _Lander(tmp_path / "no such directory" / "index.sqlite", lambda: None)
     first, second = lander.submit(lambda store: "landed"), lander.submit(lambda store: "landed")
     assert first.exception(timeout=10) is not None and second.exception(timeout=10) is not None
     lander.stop()
@@ -632,3 +632,59 @@ async def test_a_batch_taken_apart_is_forgotten_when_its_documents_are_deleted(e
     await store.insert_pending(c, [doc(f"n{i}", f"note {i}") for i in range(4)])
     w.step(state)
     assert w._isolating == {} and state.collection(c).generation == 1  # one full batch
+
+
+async def test_a_commit_with_an_old_fencing_token_is_refused_and_changes_nothing(env):
+    from app.store.index_state import LeaseLost, take_writer_epoch
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    [(_, row)] = await store.insert_pending(c, [doc("a", "text")])
+    mine = take_writer_epoch(state.conn, 1)
+    fenced = IndexStateStore(state.conn, lambda: mine)
+    take_writer_epoch(state.conn, 2)  # another process took the lease meanwhile
+    col = state.collection(c)
+    with pytest.raises(LeaseLost):
+        fenced.commit_append(c, col.generation, col.generation + 1, "m", col.next_pid, [1], state.pending_documents(c))
+    with pytest.raises(LeaseLost):
+        fenced.fail([row], "a reason")
+    assert state.collection(c) == col and (await store.document_states([row]))[row] == ("pending", None)
+
+
+async def test_a_writer_whose_lease_moved_on_stops_committing_then_competes_for_it_again(env):
+    """Two writers at once (a lease file replaced under a running writer, a
+    filesystem whose locks failed): the one with the old epoch commits
+    nothing, gives the lease up, and the documents land once a writer holds
+    the newest epoch."""
+    import asyncio
+
+    from app.store.index_state import take_writer_epoch
+
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    w = IndexWriter(settings, FakeEncoder(), FakeInMemoryBackend())
+    w.start()
+    try:
+        await store.insert_pending(c, [doc("a", "first")])
+        w.notify()
+        for _ in range(200):
+            if state.live_passages(c):
+                break
+            await asyncio.sleep(0.05)
+        first_epoch = w.epoch
+        assert first_epoch is not None and [p.text for p in state.live_passages(c)] == ["first"]
+        generation = state.collection(c).generation
+        stolen = take_writer_epoch(state.conn, 999_999)  # another process (pid 999999) took the lease
+        await store.insert_pending(c, [doc("b", "second")])
+        w.notify()
+        for _ in range(300):
+            if len(state.live_passages(c)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        # Its first try was refused (no commit at the old epoch); it let the
+        # lease go, took it again with a newer epoch, and landed the document.
+        assert stolen == first_epoch + 1 and w.epoch is not None and w.epoch > stolen
+        assert [p.text for p in state.live_passages(c)] == ["first", "second"]
+        assert state.collection(c).generation == generation + 1
+    finally:
+        w.stop()

@@ -252,3 +252,31 @@ async def test_a_database_from_before_the_kept_counts_is_counted_once_at_start(t
     conn = connect(path)
     assert tuple(conn.execute(KEPT, (c,)).fetchone()) == (2, 3, 1, 1)
     conn.close()
+
+
+async def test_reads_see_committed_state_only_and_do_not_wait_for_an_open_write(store):
+    """A request's read never sees another request's write transaction half
+    done (its own connection reads the last commit), nor waits for it."""
+    import asyncio
+
+    first = (await store.create_collection("first", None)).id
+    await store.insert_pending(first, [doc("x", "granite quarry")])
+    make_live(store, first)
+    inside, release = asyncio.Event(), asyncio.Event()
+
+    async def long_write():
+        async with store.transaction() as db:
+            await db.execute("UPDATE documents SET title = 'half written' WHERE collection_id = ?", (first,))
+            await db.execute("UPDATE collections SET description = 'half written' WHERE id = ?", (first,))
+            inside.set()
+            await release.wait()
+
+    writing = asyncio.create_task(long_write())
+    await inside.wait()
+    col = await asyncio.wait_for(store.get_collection("first"), timeout=5)
+    got = await asyncio.wait_for(store.get_document(first, "x"), timeout=5)
+    assert col.description is None and got["title"] is None  # not the open transaction's values
+    release.set()
+    await writing
+    assert (await store.get_collection("first")).description == "half written"  # committed: seen at once
+    assert (await store.get_document(first, "x"))["title"] == "half written"
