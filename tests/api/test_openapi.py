@@ -12,7 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from app.api.routes.files import _json_form
 from app.api.schemas import AnswerRequest, DocumentIn, SearchRequest
+from app.errors import InvalidInput
 from app.factory import create_app
 from app.validation import NOT_BLANK_PATTERN
 from tests.conftest import make_settings
@@ -146,3 +148,12 @@ def test_a_405_names_every_method_of_its_path(app):
         r = client.request(method, path)
         assert r.status_code == 405 and r.headers["allow"] == allowed, (method, path, r.headers.get("allow"))
         assert r.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize("depth", [990, 1000, 100_000])
+def test_a_form_field_nested_past_the_json_parser_limit_is_invalid_input(depth):
+    # Past about 1,000 levels json.loads raises RecursionError, which answered 500.
+    nested = "[" * depth + "]" * depth
+    for field, kind, value in (("metadata", dict, '{"x": ' + nested + "}"), ("ids", list, nested)):
+        with pytest.raises(InvalidInput):
+            _json_form(value, field, kind)

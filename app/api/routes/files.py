@@ -24,6 +24,8 @@ def _json_form(value: str | None, what: str, kind: type):
         parsed = json.loads(value)
     except json.JSONDecodeError:
         raise InvalidInput(f"{what} is not valid JSON") from None
+    except RecursionError:  # nested past the parser's recursion limit (about 1,000 levels): was a 500
+        raise InvalidInput(f"{what} is nested too deeply") from None
     if not isinstance(parsed, kind):
         raise InvalidInput(f"{what} must be a JSON {kind.__name__}")
     try:  # as the JSON routes' bodies (the metadata's size: the service checks it for every way in)
