@@ -19,6 +19,11 @@ MAX_DEPTH = 32  # nested objects and lists in one value
 # "$" take a trailing newline. The same string is declared in the OpenAPI page.
 COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 COLLECTION_NAME_RULE = "1-64 characters a-z, 0-9, '_' or '-', starting with a letter or digit"
+# Text that must hold more than whitespace (document texts, queries,
+# questions): at least one character that str.strip() keeps. Spelled out
+# rather than "\S", whose meaning differs between Python, Rust (pydantic) and
+# ECMAScript (JSON Schema) regular expressions; tests check it against strip.
+NOT_BLANK_PATTERN = r"[^\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 MAX_METADATA_BYTES = 64 * 1024  # one document's metadata as stored JSON; returned with every hit
 
 

@@ -5,13 +5,25 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from app.validation import (
     COLLECTION_NAME_PATTERN,
     COLLECTION_NAME_RULE,
     MAX_DEPTH,
     MAX_METADATA_BYTES,
+    NOT_BLANK_PATTERN,
     check_json_value,
 )
 
@@ -19,6 +31,27 @@ from app.validation import (
 # (the service checks the same rule for every way in).
 CollectionName = Annotated[str, Path(pattern=COLLECTION_NAME_PATTERN, description=COLLECTION_NAME_RULE)]
 DocumentId = Annotated[str, Path(min_length=1, max_length=1024)]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must hold more than whitespace")
+    return value
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema counts 10.0 as an integer: a client whose numbers are all
+    # floats gets what 10 gets (1.5 is still refused).
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Text that must hold more than whitespace; the pattern states the same rule
+# in the OpenAPI document (the validator gives the clearer message).
+NotBlankStr = Annotated[StrictStr, AfterValidator(_not_blank), Field(json_schema_extra={"pattern": NOT_BLANK_PATTERN})]
+# k of search and answer. The bounds sit before the validator: after it they
+# reach the OpenAPI document as "ge"/"le", which no client or fuzzer reads.
+SearchK = Annotated[StrictInt, Field(ge=1, le=1000), BeforeValidator(_whole_number)]
+AnswerK = Annotated[StrictInt, Field(ge=1, le=50), BeforeValidator(_whole_number)]
 
 # Rerank runs on the search thread that every search of the process shares:
 # its work is bounded per request.
@@ -37,6 +70,30 @@ class Strict(BaseModel):
         # request's own envelope (lists of documents) adds a few levels.
         check_json_value(data, "the request body", max_depth=MAX_DEPTH + 4)
         return data
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="machine-readable: not_found, validation_error, forbidden, ...")
+    message: str
+    details: Any = Field(default=None, description="validation errors: where and why (loc, message, type)")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx answer (app/api/errors.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+# Declared on every router in place of FastAPI's default 422 body, which this
+# server never sends: every 4xx/5xx has the JSON error shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "refused: invalid input, unknown name, no or read-only key"},
+    "5XX": {"model": ErrorResponse, "description": "the server could not answer (store busy: retry)"},
+}
 
 
 class CollectionCreate(Strict):
@@ -69,7 +126,7 @@ class CollectionList(BaseModel):
 
 class DocumentIn(Strict):
     id: StrictStr | None = Field(default=None, min_length=1, max_length=1024)
-    text: StrictStr
+    text: NotBlankStr
     title: StrictStr | None = Field(default=None, max_length=10_000)
     metadata: dict[str, Any] | None = Field(
         default=None,
@@ -132,8 +189,8 @@ class DocumentPage(BaseModel):
 
 
 class SearchRequest(Strict):
-    query: StrictStr = Field(min_length=1, max_length=10_000)
-    k: StrictInt = Field(default=10, ge=1, le=1000)
+    query: NotBlankStr = Field(min_length=1, max_length=10_000)
+    k: SearchK = 10
     mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
     filter: dict[str, Any] | None = None
     fusion: Literal["rrf", "normalized", "rescore"] | None = None
@@ -213,8 +270,8 @@ class JobOut(BaseModel):
 
 
 class AnswerRequest(Strict):
-    question: StrictStr = Field(min_length=1, max_length=4_000)
-    k: StrictInt | None = Field(default=None, ge=1, le=50, description="passages to retrieve; default from settings")
+    question: NotBlankStr = Field(min_length=1, max_length=4_000)
+    k: AnswerK | None = Field(default=None, description="passages to retrieve; default from settings")
     mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
     filter: dict[str, Any] | None = None
     fusion: Literal["rrf", "normalized", "rescore"] | None = None

@@ -10,11 +10,11 @@ from fastapi.responses import StreamingResponse
 
 from app.answer.service import AnswerService
 from app.api.errors import error_body
-from app.api.schemas import AnswerRequest, AnswerResponse, CollectionName
+from app.api.schemas import ERROR_RESPONSES, AnswerRequest, AnswerResponse, CollectionName, ErrorResponse
 from app.errors import ServerError
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["answer"])
+router = APIRouter(tags=["answer"], responses=ERROR_RESPONSES)
 
 
 def get_answers(request: Request) -> AnswerService:
@@ -35,8 +35,11 @@ def _sse(event: str, data) -> bytes:
     response_model=AnswerResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"},
-        422: {"description": "invalid input, or (answer_unsupported=refuse) an answer under the support threshold"},
-        503: {"description": "no answer LM could be loaded (search still works)"},
+        422: {
+            "model": ErrorResponse,
+            "description": "invalid input, or (answer_unsupported=refuse) an answer under the support threshold",
+        },
+        503: {"model": ErrorResponse, "description": "no answer LM could be loaded (search still works)"},
     },
 )
 async def answer(collection: CollectionName, body: AnswerRequest, answers: AnswersDep):

@@ -3,12 +3,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.api.deps import ServiceDep
-from app.api.schemas import CollectionCreate, CollectionList, CollectionName, CollectionOut
+from app.api.links import CREATED_COLLECTION
+from app.api.schemas import ERROR_RESPONSES, CollectionCreate, CollectionList, CollectionName, CollectionOut
 
-router = APIRouter(prefix="/v1/collections", tags=["collections"])
+router = APIRouter(prefix="/v1/collections", tags=["collections"], responses=ERROR_RESPONSES)
 
 
-@router.post("", status_code=201, response_model=CollectionOut)
+@router.post("", status_code=201, response_model=CollectionOut, responses={201: {"links": CREATED_COLLECTION}})
 async def create_collection(body: CollectionCreate, service: ServiceDep):
     row = await service.create_collection(body.name, body.description)
     return await service.describe_collection(row)

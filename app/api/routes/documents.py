@@ -4,16 +4,32 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep
-from app.api.schemas import CollectionName, DocumentId, DocumentOut, DocumentPage, UpsertRequest, UpsertResponse
+from app.api.links import UPSERTED_DOCUMENTS
+from app.api.schemas import (
+    ERROR_RESPONSES,
+    CollectionName,
+    DocumentId,
+    DocumentOut,
+    DocumentPage,
+    UpsertRequest,
+    UpsertResponse,
+)
 from app.service import DocumentInput
 
 # SQLite's OFFSET is a signed 64-bit integer; no collection comes near this.
 MAX_OFFSET = 2**53
 
-router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["documents"])
+router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["documents"], responses=ERROR_RESPONSES)
 
 
-@router.post("", response_model=UpsertResponse, responses={202: {"model": UpsertResponse}})
+@router.post(
+    "",
+    response_model=UpsertResponse,
+    responses={
+        200: {"description": "indexed", "links": UPSERTED_DOCUMENTS},
+        202: {"model": UpsertResponse, "description": "stored, not indexed yet", "links": UPSERTED_DOCUMENTS},
+    },
+)
 async def upsert_documents(collection: CollectionName, body: UpsertRequest, service: ServiceDep):
     """Insert or replace documents. With ``wait`` (default) the answer comes
     after the index commit, so a search right after it sees the documents."""

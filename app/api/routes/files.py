@@ -6,14 +6,15 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
 
 from app.api.deps import ServiceDep, SettingsDep
-from app.api.schemas import CollectionName, JobOut
+from app.api.links import SUBMITTED_JOB
+from app.api.schemas import ERROR_RESPONSES, CollectionName, JobOut
 from app.errors import InvalidInput
 from app.service import UploadedFile
 from app.validation import check_json_value
 
 MAX_ID_CHARS = 1024  # as for ids in the JSON routes
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=ERROR_RESPONSES)
 
 
 def _json_form(value: str | None, what: str, kind: type):
@@ -23,6 +24,8 @@ def _json_form(value: str | None, what: str, kind: type):
         parsed = json.loads(value)
     except json.JSONDecodeError:
         raise InvalidInput(f"{what} is not valid JSON") from None
+    except RecursionError:  # nested past the parser's recursion limit (about 1,000 levels): was a 500
+        raise InvalidInput(f"{what} is nested too deeply") from None
     if not isinstance(parsed, kind):
         raise InvalidInput(f"{what} must be a JSON {kind.__name__}")
     try:  # as the JSON routes' bodies (the metadata's size: the service checks it for every way in)
@@ -32,12 +35,17 @@ def _json_form(value: str | None, what: str, kind: type):
     return parsed
 
 
-@router.post("/v1/collections/{collection}/files", status_code=202, response_model=JobOut)
+@router.post(
+    "/v1/collections/{collection}/files",
+    status_code=202,
+    response_model=JobOut,
+    responses={202: {"links": SUBMITTED_JOB}},
+)
 async def upload_files(
     collection: CollectionName,
     service: ServiceDep,
     settings: SettingsDep,
-    files: list[UploadFile] = File(description="one or more files: .txt, .md, .html, .docx, .pdf"),
+    files: list[UploadFile] = File(min_length=1, description="one or more files: .txt, .md, .html, .docx, .pdf"),
     metadata: str | None = Form(default=None, description="JSON object applied to every file's document"),
     ids: str | None = Form(default=None, description="JSON list of document ids, one per file (default: file names)"),
 ):

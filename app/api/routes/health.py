@@ -11,8 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
 from app.api.errors import error_body
+from app.api.schemas import ERROR_RESPONSES, ErrorResponse
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
 
 
 @router.get("/health")
@@ -48,7 +49,12 @@ def readiness(request: Request) -> tuple[bool, str, dict]:
     return True, "", details
 
 
-@router.get("/ready", responses={503: {"description": "models still loading, start-up failed, or writer stopped"}})
+@router.get(
+    "/ready",
+    responses={
+        503: {"model": ErrorResponse, "description": "models still loading, start-up failed, or writer stopped"}
+    },
+)
 async def ready(request: Request):
     """Readiness: models loaded and the index writer thread running; reports
     whether this process holds the writer lease and the writer's last error."""

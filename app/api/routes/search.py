@@ -6,9 +6,17 @@ import time
 from fastapi import APIRouter, Query
 
 from app.api.deps import ServiceDep, SettingsDep
-from app.api.schemas import CollectionName, RerankRequest, RerankResponse, SearchRequest, SearchResponse
+from app.api.schemas import (
+    ERROR_RESPONSES,
+    CollectionName,
+    RerankRequest,
+    RerankResponse,
+    SearchRequest,
+    SearchResponse,
+)
+from app.validation import COLLECTION_NAME_PATTERN, COLLECTION_NAME_RULE, NOT_BLANK_PATTERN
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], responses=ERROR_RESPONSES)
 
 
 def _hit_out(h) -> dict:
@@ -56,9 +64,13 @@ async def rerank(body: RerankRequest, service: ServiceDep):
 async def reference_search(
     service: ServiceDep,
     settings: SettingsDep,
-    query: str = Query(min_length=1, max_length=10_000),
+    query: str = Query(min_length=1, max_length=10_000, json_schema_extra={"pattern": NOT_BLANK_PATTERN}),
     k: int = Query(default=10, ge=1, le=1000),
-    collection: str | None = Query(default=None, description="defaults to the server's default collection"),
+    collection: str | None = Query(
+        default=None,
+        pattern=COLLECTION_NAME_PATTERN,
+        description=f"{COLLECTION_NAME_RULE}; defaults to the server's default collection",
+    ),
 ):
     """The ColBERT reference server's format (``/api/search?query=&k=``)."""
     hits = await service.search(collection or settings.default_collection, query, k)
