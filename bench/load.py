@@ -46,6 +46,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -163,7 +164,10 @@ class Tally:
 
 
 def process_report(series: list[dict], pid: int) -> dict:
-    """Start, end, max and slope of one process's RSS and PSS over the memory series."""
+    """Start, end, max and slope of one process's RSS and PSS over the memory
+    series, and the medians of its first and last quarter (a step such as a
+    segment loaded or a peak at the start moves them less than it moves the
+    two end points)."""
     points = [(s["t"], p) for s in series for p in s["processes"] if p["pid"] == pid]
     if not points:
         return {}
@@ -175,6 +179,10 @@ def process_report(series: list[dict], pid: int) -> dict:
         out[f"max_{key}"] = max(p.get(key, 0.0) for _, p in points)
         out[f"growth_{key}"] = (last.get(key) or 0.0) - (first.get(key) or 0.0)
         out[f"slope_{key[:-4]}_mib_per_min"] = slope_per_minute([(t, p[key]) for t, p in points if key in p])
+        values = [p[key] for _, p in points if key in p]
+        quarter = max(1, len(values) // 4)
+        out[f"first_quarter_median_{key}"] = statistics.median(values[:quarter]) if values else None
+        out[f"last_quarter_median_{key}"] = statistics.median(values[-quarter:]) if values else None
     return out
 
 
@@ -270,6 +278,7 @@ class Probe:
     doc_id: str
     query: str
     posted: float  # perf_counter at the POST
+    port: int | None = None  # client port of the last search for it
 
 
 @dataclass
@@ -288,6 +297,7 @@ class Load:
     stale_hits: list[dict] = field(default_factory=list)
     visible: list[float] = field(default_factory=list)
     missing: list[Probe] = field(default_factory=list)  # probes not found within --visible-timeout
+    recall_misses: list[Probe] = field(default_factory=list)  # found only with a $document_id filter
     upserts: int = 0
     documents: Counter = field(default_factory=Counter)  # new / replaced / probe / deleted
     statuses: Counter = field(default_factory=Counter)  # per-document upsert results
@@ -319,6 +329,9 @@ class Load:
 
     async def search_client(self, client: httpx.AsyncClient, n: int) -> None:
         rng = random.Random(self.options.seed * 1000 + n)
+        # Client n starts n/clients of --ramp seconds in: with no ramp, every
+        # client's connection opens at once.
+        await asyncio.sleep(self.options.ramp * n / self.options.clients)
         queries = list(self.corpus.queries.values())
         modes, weights = zip(*self.options.modes.items(), strict=True)
         i = n * 7
@@ -388,7 +401,11 @@ class Load:
         (one commit often lands several). Commits land in order, so while the
         oldest is not found the ones behind it are not checked, unless it has
         been unseen for over ``--stuck-after`` seconds: one document that never
-        shows up must not hold back the figures of the rest."""
+        shows up must not hold back the figures of the rest. Such a probe is
+        also looked for with a ``$document_id`` filter (the allowed passages
+        scored exactly): found that way, it is in the index but PLAID's
+        approximate top 10 missed it, a recall miss rather than a late commit,
+        and it leaves the upsert-to-visible figures."""
         while not self.stop.is_set() or (self.unseen and time.perf_counter() < drain_until[0]):
             for probe in list(self.unseen):
                 found = await self.found(client, probe)
@@ -402,30 +419,50 @@ class Load:
                     self.unseen.remove(probe)
                 elif now - probe.posted <= self.options.stuck_after:
                     break
+                elif await self.found(client, probe, by_id=True):
+                    self.recall_misses.append(probe)
+                    self.unseen.remove(probe)
             await asyncio.sleep(self.options.poll_interval if self.unseen else 0.02)
         self.missing.extend(self.unseen)
         self.unseen.clear()
 
-    async def found(self, client: httpx.AsyncClient, probe: Probe) -> bool:
-        body = {"query": probe.query, "k": 10, "mode": "colbert"}
+    async def found(self, client: httpx.AsyncClient, probe: Probe, by_id: bool = False) -> bool:
+        body: dict = {"query": probe.query, "k": 10, "mode": "colbert"}
+        if by_id:
+            body["filter"] = {"$document_id": [probe.doc_id]}
         r = await self.send(client, "probe", "POST", f"/v1/collections/{COLLECTION}/search", json=body)
-        return r is not None and probe.doc_id in [hit["document_id"] for hit in r.json()["results"]]
+        if r is None:
+            return False
+        probe.port = client_port(r)
+        return probe.doc_id in [hit["document_id"] for hit in r.json()["results"]]
 
-    async def inspect(self, client: httpx.AsyncClient, probe: Probe) -> dict:
-        """What the server says of a probe never found: its document's state
-        and its rank in a deeper colbert search and in a keyword search."""
-        out: dict = {"id": probe.doc_id, "posted_at_s": round(probe.posted - self.started, 3)}
+    async def inspect(self, server: Server, client: httpx.AsyncClient, probe: Probe) -> dict:
+        """What the server says of a probe never found: its document's state,
+        the worker that answered the prober's last search, and the probe's
+        rank (k=10 and k=100, colbert) in searches on fresh connections, each
+        with the worker that answered it."""
+        owners = connection_owners(server)
+        out: dict = {
+            "id": probe.doc_id,
+            "posted_at_s": round(probe.posted - self.started, 3),
+            "prober_worker": owners.get(probe.port) if probe.port is not None else None,
+        }
         try:
             r = await client.get(f"/v1/collections/{COLLECTION}/documents/{probe.doc_id}")
             doc = r.json() if r.status_code == 200 else {}
             out.update(
                 status=r.status_code, state=doc.get("state"), error=doc.get("error"), chunks=len(doc.get("chunks", []))
             )
-            for mode in ("colbert", "keyword"):
-                body = {"query": probe.query, "k": 100, "mode": mode}
-                hits = (await client.post(f"/v1/collections/{COLLECTION}/search", json=body)).json()["results"]
-                ids = [hit["document_id"] for hit in hits]
-                out[f"{mode}_rank_in_100"] = ids.index(probe.doc_id) + 1 if probe.doc_id in ids else None
+            out["searches"] = []
+            for _ in range(3 * server.workers):
+                async with httpx.AsyncClient(base_url=server.base, timeout=client.timeout) as fresh:
+                    for k in (10, 100):
+                        body = {"query": probe.query, "k": k, "mode": "colbert"}
+                        r = await fresh.post(f"/v1/collections/{COLLECTION}/search", json=body)
+                        ids = [hit["document_id"] for hit in r.json()["results"]]
+                        worker = connection_owners(server).get(client_port(r) or -1)
+                        rank = ids.index(probe.doc_id) + 1 if probe.doc_id in ids else None
+                        out["searches"].append({"worker": worker, "k": k, "rank": rank})
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             out["inspect_error"] = repr(exc)
         return out
@@ -455,6 +492,7 @@ async def run_load(server: Server, load: Load, writer_pid: int | None) -> dict:
         cpu_before, server_before = machine_cpu(), processes(server, writer_pid)
         load.started = time.perf_counter()
         tasks = [asyncio.create_task(load.search_client(client, n)) for n in range(options.clients)]
+
         tasks += [
             asyncio.create_task(load.writer(client)),
             asyncio.create_task(sample_memory(server, writer_pid, load, series)),
@@ -470,13 +508,15 @@ async def run_load(server: Server, load: Load, writer_pid: int | None) -> dict:
         drain_until[0] = time.perf_counter() + options.visible_timeout
         await prober
         drained = time.perf_counter() - load.started - seconds
-        missing = [await load.inspect(client, probe) for probe in load.missing[:20]]
+        missing = [await load.inspect(server, client, probe) for probe in load.missing[:20]]
+        recall_misses = [await load.inspect(server, client, probe) for probe in load.recall_misses[:5]]
     return {
         "seconds": seconds,
         "drain_s": drained,
         "cpu": cpu_shares(cpu_before, cpu_after, server_before, server_after, seconds),
         "memory_series": series,
         "missing": missing,
+        "recall_misses": recall_misses,
     }
 
 
@@ -529,6 +569,8 @@ def summarize(load: Load, run: dict, server: Server, writer_pids: tuple, monitor
         "delete": {"requests": tally.total("delete"), "ms": latency(tally.latencies.get("delete", []))},
         "upsert_to_visible_s": {**latency(load.visible, 1.0), "not_visible_in_time": len(load.missing)},
         "probes_not_visible": run["missing"],
+        "recall_misses": len(load.recall_misses),
+        "first_recall_misses": run["recall_misses"],
         "probe_searches": tally.total("probe"),
         "drain_s": run["drain_s"],
         "commits": monitor.commit_pauses(COLLECTION, t0, t0 + seconds),
@@ -589,6 +631,7 @@ def table(result: dict) -> str:
             "upsert-to-visible p50 / p95",
             f"{_ms(visible.get('p50'))} / {_ms(visible.get('p95'))} s ({visible.get('n', 0)} probes, {visible.get('not_visible_in_time', 0)} not seen)",
         ),
+        ("probes in the index but not in the top 10 (recall misses)", str(load.get("recall_misses", 0))),
         (
             "commits; longest pause",
             f"{load.get('commits', {}).get('commits')}; {load.get('commits', {}).get('longest_pause_s', 0):.1f} s",
@@ -608,10 +651,18 @@ def table(result: dict) -> str:
         ),
     ]
     lines = ["| figure | value |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)]
+    collection = load.get("collection", {})
+    start, end = collection.get("start") or {}, collection.get("end") or {}
+    if start or end:
+        size = " → ".join(
+            f"{c.get('documents', 0):,} documents, {(c.get('index') or {}).get('bytes', 0) / 2**20:,.0f} MiB index"
+            for c in (start, end)
+        )
+        lines.append(f"| collection start → end | {size} |")
     lines += [
         "",
-        "| process | RSS start → end (max) MiB | PSS start → end (max) MiB | PSS slope MiB/min |",
-        "| --- | --- | --- | --- |",
+        "| process | RSS start → end (max) MiB | PSS start → end (max) MiB | PSS median, first → last quarter MiB | PSS slope MiB/min |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for p in load.get("processes", []):
         if not p:
@@ -620,6 +671,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {p['role']} {p['pid']} | {_ms(p.get('start_rss_mib'))} → {_ms(p.get('end_rss_mib'))} ({_ms(p.get('max_rss_mib'))}) "
             f"| {_ms(p.get('start_pss_mib'))} → {_ms(p.get('end_pss_mib'))} ({_ms(p.get('max_pss_mib'))}) "
+            f"| {_ms(p.get('first_quarter_median_pss_mib'))} → {_ms(p.get('last_quarter_median_pss_mib'))} "
             f"| {'-' if slope is None else f'{slope:+.2f}'} |"
         )
     return "\n".join(lines)
@@ -636,6 +688,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--modes", type=parse_modes, default=parse_modes("colbert:2,hybrid:1,keyword:1"), metavar="MODE:W,.."
     )
     p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--ramp", type=float, default=0.0, help="seconds over which the search clients start (0: all at once)"
+    )
     p.add_argument("--preload", type=int, default=5000, help="passages indexed before the load (msmarco-mini first)")
     p.add_argument("--writer-batch", type=int, default=8, help="documents per upsert, one of them a probe")
     p.add_argument(
@@ -661,6 +716,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if options.writer_batch < 1 or options.clients < 1 or options.max_unseen < 1:
         p.error("--writer-batch, --clients and --max-unseen must be at least 1")
     return options
+
+
+def collection_state(server: Server) -> dict:
+    """The collection's counts and index report (``GET /v1/collections/load``)."""
+    try:
+        body = httpx.get(f"{server.base}/v1/collections/{COLLECTION}", timeout=60).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+    return {k: body.get(k) for k in ("generation", "documents", "pending_documents", "chunks", "index")}
 
 
 def preload(server: Server, monitor: sc.Monitor, corpus: ScaleCorpus, options) -> dict:
@@ -714,12 +778,14 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         writer_start = sc.writer_state(server.base) or {}
+        collection_start = collection_state(server)
         load = Load(options, corpus, sc.ProbeTexts(options.seed))
         t0 = time.monotonic()
         run = asyncio.run(run_load(server, load, writer_start.get("lease_holder_pid")))
         writer_end = sc.writer_state(server.base) or {}
         pids = (writer_start.get("lease_holder_pid"), writer_end.get("lease_holder_pid"))
         result["load"] = summarize(load, run, server, pids, monitor, t0)
+        result["load"]["collection"] = {"start": collection_start, "end": collection_state(server)}
         result["writer_end"] = writer_end
         result["server_alive_at_end"] = server.alive()
     except BaseException:

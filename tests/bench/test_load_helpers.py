@@ -87,7 +87,15 @@ def test_process_report_start_end_growth():
         560,
     )
     assert report["growth_pss_mib"] == 40 and report["slope_pss_mib_per_min"] == pytest.approx(20.0)
+    assert report["first_quarter_median_pss_mib"] == 400 and report["last_quarter_median_pss_mib"] == 440
     assert process_report([_sample(0, 1, 1)], 99) == {}
+
+
+def test_quarter_medians_pass_over_a_peak_at_the_start():
+    series = [_sample(t, 500, 1500 if t == 0 else 800 + t / 100) for t in range(0, 1600, 100)]
+    report = process_report(series, 7)
+    assert report["start_pss_mib"] == 1500 and report["growth_pss_mib"] < -600
+    assert (report["first_quarter_median_pss_mib"], report["last_quarter_median_pss_mib"]) == (802.5, 813.5)
 
 
 def test_table_tolerates_missing_parts():
