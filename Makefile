@@ -1,4 +1,4 @@
-.PHONY: setup run dev serve test test-fast lint bench bench-scale
+.PHONY: setup run dev serve test test-fast lint bench bench-scale bench-load
 
 setup:
 	./scripts/setup.sh
@@ -36,3 +36,10 @@ bench: setup
 #   make bench-scale BENCH_SCALE_ARGS="--engine-passages 20000 --skip-real"
 bench-scale: setup
 	.venv/bin/python -m bench.scale $(BENCH_SCALE_ARGS)
+
+# Load (bench/load.py): 16 search clients and a writer upserting continuously
+# against 2 workers for 10 minutes, default checkpoint. Shorter or on the
+# stand-in encoder, e.g.
+#   make bench-load BENCH_LOAD_ARGS="--duration 60 --preload 1000"
+bench-load: setup
+	.venv/bin/python -m bench.load $(BENCH_LOAD_ARGS)
