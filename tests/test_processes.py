@@ -176,3 +176,90 @@ def test_a_stopped_writer_shows_as_stalled_and_acknowledged_writes_land_once_it_
     finally:
         a.stop()
         b.stop()
+
+
+# Poison uploads (the review's repro and a tag soup at the file size limit).
+NESTED_HEADINGS = b"<h1>level " * 24_000  # 240 KB: minutes of heading extraction before the fix
+TAG_SOUP = b"<div><span><b><i>soup" * 950_000  # 19.9 MB of tags never closed
+
+
+def wait_files(url: str, job_id: str, names: set[str], timeout: float) -> dict:
+    """The job's files once every one of ``names`` is done or failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        files = {f["filename"]: f for f in job["files"]}
+        if all(files[n]["state"] in ("added", "unchanged", "failed") for n in names):
+            return files
+        time.sleep(0.2)
+    raise AssertionError(f"not done in {timeout} s: {job}")
+
+
+def wait_live(url: str, collection: str, document_id: str, timeout: float = 60) -> str:
+    """The document's state once it is live (files are indexed after they are added), or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/v1/collections/{collection}/documents/{document_id}", timeout=30)
+        state = r.json().get("state") if r.status_code == 200 else str(r.status_code)
+        if state == "live" or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def test_poison_uploads_fail_with_their_reason_while_normal_files_are_served_and_a_restart_does_not_stall(
+    tmp_path, checkpoint_dir
+):
+    data = tmp_path / "data"
+    limits = {"COLBERT_SERVER_EXTRACT_TIMEOUT_S": "8"}
+    server = ServerProcess(data, checkpoint_dir, limits)
+    restarted = None
+    try:
+        server.wait_ready()
+        httpx.post(server.url + "/v1/collections", json={"name": "poison"}).raise_for_status()
+        files = [
+            ("files", ("soup.html", TAG_SOUP, "text/html")),
+            ("files", ("nested.html", NESTED_HEADINGS, "text/html")),
+            ("files", ("normal.txt", b"Sea otters hold hands while they sleep.", "text/plain")),
+        ]
+        started = time.monotonic()
+        r = httpx.post(server.url + "/v1/collections/poison/files", files=files, timeout=120)
+        assert r.status_code == 202, r.text
+        job = r.json()["id"]
+        done = wait_files(server.url, job, {"normal.txt"}, timeout=60)
+        assert done["normal.txt"]["state"] == "added" and time.monotonic() - started < 60
+        done = wait_files(server.url, job, {"soup.html", "nested.html"}, timeout=60)
+        assert done["soup.html"]["state"] == "failed" and "8 s limit" in done["soup.html"]["error"]
+        assert done["nested.html"]["state"] == "added"  # linear now: no longer poison
+        assert httpx.get(server.url + "/ready").status_code == 200
+        assert wait_live(server.url, "poison", "normal.txt") == "live"
+        assert search_ids(server.url, "poison", "otters sleeping", k=1) == ["normal.txt"]
+
+        # Killed while the poison file is in extraction: the attempt was
+        # counted before it ran, so the restart neither stalls on it nor
+        # holds back the uploads behind it.
+        r = httpx.post(
+            server.url + "/v1/collections/poison/files",
+            files=[("files", ("soup-again.html", TAG_SOUP, "text/html"))],
+            timeout=120,
+        )
+        again = r.json()["id"]
+        time.sleep(3)  # in extraction
+        server.kill9()
+        server.log.close()
+        restarted = ServerProcess(data, checkpoint_dir, limits)
+        restarted.wait_ready()
+        started = time.monotonic()
+        r = httpx.post(
+            restarted.url + "/v1/collections/poison/files",
+            files=[("files", ("after.txt", b"A comet's tail points away from the sun.", "text/plain"))],
+            timeout=120,
+        )
+        after = wait_files(restarted.url, r.json()["id"], {"after.txt"}, timeout=60)
+        assert after["after.txt"]["state"] == "added" and time.monotonic() - started < 60
+        soup = wait_files(restarted.url, again, {"soup-again.html"}, timeout=120)["soup-again.html"]
+        assert soup["state"] == "failed", soup
+        assert wait_live(restarted.url, "poison", "after.txt") == "live"
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.stop()

@@ -377,10 +377,11 @@ class IndexWriter:
         if submitted is not None:
             self._hand_over_change(store, submitted, overlap)
             return True
+        purged = store.purge_dropped()  # one short batch of a deleted collection's rows
         pending = store.pending_collections()
         if not pending:
             self.degraded = None  # what it held back was deleted meanwhile
-            return self.drain()
+            return self.drain() or purged
         # Priority documents (small upserts) first; otherwise collections take turns.
         collection_id, _ = min(pending, key=lambda c: (not c[1], self._served.get(c[0], 0.0)))
         self.busy = True

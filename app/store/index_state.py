@@ -48,6 +48,10 @@ class Commit(enum.Enum):
     STALE = "stale"  # another commit moved the generation first
 
 
+# Rows of a deleted collection purged per transaction (milliseconds each).
+PURGE_BATCH_ROWS = 5000
+
+
 class LeaseLost(RuntimeError):
     """Another process took the writer lease since this one did: its
     commits are refused (rolled back) and it must stop writing."""
@@ -104,7 +108,8 @@ class IndexStateStore:
         documents, the one waiting longest first."""
         rows = self.conn.execute(
             """SELECT collection_id, MIN(id) AS oldest, MAX(priority) AS urgent FROM documents
-               WHERE state = 'pending' GROUP BY collection_id ORDER BY oldest"""
+               WHERE state = 'pending' AND collection_id NOT IN (SELECT id FROM dropped_collections)
+               GROUP BY collection_id ORDER BY oldest"""
         ).fetchall()
         return [(r["collection_id"], bool(r["urgent"])) for r in rows]
 
@@ -190,6 +195,27 @@ class IndexStateStore:
         return [LivePassage(**dict(r)) for r in rows]
 
     # -- writes ------------------------------------------------------------
+
+    def purge_dropped(self, batch: int = PURGE_BATCH_ROWS) -> bool:
+        """Delete up to ``batch`` rows of a deleted collection (chunks, then
+        documents, then job files and jobs), in one short transaction.
+        False when no deleted collection has rows left."""
+        row = self.conn.execute("SELECT id FROM dropped_collections ORDER BY id LIMIT 1").fetchone()
+        if row is None:
+            return False
+        cid = row[0]
+        with self._writing():
+            for sql in (
+                "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE collection_id = ? LIMIT ?)",
+                "DELETE FROM documents WHERE id IN (SELECT id FROM documents WHERE collection_id = ? LIMIT ?)",
+                """DELETE FROM job_files WHERE id IN (SELECT f.id FROM jobs j JOIN job_files f ON f.job_id = j.id
+                   WHERE j.collection_id = ? LIMIT ?)""",
+            ):
+                if self.conn.execute(sql, (cid, batch)).rowcount > 0:
+                    return True
+            self.conn.execute("DELETE FROM jobs WHERE collection_id = ?", (cid,))
+            self.conn.execute("DELETE FROM dropped_collections WHERE id = ?", (cid,))
+        return True
 
     def supersede(self, document_ids: list[int]) -> None:
         """Pending versions overtaken by a later pending version of the same id."""

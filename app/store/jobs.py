@@ -118,12 +118,14 @@ class Jobs:
         whose turn is oldest (a new job first): jobs take turns, so a large
         upload does not hold back the uploads made after it; without, the
         oldest file of all."""
+        # Files of a deleted collection wait for the writer's purge, unserved.
+        live_jobs = "job_id IN (SELECT j.id FROM jobs j JOIN collections c ON c.id = j.collection_id)"
         if served is None:
-            where = "f.id = (SELECT MIN(id) FROM job_files WHERE state = 'queued')"
+            where = f"f.id = (SELECT MIN(id) FROM job_files WHERE state = 'queued' AND {live_jobs})"
             params: tuple = ()
         else:
             heads = await self.store._all(
-                "SELECT job_id, MIN(id) AS head FROM job_files WHERE state = 'queued' GROUP BY job_id"
+                f"SELECT job_id, MIN(id) AS head FROM job_files WHERE state = 'queued' AND {live_jobs} GROUP BY job_id"
             )
             for gone in set(served) - {h["job_id"] for h in heads}:
                 del served[gone]

@@ -94,6 +94,14 @@ CREATE TABLE IF NOT EXISTS job_files (
 CREATE INDEX IF NOT EXISTS job_files_by_state ON job_files(state, id);
 CREATE INDEX IF NOT EXISTS job_files_queued_by_job ON job_files(state, job_id, id);
 CREATE INDEX IF NOT EXISTS job_files_by_job ON job_files(job_id, id);
+-- Collections deleted whose rows the index writer has still to purge, in
+-- batches (a delete request drops only the collection's row: a cascade over
+-- a million chunks in one transaction would hold the write lock past the
+-- other processes' busy timeout).
+CREATE TABLE IF NOT EXISTS dropped_collections (
+    id          INTEGER PRIMARY KEY,
+    dropped_at  REAL NOT NULL
+);
 -- The writer lease's fencing token: each process that takes the lease
 -- raises the epoch, and every index commit checks, inside its transaction,
 -- that the epoch is still the one it took. A writer that lost the lease

@@ -183,11 +183,33 @@ class Store:
         return [CollectionRow(**dict(r)) for r in rows]
 
     async def delete_collection(self, name: str) -> int:
+        """Gone at once for every reader: its row and its keyword index are
+        dropped in one short transaction. Its documents, chunks and jobs are
+        left to the index writer, which purges them in batches
+        (``dropped_collections``): a cascade over a large collection would
+        hold the write lock for many seconds. Ids are never reused, so
+        nothing can mistake those rows for a new collection's."""
         row = await self.get_collection(name)
-        async with self.transaction():
-            for sql in keyword_index.drop_statements(row.id):
-                await self.db.execute(sql)
-            await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
+        async with self._write_lock:
+            await self.db.execute("PRAGMA foreign_keys=OFF")  # no cascade; only outside a transaction
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql in keyword_index.drop_statements(row.id):
+                        await self.db.execute(sql)
+                    cur = await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
+                    if cur.rowcount == 0:
+                        raise CollectionNotFound(f"collection {name!r} does not exist")
+                    await self.db.execute("DELETE FROM collection_counts WHERE collection_id = ?", (row.id,))
+                    await self.db.execute(
+                        "INSERT OR IGNORE INTO dropped_collections(id, dropped_at) VALUES (?, ?)", (row.id, time.time())
+                    )
+                except BaseException:
+                    await self.db.execute("ROLLBACK")
+                    raise
+                await self.db.execute("COMMIT")
+            finally:
+                await self.db.execute("PRAGMA foreign_keys=ON")
         return row.id
 
     # -- documents ---------------------------------------------------------

@@ -83,18 +83,21 @@ def stored_state(database: str = DATABASE) -> tuple:
     """What a client can see stored: collections, the newest version of each
     document that is not deleted (the index writer only moves older versions
     to 'deleted' and pending ones to live or failed, which this ignores) and
-    the jobs."""
+    the jobs, of collections that exist (a deleted collection's rows are
+    purged by the writer in the background)."""
     with closing(_connect(database)) as conn:
         _wait_for_queued_files(conn)
         collections = conn.execute("SELECT id, name, description FROM collections ORDER BY id").fetchall()
         documents = conn.execute(
             """SELECT d.collection_id, d.external_id, d.content_hash, d.title, d.metadata
-               FROM documents d
+               FROM documents d JOIN collections c ON c.id = d.collection_id
                WHERE d.id = (SELECT MAX(n.id) FROM documents n WHERE n.collection_id = d.collection_id
                                AND n.external_id = d.external_id AND n.state != 'deleted')
                ORDER BY d.collection_id, d.external_id"""
         ).fetchall()
-        jobs = conn.execute("SELECT id FROM jobs ORDER BY id").fetchall()
+        jobs = conn.execute(
+            "SELECT j.id FROM jobs j JOIN collections c ON c.id = j.collection_id ORDER BY j.id"
+        ).fetchall()
     return tuple(collections), tuple(documents), tuple(jobs)
 
 

@@ -137,7 +137,7 @@ def test_a_whole_number_written_as_a_float_is_an_integer():
 
 
 def test_a_405_names_every_method_of_its_path(app):
-    client = TestClient(app)  # no lifespan: these requests never reach a route
+    client = TestClient(app, base_url="http://localhost")  # no lifespan: these requests never reach a route
     for method, path, allowed in (
         ("PUT", "/v1/collections", "GET, POST"),
         ("OPTIONS", "/v1/collections/notes", "GET, DELETE"),

@@ -688,3 +688,38 @@ async def test_a_writer_whose_lease_moved_on_stops_committing_then_competes_for_
         assert state.collection(c).generation == generation + 1
     finally:
         w.stop()
+
+
+async def test_a_deleted_collection_is_gone_at_once_and_its_rows_are_purged_in_batches_by_the_writer(env):
+    from app.store.jobs import NewJobFile
+
+    settings, store, state = env
+    old = (await store.create_collection("docs", None)).id
+    await store.insert_pending(old, [doc(f"d{i}", *(f"text {i} {j}" for j in range(3))) for i in range(20)])
+    w = writer(settings)
+    while w.step(state):
+        pass
+    await store.insert_pending(old, [doc("late", "pending when its collection goes")])
+    job = await store.jobs.create(old, [NewJobFile("a.txt", "a.txt", {}, b"queued when its collection goes", None)])
+    assert await store.jobs.next_queued({}) is not None
+
+    await store.delete_collection("docs")
+    new = (await store.create_collection("docs", None)).id  # the name is free at once
+    assert new != old and await store.collection_counts(new) == {"documents": 0, "pending_documents": 0, "chunks": 0}
+    assert await store.jobs.next_queued({}) is None  # its queued file is never served
+    assert state.pending_collections() == []  # nor its pending document indexed
+
+    def count(table: str) -> int:
+        return state.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE collection_id = ?", (old,)).fetchone()[0]
+
+    assert count("chunks") == 61 and count("documents") == 21  # left to the writer
+
+    batches = 0
+    while state.purge_dropped(batch=25):
+        batches += 1
+    assert batches == 3 + 1 + 1 + 1  # 61 chunks, 21 documents, 1 job file, then the jobs and the mark
+    assert count("chunks") == 0 and count("documents") == 0 and count("jobs") == 0
+    assert state.conn.execute("SELECT COUNT(*) FROM dropped_collections").fetchone()[0] == 0
+    with pytest.raises(Exception, match="does not exist"):
+        await store.jobs.get(job)
+    assert w.step(state) is False  # nothing left to purge or index
