@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     # that breaks one fails with the reason and the queue moves on.
     extract_timeout_s: float = Field(default=120.0, gt=0, description="wall-clock limit of one file's extraction")
     extract_memory_mb: int = Field(default=2048, ge=0, description="address space of the extractor process; 0: none")
+    extract_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="CPU priority of the extractor below the server's: parsing yields to searches",
+    )
     max_batch_documents: int = Field(default=10_000, ge=1)
     upsert_wait_timeout_s: float = Field(default=600.0, gt=0)
     default_collection: str = "default"

@@ -689,7 +689,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--k", type=int, default=10)
     p.add_argument(
-        "--ramp", type=float, default=0.0, help="seconds over which the search clients start (0: all at once)"
+        "--ramp",
+        type=float,
+        default=10.0,
+        help="seconds over which the search clients start (0: all at once, and one worker may accept every connection)",
     )
     p.add_argument("--preload", type=int, default=5000, help="passages indexed before the load (msmarco-mini first)")
     p.add_argument("--writer-batch", type=int, default=8, help="documents per upsert, one of them a probe")

@@ -210,7 +210,7 @@ def test_poison_uploads_fail_with_their_reason_while_normal_files_are_served_and
     tmp_path, checkpoint_dir
 ):
     data = tmp_path / "data"
-    limits = {"COLBERT_SERVER_EXTRACT_TIMEOUT_S": "8"}
+    limits = {"COLBERT_SERVER_EXTRACT_TIMEOUT_S": "4"}
     server = ServerProcess(data, checkpoint_dir, limits)
     restarted = None
     try:
@@ -228,7 +228,7 @@ def test_poison_uploads_fail_with_their_reason_while_normal_files_are_served_and
         done = wait_files(server.url, job, {"normal.txt"}, timeout=60)
         assert done["normal.txt"]["state"] == "added" and time.monotonic() - started < 60
         done = wait_files(server.url, job, {"soup.html", "nested.html"}, timeout=60)
-        assert done["soup.html"]["state"] == "failed" and "8 s limit" in done["soup.html"]["error"]
+        assert done["soup.html"]["state"] == "failed" and "4 s limit" in done["soup.html"]["error"]
         assert done["nested.html"]["state"] == "added"  # linear now: no longer poison
         assert httpx.get(server.url + "/ready").status_code == 200
         assert wait_live(server.url, "poison", "normal.txt") == "live"
@@ -243,7 +243,7 @@ def test_poison_uploads_fail_with_their_reason_while_normal_files_are_served_and
             timeout=120,
         )
         again = r.json()["id"]
-        time.sleep(3)  # in extraction
+        time.sleep(2)  # in extraction
         server.kill9()
         server.log.close()
         restarted = ServerProcess(data, checkpoint_dir, limits)

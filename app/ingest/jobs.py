@@ -69,7 +69,9 @@ class JobRunner:
         self.notify = notify
         self.is_writer = is_writer
         self._served: dict[str, int] = {}  # files taken per job with files still queued: uploads take turns
-        self.sandbox = ExtractionSandbox(settings.extract_timeout_s, settings.extract_memory_mb * 1024 * 1024)
+        self.sandbox = ExtractionSandbox(
+            settings.extract_timeout_s, settings.extract_memory_mb * 1024 * 1024, settings.extract_nice
+        )
 
     async def run(self) -> None:
         while True:

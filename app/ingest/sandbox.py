@@ -6,7 +6,8 @@ process such a file would stall the job queue, or take the whole process
 down with an out-of-memory kill, at every restart again. Here extraction runs
 in one long-lived child process (a fresh interpreter, so it shares no
 threads or locks with the server and never re-imports the server's main
-module) with an address-space limit; a file that runs past the
+module) with an address-space limit, at a lower CPU priority than the
+server (parsing yields the cores to searches); a file that runs past the
 wall-clock limit, or kills the child, fails with that reason, the child is
 replaced, and the queue moves on.
 """
@@ -27,12 +28,12 @@ from app.ingest.extract import ExtractedDocument, ExtractionError
 logger = logging.getLogger("app.ingest")
 
 
-def main(fd: int, memory_bytes: int) -> None:
+def main(fd: int, memory_bytes: int, nice: int = 0) -> None:
     """The child's entry point (``python -c``): serve on the inherited socket."""
-    _serve(Connection(fd), memory_bytes)
+    _serve(Connection(fd), memory_bytes, nice)
 
 
-def _serve(conn: Connection, memory_bytes: int) -> None:
+def _serve(conn: Connection, memory_bytes: int, nice: int = 0) -> None:
     """The child: extract each file sent until the pipe closes."""
     try:
         import resource
@@ -41,6 +42,11 @@ def _serve(conn: Connection, memory_bytes: int) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     except (ImportError, ValueError, OSError):  # not on this OS: the wall-clock limit still holds
         pass
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     from app.ingest.extract import extract
 
     while True:
@@ -66,9 +72,10 @@ def _serve(conn: Connection, memory_bytes: int) -> None:
 class ExtractionSandbox:
     """One child process that extracts files one at a time (thread-safe)."""
 
-    def __init__(self, timeout_s: float, memory_bytes: int):
+    def __init__(self, timeout_s: float, memory_bytes: int, nice: int = 0):
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
+        self.nice = nice
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -113,7 +120,8 @@ class ExtractionSandbox:
                 [
                     sys.executable,
                     "-c",
-                    f"from app.ingest.sandbox import main; main({theirs.fileno()}, {int(self.memory_bytes)})",
+                    "from app.ingest.sandbox import main; "
+                    f"main({theirs.fileno()}, {int(self.memory_bytes)}, {int(self.nice)})",
                 ],
                 pass_fds=[theirs.fileno()],
                 env=env,

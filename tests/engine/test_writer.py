@@ -723,3 +723,41 @@ async def test_a_deleted_collection_is_gone_at_once_and_its_rows_are_purged_in_b
     with pytest.raises(Exception, match="does not exist"):
         await store.jobs.get(job)
     assert w.step(state) is False  # nothing left to purge or index
+
+
+async def test_a_lease_that_cannot_be_taken_for_another_reason_than_busy_shows_as_degraded(env, monkeypatch):
+    """A filesystem without locks (ENOLCK) used to leave every process a
+    silent reader: nothing indexed, /ready green."""
+    import asyncio
+    import fcntl
+
+    import app.engine.lease as lease_module
+
+    settings, store, state = env
+    real_flock = fcntl.flock
+    broken = True
+
+    def flock(fd, op):
+        if broken and op & fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(lease_module.fcntl, "flock", flock)
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc("a", "text")])
+    w = IndexWriter(settings, FakeEncoder(), FakeInMemoryBackend())
+    w.start()
+    try:
+        for _ in range(100):
+            if w.state().degraded:
+                break
+            await asyncio.sleep(0.05)
+        assert w.state().degraded.startswith("writer lease: OSError") and not w.lease.held
+        broken = False  # the cause is gone: it takes the lease and indexes
+        for _ in range(200):
+            if state.live_passages(c):
+                break
+            await asyncio.sleep(0.05)
+        assert [p.text for p in state.live_passages(c)] == ["text"] and w.state().degraded is None
+    finally:
+        w.stop()

@@ -58,3 +58,14 @@ def test_a_child_killed_mid_file_fails_that_file_only(sandbox):
         sandbox.extract("slow.html", SLOW_HTML, 10**8)
     killer.join()
     assert sandbox.extract("next.txt", b"still served", 1000).text == "still served"
+
+
+def test_the_extractor_runs_at_a_lower_cpu_priority_than_the_server():
+    import os
+
+    box = ExtractionSandbox(timeout_s=60, memory_bytes=0, nice=7)
+    try:
+        box.extract("warm.txt", b"warm", 100)
+        assert os.getpriority(os.PRIO_PROCESS, box._process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    finally:
+        box.close()
