@@ -1,4 +1,4 @@
-.PHONY: setup run dev serve test test-fast lint bench bench-scale
+.PHONY: setup run dev serve test test-fast lint bench bench-scale bench-faults
 
 setup:
 	./scripts/setup.sh
@@ -36,3 +36,11 @@ bench: setup
 #   make bench-scale BENCH_SCALE_ARGS="--engine-passages 20000 --skip-real"
 bench-scale: setup
 	.venv/bin/python -m bench.scale $(BENCH_SCALE_ARGS)
+
+# Fault injection (bench/faults.py): 120 kill -9 runs (plain upserts, the first
+# PLAID build, merges and retrainings) and a disk-full run (a tmpfs as root,
+# else prlimit --fsize), through real server processes with the stand-in
+# encoder; every acknowledged write must survive. Fewer runs, e.g.
+#   make bench-faults BENCH_FAULTS_ARGS="--runs 12 --skip-disk-full"
+bench-faults: setup
+	.venv/bin/python -m bench.faults $(BENCH_FAULTS_ARGS)
