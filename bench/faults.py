@@ -77,6 +77,7 @@ SERVER_ENV = {
     "COLBERT_SERVER_LOG_LEVEL": "INFO",
     "COLBERT_BENCH_STANDIN_STATS": "",
 }
+TRICKLE, TRICKLE_S = 128 << 10, 0.5  # bytes freed at a time while the disk is full, and how often
 TOKEN_RE = re.compile(r"\bfx[a-z]{10}\b")
 WORDS = "amber basalt cobalt dahlia ember fjord garnet harbor indigo juniper kelp lagoon meadow nectar orchid".split()
 
@@ -310,9 +311,17 @@ class DataDir:
         finally:
             conn.close()
 
-    def due(self, collection: str) -> str | None:
+    def due(self, collection: str, tries: int = 5) -> str | None:
         """The maintenance step due on the committed state of ``collection``
-        ("kind: reason"), None when none is."""
+        ("kind: reason"), None when none is. While the server runs, the
+        generation read may be two commits old by the time its manifest is
+        opened (only the last two are kept): read again."""
+        for _ in range(tries - 1):
+            with contextlib.suppress(FileNotFoundError):
+                return self._due(collection)
+        return self._due(collection)
+
+    def _due(self, collection: str) -> str | None:
         with self.connect() as conn:
             row = conn.execute("SELECT id, manifest FROM collections WHERE name = ?", (collection,)).fetchone()
             if row is None or row["manifest"] is None:
@@ -500,7 +509,10 @@ def _kill_when(server: FaultServer, driver: Driver, data: DataDir, phase: str, r
     return time.monotonic() - started
 
 
-def kill_loop(workdir: Path, runs: int, seed: int, log=print) -> dict:
+def kill_loop(workdir: Path, runs: int, seed: int, log=print, on_run=None) -> dict:
+    """``runs`` kill -9 runs (the phases in turn) on one data directory,
+    then every document written checked once more. ``on_run(partial)`` gets
+    the result so far after each run (a long run keeps what it measured)."""
     rng = random.Random(seed)
     data_dir = workdir / "data"
     server = FaultServer(data_dir, {}, workdir / "server.log")
@@ -578,12 +590,20 @@ def kill_loop(workdir: Path, runs: int, seed: int, log=print) -> dict:
         )
         for problem in record.problems[:10]:
             log(f"    {problem}")
+        if on_run is not None:
+            on_run(_kill_result(records, ledger, seed, started, final=None))
     # At the end: every document ever written, checked again.
     with httpx.Client(base_url=server.base, timeout=120) as client:
         wait_settled(client, collections, 300)
         final = verify(client, ledger, list(ledger.ops))
     final_state = data.check()
     server.stop()
+    return _kill_result(
+        records, ledger, seed, started, final={**asdict(final), "lost": len(final.lost), "store": final_state}
+    )
+
+
+def _kill_result(records: list[RunRecord], ledger: Ledger, seed: int, started: float, final: dict | None) -> dict:
     per_phase = {
         phase: {
             "runs": sum(r.phase == phase for r in records),
@@ -595,6 +615,7 @@ def kill_loop(workdir: Path, runs: int, seed: int, log=print) -> dict:
         }
         for phase in PHASES
     }
+    final_ok = final is not None and not final["lost"] and not final["unsearchable"] and not final["stale"]
     return {
         "runs": len(records),
         "seed": seed,
@@ -602,8 +623,8 @@ def kill_loop(workdir: Path, runs: int, seed: int, log=print) -> dict:
         "acknowledged": ledger.acknowledged(),
         "documents": len(ledger.ops),
         "lost": sum(r.lost for r in records),
-        "final": {**asdict(final), "lost": len(final.lost), "store": final_state},
-        "ok": final.ok and not final_state["problems"] and not any(r.problems for r in records),
+        "final": final,  # None while the runs go on
+        "ok": final_ok and not final["store"]["problems"] and not any(r.problems for r in records),
         "seconds": round(time.monotonic() - started, 1),
         "server_env": SERVER_ENV,
         "records": [asdict(r) for r in records],
@@ -661,7 +682,7 @@ def disk_full(
         timings["start_s"] = server.wait_ready(300)
         with httpx.Client(base_url=server.base, timeout=60) as client:
             client.post("/v1/collections", json={"name": "full"}).raise_for_status()
-        ballast = mount / "ballast"
+        ballast, pieces = mount / "ballast", []
         driver = Driver(server.base, "full", ledger, 1, seed, nowait_share=0.5, replace_share=0.2, pause=0.05)
         driver.start()
         time.sleep(2.0)  # some writes land while there is room
@@ -671,8 +692,16 @@ def disk_full(
             # pending) while index commits (tens of KiB a passage in the
             # exact tier) run out of room first.
             room = max(_free_bytes(mount) - (room_mb << 20), 0)
-            subprocess.run(["fallocate", "-l", str(room), str(ballast)], check=True)
+            # Then, while full, TRICKLE bytes at a time come free: small
+            # documents fit into SQLite (acknowledged) while the commits
+            # that would index them (tens of KiB a passage) keep failing.
+            pieces = [mount / f"ballast-{i}" for i in range(int(full_s / TRICKLE_S) + 1)]
+            pieces = pieces[: max(room // TRICKLE - 1, 0)]
+            subprocess.run(["fallocate", "-l", str(room - len(pieces) * TRICKLE), str(ballast)], check=True)
+            for piece in pieces:
+                subprocess.run(["fallocate", "-l", str(TRICKLE), str(piece)], check=True)
         first_error = None
+        next_piece = 0.0
         deadline = time.monotonic() + 120
         with httpx.Client(base_url=server.base, timeout=30) as client:
             while time.monotonic() < deadline:
@@ -687,6 +716,9 @@ def disk_full(
                     acked_at_first_error = ledger.acknowledged()
                 if first_error is not None and time.monotonic() - first_error > full_s:
                     break
+                if first_error is not None and used == "tmpfs" and pieces and time.monotonic() > next_piece:
+                    pieces.pop().unlink()
+                    next_piece = time.monotonic() + TRICKLE_S
                 time.sleep(0.2)
         driver.join()
         if first_error is None:
@@ -700,7 +732,8 @@ def disk_full(
         # Free the space (tmpfs: drop the ballast) or lift the limit (restart).
         freed = time.monotonic()
         if used == "tmpfs":
-            ballast.unlink(missing_ok=True)
+            for piece in [ballast, *pieces]:
+                piece.unlink(missing_ok=True)
         else:
             server.stop()
             server.prefix = []
@@ -736,8 +769,9 @@ def disk_full(
     result = {
         "method": used,
         "method_detail": (
-            f"tmpfs of 64 MiB mounted as root, filled with a fallocate'd ballast file to leave {room_mb} MiB "
-            "after 2 s of writes; freed by deleting the ballast while the server runs"
+            f"tmpfs of 64 MiB mounted as root, filled with fallocate'd ballast files to leave {room_mb} MiB "
+            f"after 2 s of writes; once writes fail, {TRICKLE >> 10} KiB come free every {TRICKLE_S}s; "
+            "then freed by deleting the ballast while the server runs"
             if used == "tmpfs"
             else f"prlimit --fsize={fsize} on the server (mounting a tmpfs failed: {why_not}); lifted by a restart"
         ),
@@ -831,23 +865,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:] if argv is None else argv}
+    options.out.mkdir(parents=True, exist_ok=True)
+    path = options.out / f"faults-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save() -> None:  # after every run: a run cut short keeps what it measured
+        path.write_text(json.dumps(result, indent=1))
+
+    def on_run(partial: dict) -> None:
+        result["kill9"] = partial
+        save()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     with contextlib.ExitStack() as stack:
         workdir = options.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
         workdir.mkdir(parents=True, exist_ok=True)
-
-        def log(line: str) -> None:
-            print(line, flush=True)
-
         if not options.skip_kill:
-            result["kill9"] = kill_loop(workdir / "kill9", options.runs, options.seed, log)
+            result["kill9"] = kill_loop(workdir / "kill9", options.runs, options.seed, log, on_run)
+            save()
         if not options.skip_disk_full:
             result["disk_full"] = disk_full(
                 workdir / "disk-full", options.seed, options.disk_full_method, options.full_s, options.room_mb, log=log
             )
-    options.out.mkdir(parents=True, exist_ok=True)
-    path = options.out / f"faults-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
+            save()
     print(summary(result))
     print(f"wrote {path}")
     ok = all(part["ok"] for part in (result.get("kill9"), result.get("disk_full")) if part)
