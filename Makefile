@@ -1,4 +1,4 @@
-.PHONY: setup run dev serve test test-fast lint bench bench-scale bench-load
+.PHONY: setup run dev serve test test-fast lint bench bench-scale bench-load bench-faults
 
 setup:
 	./scripts/setup.sh
@@ -43,3 +43,11 @@ bench-scale: setup
 #   make bench-load BENCH_LOAD_ARGS="--duration 60 --preload 1000"
 bench-load: setup
 	.venv/bin/python -m bench.load $(BENCH_LOAD_ARGS)
+
+# Fault injection (bench/faults.py): 120 kill -9 runs (plain upserts, the first
+# PLAID build, merges and retrainings) and a disk-full run (a tmpfs as root,
+# else prlimit --fsize), through real server processes with the stand-in
+# encoder; every acknowledged write must survive. Fewer runs, e.g.
+#   make bench-faults BENCH_FAULTS_ARGS="--runs 12 --skip-disk-full"
+bench-faults: setup
+	.venv/bin/python -m bench.faults $(BENCH_FAULTS_ARGS)

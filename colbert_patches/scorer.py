@@ -216,7 +216,11 @@ class SnapshotScorer(IndexScorer):
 
     def get_cells(self, Q, ncells):
         """Upstream's, with the query-centroid scores computed once per query
-        and codec: every segment of a snapshot on one codec shares them."""
+        and codec: every segment of a snapshot on one codec shares them.
+        ``ncells`` past the codec's centroids probes them all (upstream's
+        ``topk`` fails: a configured ncells would break every search of a
+        collection whose codec is smaller)."""
+        ncells = min(ncells, self.codec.centroids.size(0))
         # Keyed on the query's memory (each segment's retrieve passes its own
         # view of it); the entry holds that memory, so no later query can be
         # allocated at the same address while the key is in use.

@@ -141,6 +141,10 @@ def test_snapshot_scorer_finds_documents_and_skips_dead_ones():
         alive[target] = False
         slots, _ = scorer.search(Q, params, alive, k=10)
         assert target not in slots and len(slots) > 0
+    # A configured ncells past the codec's centroids probes them all (it was a 500).
+    every_cell = search_params(10, query_maxlen=12, ncells=codec.centroids.size(0) * 8)
+    slots, _ = scorer.search(embs[17 * 12 : 18 * 12].unsqueeze(0), every_cell)
+    assert slots[0] == 17
 
 
 def test_search_params_are_per_call():
