@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,14 @@ _HTTP_CODES = {
 
 def _is_lock_timeout(exc: sqlite3.OperationalError) -> bool:
     return "database is locked" in str(exc) or "database is busy" in str(exc)
+
+
+def _is_storage_full(exc: sqlite3.OperationalError) -> bool:
+    return "disk is full" in str(exc) or "no space left" in str(exc).lower()
+
+
+# How long after a write refused for a full disk /ready says "degraded".
+STORAGE_FULL_REPORT_S = 60.0
 
 
 def error_body(code: str, message: str, details=None) -> dict:
@@ -83,6 +92,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(sqlite3.OperationalError)
     async def _store_busy(request: Request, exc: sqlite3.OperationalError):
+        if _is_storage_full(exc):
+            # SQLite rolled the transaction back: nothing was stored. The
+            # machine's fault, not the request's: 507, and /ready degraded.
+            request.app.state.storage_full_at = time.monotonic()
+            logger.error("%s %s: the disk is full: %s", request.method, request.url.path, exc)
+            return JSONResponse(
+                error_body("storage_full", "the server's disk is full; nothing was changed, retry later"),
+                status_code=507,
+                headers={"Retry-After": "30"},
+            )
         if not _is_lock_timeout(exc):
             return await _unexpected(request, exc)
         # The write lock stayed with other writers past the busy timeout: the

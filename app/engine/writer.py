@@ -706,6 +706,7 @@ _INFRASTRUCTURE_ERRNOS = frozenset(
     {
         errno.ENOSPC,
         errno.EDQUOT,
+        errno.EFBIG,  # a file-size limit (ulimit -f, a quota)
         errno.EIO,
         errno.EROFS,
         errno.ENOMEM,

@@ -418,6 +418,29 @@ async def test_a_store_locked_past_its_busy_timeout_answers_503_and_changes_noth
     assert [h["document_id"] for h in hits] == ["kept"]
 
 
+async def test_a_full_disk_answers_507_says_degraded_and_changes_nothing(client, app_env, monkeypatch):
+    import sqlite3
+
+    await create(client, "full")
+    await upsert(client, "full", [{"id": "kept", "text": "Granite cools slowly underground."}])
+    store = app_env.app.state.service.documents.store
+
+    async def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "insert_pending", full)
+    r = await client.post("/v1/collections/full/documents", json={"documents": [{"id": "new", "text": "Basalt."}]})
+    assert r.status_code == 507 and r.headers["retry-after"] == "30"
+    assert r.json()["error"]["code"] == "storage_full"
+    ready = (await client.get("/ready")).json()
+    assert ready["status"] == "degraded" and ready["storage_full_s_ago"] >= 0
+    monkeypatch.undo()
+    app_env.app.state.storage_full_at = None  # the other tests of this app expect "ready"
+    assert (await client.get("/ready")).json()["status"] == "ready"
+    hits = await search(client, "full", "granite underground", k=10)
+    assert [h["document_id"] for h in hits] == ["kept"]
+
+
 async def test_the_openapi_document_states_the_limits_the_server_enforces(client):
     import re
 

@@ -156,6 +156,7 @@ async def test_a_document_that_breaks_indexing_is_isolated_and_only_it_fails(env
     "exc, machine",
     [
         (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EFBIG, "File too large"), True),
         (sqlite3.OperationalError("database is locked"), True),
         (sqlite3.OperationalError("database or disk is full"), True),
         (MemoryError(), True),

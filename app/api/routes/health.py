@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import __version__
-from app.api.errors import error_body
+from app.api.errors import STORAGE_FULL_REPORT_S, error_body
 from app.api.schemas import ERROR_RESPONSES, ErrorResponse
 
 router = APIRouter(tags=["operations"], responses=ERROR_RESPONSES)
@@ -67,6 +68,11 @@ async def ready(request: Request):
     # writes wait.
     writer = details["writer"] or {}
     degraded = bool(writer.get("degraded") or writer.get("stalled_s"))
+    # So does a write this process refused for a full disk, for a while.
+    full_at = getattr(request.app.state, "storage_full_at", None)
+    if full_at is not None and time.monotonic() - full_at < STORAGE_FULL_REPORT_S:
+        details["storage_full_s_ago"] = round(time.monotonic() - full_at, 1)
+        degraded = True
     return {"status": "degraded" if degraded else "ready", "version": __version__, **details}
 
 
