@@ -271,6 +271,10 @@ class TrustedHostMiddleware:
     Starlette's middleware of this name, with IPv6 hosts parsed and the
     project's error shape."""
 
+    # Probes come by address (a container platform's kubelet, a load
+    # balancer's health check) and hold no data: answered for any host.
+    PROBES = frozenset({"/health", "/ready"})
+
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
         self.app = app
         hosts = [h.strip().lower() for h in allowed_hosts]
@@ -283,7 +287,7 @@ class TrustedHostMiddleware:
         return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and not self.any_host:
+        if scope["type"] in ("http", "websocket") and not self.any_host and scope["path"] not in self.PROBES:
             host = Headers(scope=scope).get("host", "")
             if not self.allowed(host):
                 response = JSONResponse(

@@ -351,6 +351,8 @@ async def test_a_host_this_server_was_not_told_to_answer_to_gets_400(secured):
     assert (await client.get("/v1/collections/rebound", headers=RO)).status_code == 404
     for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST"):
         assert (await client.get("/v1/collections", headers={"Host": host, **RO})).status_code == 200, host
+    for probe in ("/health", "/ready"):  # a platform's probes come by address
+        assert (await client.get(probe, headers={"Host": "10.1.2.3:8000"})).status_code == 200
 
 
 def test_allowed_hosts_take_names_wildcard_domains_and_any():
