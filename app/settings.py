@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     # Origins allowed to call the API from a browser (CORS); empty: no CORS headers.
     cors_origins: Annotated[list[str], NoDecode] = []
     # Host names this server answers to (the Host header; "*" any, "*.example.com"
-    # a domain and its subdomains). Loopback only by default: a web page that
+    # any subdomain of example.com, not example.com itself). Loopback only by default: a web page that
     # points its own domain at this machine's address (DNS rebinding) gets 400.
     # Behind a proxy or on a LAN, name the hosts clients use.
     allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]

@@ -31,8 +31,18 @@ def _is_lock_timeout(exc: sqlite3.OperationalError) -> bool:
     return "database is locked" in str(exc) or "database is busy" in str(exc)
 
 
-def _is_storage_full(exc: sqlite3.OperationalError) -> bool:
-    return "disk is full" in str(exc) or "no space left" in str(exc).lower()
+def _is_storage_full(exc: BaseException) -> bool:
+    """The disk is full, here or in what this error interrupted (a failed
+    ROLLBACK after SQLite rolled back a full transaction itself)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).lower()
+        if "disk is full" in text or "no space left" in text:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 # How long after a write refused for a full disk /ready says "degraded".

@@ -21,7 +21,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_body
-from app.api.security import READ_ONLY_POSTS, ApiKeyMiddleware, install_openapi_security, public_paths
+from app.api.security import READ_ONLY_POSTS, ApiKeyMiddleware, app_path, install_openapi_security, public_paths
 from app.observability import Metrics, request_id_var
 from app.settings import Settings
 
@@ -149,11 +149,11 @@ class BodyLimitMiddleware:
         # The upload limit is for the upload route only: a client cannot buy
         # the larger limit for another route by declaring a multipart body.
         upload = headers.get("content-type", "").lower().startswith("multipart/") and bool(
-            _UPLOAD_PATH.search(scope["path"])
+            _UPLOAD_PATH.search(app_path(scope))
         )
         if upload:
             limit, what = self.max_upload_bytes, "upload"
-        elif scope["method"] == "POST" and READ_ONLY_POSTS.fullmatch(scope["path"]):
+        elif scope["method"] == "POST" and READ_ONLY_POSTS.fullmatch(app_path(scope)):
             limit, what = self.max_query_bytes, "request body"
         else:
             limit, what = self.max_request_bytes, "request body"
@@ -271,9 +271,10 @@ class TrustedHostMiddleware:
     Starlette's middleware of this name, with IPv6 hosts parsed and the
     project's error shape."""
 
-    # Probes come by address (a container platform's kubelet, a load
-    # balancer's health check) and hold no data: answered for any host.
-    PROBES = frozenset({"/health", "/ready"})
+    # Probes and metric scrapes come by address (a container platform's
+    # kubelet, a load balancer's health check, Prometheus) and hold no
+    # documents: answered for any host (/metrics still needs a key when keys are set).
+    PROBES = frozenset({"/health", "/ready", "/metrics"})
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]):
         self.app = app
@@ -287,7 +288,7 @@ class TrustedHostMiddleware:
         return name in self.exact or (bool(self.suffixes) and name.endswith(self.suffixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and not self.any_host and scope["path"] not in self.PROBES:
+        if scope["type"] in ("http", "websocket") and not self.any_host and app_path(scope) not in self.PROBES:
             host = Headers(scope=scope).get("host", "")
             if not self.allowed(host):
                 response = JSONResponse(
@@ -336,7 +337,7 @@ class ConcurrencyLimitMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = self.kind(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        kind = self.kind(scope["method"], app_path(scope)) if scope["type"] == "http" else None
         if kind is None:
             await self.app(scope, receive, send)
             return

@@ -52,6 +52,16 @@ def public_paths(app: FastAPI, settings: Settings) -> frozenset[str]:
     return frozenset(paths)
 
 
+def app_path(scope: Scope) -> str:
+    """The request's path within the app: uvicorn puts ``--root-path`` in
+    front of ``scope["path"]``."""
+    path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
 def required_access(method: str, path: str) -> Access:
     if method in READ_METHODS or (method == "POST" and READ_ONLY_POSTS.fullmatch(path)):
         return Access.READ
@@ -93,10 +103,7 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
+        path = app_path(scope)
         if path in self.public or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return

@@ -446,6 +446,8 @@ class IndexWriter:
             elif outcome is Commit.LANDED:
                 self.backend.release(collection_id, [manifest, col.manifest])
         except Exception as exc:
+            if isinstance(exc, LeaseLost):
+                self._lease_lost = True
             logger.exception("applying index maintenance of collection %d failed", collection_id)
             submitted.outcome = f"failed: {type(exc).__name__}"
             self.backend.abandon(change)
@@ -661,7 +663,11 @@ class IndexWriter:
             return
         self._failures.pop(document.id, None)
         reason = f"indexing failed {MAX_ATTEMPTS} times: {type(exc).__name__}: {exc}"[:1000]
-        store.fail([document.id], reason)
+        try:
+            store.fail([document.id], reason)
+        except LeaseLost:  # another process writes now; it will try the document itself
+            self._lease_lost = True
+            return
         self.documents_failed += 1
         # Found: full batches again (another bad document among the rest is
         # taken apart the same way when its batch fails).

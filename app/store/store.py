@@ -124,7 +124,8 @@ class Store:
             try:
                 yield self.db
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                if self.db.in_transaction:  # SQLite may have rolled back itself (a full disk)
+                    await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
 
@@ -191,26 +192,30 @@ class Store:
         nothing can mistake those rows for a new collection's."""
         row = await self.get_collection(name)
         async with self._write_lock:
-            await self.db.execute("PRAGMA foreign_keys=OFF")  # no cascade; only outside a transaction
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                try:
-                    for sql in keyword_index.drop_statements(row.id):
-                        await self.db.execute(sql)
-                    cur = await self.db.execute("DELETE FROM collections WHERE id = ?", (row.id,))
-                    if cur.rowcount == 0:
-                        raise CollectionNotFound(f"collection {name!r} does not exist")
-                    await self.db.execute("DELETE FROM collection_counts WHERE collection_id = ?", (row.id,))
-                    await self.db.execute(
-                        "INSERT OR IGNORE INTO dropped_collections(id, dropped_at) VALUES (?, ?)", (row.id, time.time())
-                    )
-                except BaseException:
-                    await self.db.execute("ROLLBACK")
-                    raise
-                await self.db.execute("COMMIT")
-            finally:
-                await self.db.execute("PRAGMA foreign_keys=ON")
+            # On a thread, whole: a cancelled request cannot leave the
+            # connection half-way (foreign keys off, a transaction open).
+            await asyncio.to_thread(self._drop_collection, row.id, name)
         return row.id
+
+    def _drop_collection(self, collection_id: int, name: str) -> None:
+        if self._bulk is None:
+            raise NotReady("the database is not open")
+        with self._bulk_lock:
+            conn = self._bulk
+            conn.execute("PRAGMA foreign_keys=OFF")  # no cascade; only takes effect outside a transaction
+            try:
+                with transaction(conn):
+                    for sql in keyword_index.drop_statements(collection_id):
+                        conn.execute(sql)
+                    if conn.execute("DELETE FROM collections WHERE id = ?", (collection_id,)).rowcount == 0:
+                        raise CollectionNotFound(f"collection {name!r} does not exist")
+                    conn.execute("DELETE FROM collection_counts WHERE collection_id = ?", (collection_id,))
+                    conn.execute(
+                        "INSERT OR IGNORE INTO dropped_collections(id, dropped_at) VALUES (?, ?)",
+                        (collection_id, time.time()),
+                    )
+            finally:
+                conn.execute("PRAGMA foreign_keys=ON")
 
     # -- documents ---------------------------------------------------------
 
@@ -282,8 +287,13 @@ class Store:
         states: dict[int, tuple[str, str | None]] = {}
         for i in range(0, len(doc_ids), SQL_VARIABLES):
             part = doc_ids[i : i + SQL_VARIABLES]
+            # A document of a deleted collection awaiting the writer's purge
+            # is as good as deleted (a waiting upsert stops waiting).
             rows = await self._all(
-                f"SELECT id, state, error FROM documents WHERE id IN ({','.join('?' * len(part))})", part
+                f"""SELECT d.id, CASE WHEN c.id IS NULL THEN 'deleted' ELSE d.state END AS state, d.error
+                    FROM documents d LEFT JOIN collections c ON c.id = d.collection_id
+                    WHERE d.id IN ({",".join("?" * len(part))})""",
+                part,
             )
             states.update({r["id"]: (r["state"], r["error"]) for r in rows})
         return states

@@ -428,10 +428,19 @@ async def test_a_full_disk_answers_507_says_degraded_and_changes_nothing(client,
     async def full(*args, **kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(store, "insert_pending", full)
-    r = await client.post("/v1/collections/full/documents", json={"documents": [{"id": "new", "text": "Basalt."}]})
-    assert r.status_code == 507 and r.headers["retry-after"] == "30"
-    assert r.json()["error"]["code"] == "storage_full"
+    async def full_then_no_rollback(*args, **kwargs):
+        # SQLite rolled the full transaction back itself; a ROLLBACK after it fails.
+        try:
+            await full()
+        except sqlite3.OperationalError:
+            raise sqlite3.OperationalError("cannot rollback - no transaction is active") from None
+
+    for failing in (full, full_then_no_rollback):
+        monkeypatch.setattr(store, "insert_pending", failing)
+        body = {"documents": [{"id": "new", "text": "Basalt."}]}
+        r = await client.post("/v1/collections/full/documents", json=body)
+        assert r.status_code == 507 and r.headers["retry-after"] == "30", failing.__name__
+        assert r.json()["error"]["code"] == "storage_full"
     ready = (await client.get("/ready")).json()
     assert ready["status"] == "degraded" and ready["storage_full_s_ago"] >= 0
     monkeypatch.undo()

@@ -365,6 +365,10 @@ def test_allowed_hosts_take_names_wildcard_domains_and_any():
     assert check.allowed("search.example.org:443") and check.allowed("a.b.corp.example") and check.allowed("[::1]")
     assert not check.allowed("corp.example") and not check.allowed("evilcorp.example") and not check.allowed("x")
     assert TrustedHostMiddleware(None, ["*"]).any_host
+    from app.api.security import app_path
+
+    assert app_path({"path": "/search-api/health", "root_path": "/search-api"}) == "/health"
+    assert app_path({"path": "/v1/rerank", "root_path": ""}) == "/v1/rerank"
 
 
 async def test_search_answer_and_rerank_bodies_have_the_small_limit(tmp_path, checkpoint_dir):

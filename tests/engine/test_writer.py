@@ -700,7 +700,7 @@ async def test_a_deleted_collection_is_gone_at_once_and_its_rows_are_purged_in_b
     w = writer(settings)
     while w.step(state):
         pass
-    await store.insert_pending(old, [doc("late", "pending when its collection goes")])
+    [(_, late)] = await store.insert_pending(old, [doc("late", "pending when its collection goes")])
     job = await store.jobs.create(old, [NewJobFile("a.txt", "a.txt", {}, b"queued when its collection goes", None)])
     assert await store.jobs.next_queued({}) is not None
 
@@ -709,6 +709,7 @@ async def test_a_deleted_collection_is_gone_at_once_and_its_rows_are_purged_in_b
     assert new != old and await store.collection_counts(new) == {"documents": 0, "pending_documents": 0, "chunks": 0}
     assert await store.jobs.next_queued({}) is None  # its queued file is never served
     assert state.pending_collections() == []  # nor its pending document indexed
+    assert (await store.document_states([late]))[late][0] == "deleted"  # an upsert waiting on it stops waiting
 
     def count(table: str) -> int:
         return state.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE collection_id = ?", (old,)).fetchone()[0]
