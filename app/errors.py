@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what caused it or what it interrupted, and so on (each once)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
 
 class ServerError(Exception):
     status_code = 500

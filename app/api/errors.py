@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
-from app.errors import ServerError
+from app.errors import ServerError, error_chain
 
 logger = logging.getLogger("app.api")
 
@@ -34,15 +34,7 @@ def _is_lock_timeout(exc: sqlite3.OperationalError) -> bool:
 def _is_storage_full(exc: BaseException) -> bool:
     """The disk is full, here or in what this error interrupted (a failed
     ROLLBACK after SQLite rolled back a full transaction itself)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current).lower()
-        if "disk is full" in text or "no space left" in text:
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any("disk is full" in str(e).lower() or "no space left" in str(e).lower() for e in error_chain(exc))
 
 
 # How long after a write refused for a full disk /ready says "degraded".

@@ -8,6 +8,7 @@ the answer's event stream) pass through without being buffered.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -148,12 +149,11 @@ class BodyLimitMiddleware:
         headers = Headers(scope=scope)
         # The upload limit is for the upload route only: a client cannot buy
         # the larger limit for another route by declaring a multipart body.
-        upload = headers.get("content-type", "").lower().startswith("multipart/") and bool(
-            _UPLOAD_PATH.search(app_path(scope))
-        )
+        path = app_path(scope)
+        upload = headers.get("content-type", "").lower().startswith("multipart/") and bool(_UPLOAD_PATH.search(path))
         if upload:
             limit, what = self.max_upload_bytes, "upload"
-        elif scope["method"] == "POST" and READ_ONLY_POSTS.fullmatch(app_path(scope)):
+        elif scope["method"] == "POST" and READ_ONLY_POSTS.fullmatch(path):
             limit, what = self.max_query_bytes, "request body"
         else:
             limit, what = self.max_request_bytes, "request body"
@@ -307,9 +307,12 @@ class TrustedHostMiddleware:
 # Routes whose requests hold a thread or a model while they run, by kind:
 # each kind has its own bound on requests in progress (settings
 # max_concurrent_*). Routes not listed (reads of SQLite, probes) are cheap.
-_SEARCH = re.compile(r"/v1/collections/[^/]+/search/?|/v1/rerank/?|/api/search/?")
-_ANSWER = re.compile(r"/v1/collections/[^/]+/answer/?")
-_WRITE = re.compile(r"/v1/collections/[^/]+/(?:documents|files)(?:/.*)?")
+_KINDS = (
+    ("search", {"POST"}, re.compile(r"/v1/collections/[^/]+/search/?|/v1/rerank/?")),
+    ("search", {"GET"}, re.compile(r"/api/search/?")),
+    ("answer", {"POST"}, re.compile(r"/v1/collections/[^/]+/answer/?")),
+    ("write", {"POST", "PUT", "DELETE"}, re.compile(r"/v1/collections/[^/]+/(?:documents|files)(?:/.*)?")),
+)
 
 
 class ConcurrencyLimitMiddleware:
@@ -326,15 +329,7 @@ class ConcurrencyLimitMiddleware:
 
     @staticmethod
     def kind(method: str, path: str) -> str | None:
-        if method == "POST" and _SEARCH.fullmatch(path):
-            return "search"
-        if method == "GET" and path.rstrip("/") == "/api/search":
-            return "search"
-        if method == "POST" and _ANSWER.fullmatch(path):
-            return "answer"
-        if method in ("POST", "PUT", "DELETE") and _WRITE.fullmatch(path):
-            return "write"
-        return None
+        return next((kind for kind, methods, route in _KINDS if method in methods and route.fullmatch(path)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = self.kind(scope["method"], app_path(scope)) if scope["type"] == "http" else None
@@ -394,7 +389,12 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+def _loopback(host: str) -> bool:
+    """Whether the address requests arrive on is this machine's alone."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a Unix socket's path (or a name): not an open network address
 
 
 class OpenBindWarningMiddleware:
@@ -409,7 +409,7 @@ class OpenBindWarningMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.warned and scope["type"] == "http":
             server = scope.get("server")
-            if server and server[0] not in LOOPBACK and not str(server[0]).startswith("127."):
+            if server and not _loopback(str(server[0])):
                 self.warned = True
                 logger.warning(
                     "serving on %s without API keys: anyone who reaches this address can read, change and "

@@ -44,6 +44,7 @@ import torch
 from app.engine.backend import IndexBackend, PassageBatch
 from app.engine.lease import WriterLease
 from app.engine.maintenance import Maintainer, Submitted
+from app.errors import error_chain
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
 from app.store.index_state import Commit, IndexStateStore, LeaseLost, PendingDocument, take_writer_epoch
@@ -741,10 +742,7 @@ _INFRASTRUCTURE_MESSAGES = (
 def infrastructure_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is the machine's fault (disk full,
     a locked database, memory), not the document's."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in error_chain(exc):
         if isinstance(current, MemoryError):
             return True
         if isinstance(current, OSError) and current.errno in _INFRASTRUCTURE_ERRNOS:
@@ -752,5 +750,4 @@ def infrastructure_error(exc: BaseException) -> bool:
         text = str(current).lower()
         if any(marker in text for marker in _INFRASTRUCTURE_MESSAGES):
             return True
-        current = current.__cause__ or current.__context__
     return False
