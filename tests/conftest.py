@@ -109,7 +109,8 @@ class ServerProcess:
             "COLBERT_SERVER_LOG_LEVEL": "WARNING",
             **(extra_env or {}),
         }
-        self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+        self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
@@ -130,6 +131,11 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's output, for an assertion's message."""
+        self.log.flush()
+        return self.log_path.read_bytes()[-chars:].decode(errors="replace")
 
     def kill9(self) -> None:
         self.proc.kill()

@@ -254,6 +254,7 @@ def test_poison_uploads_fail_with_their_reason_while_normal_files_are_served_and
             files=[("files", ("after.txt", b"A comet's tail points away from the sun.", "text/plain"))],
             timeout=120,
         )
+        assert r.status_code == 202, (r.status_code, r.text, restarted.log_tail())
         after = wait_files(restarted.url, r.json()["id"], {"after.txt"}, timeout=60)
         assert after["after.txt"]["state"] == "added" and time.monotonic() - started < 60
         soup = wait_files(restarted.url, again, {"soup-again.html"}, timeout=120)["soup-again.html"]

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -28,9 +29,28 @@ from app.ingest.extract import ExtractedDocument, ExtractionError
 logger = logging.getLogger("app.ingest")
 
 
-def main(fd: int, memory_bytes: int, nice: int = 0) -> None:
+def main(fd: int, memory_bytes: int, nice: int = 0, parent: int = 0) -> None:
     """The child's entry point (``python -c``): serve on the inherited socket."""
+    if parent:
+        _die_with(parent)
     _serve(Connection(fd), memory_bytes, nice)
+
+
+def _die_with(parent: int) -> None:
+    """End this child when the server dies, even mid-file.
+
+    Otherwise a server killed by -9 while the child parses a huge file leaves
+    it running to the end of that file (up to the memory limit, on a core the
+    restarted server needs). A watch thread rather than ``PR_SET_PDEATHSIG``,
+    which fires when the *thread* that started the child ends.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _serve(conn: Connection, memory_bytes: int, nice: int = 0) -> None:
@@ -121,7 +141,7 @@ class ExtractionSandbox:
                     sys.executable,
                     "-c",
                     "from app.ingest.sandbox import main; "
-                    f"main({theirs.fileno()}, {int(self.memory_bytes)}, {int(self.nice)})",
+                    f"main({theirs.fileno()}, {int(self.memory_bytes)}, {int(self.nice)}, {os.getpid()})",
                 ],
                 pass_fds=[theirs.fileno()],
                 env=env,

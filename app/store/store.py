@@ -137,12 +137,17 @@ class Store:
 
     async def _one(self, sql: str, params=()):
         """One row, read on the read connection (committed state only)."""
-        async with self.reader.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = await self._all(sql, params)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, params=()):
-        async with self.reader.execute(sql, params) as cur:
-            return await cur.fetchall()
+        """All rows, read on the read connection in one call on its thread:
+        each read is its own read transaction, begun after every write this
+        request committed. (A cursor stepped in one call and fetched in a
+        later one would hold its read transaction open in between, and other
+        requests' reads on the shared connection would run inside it, on the
+        store as it was before their own writes.)"""
+        return list(await self.reader.execute_fetchall(sql, params))
 
     # -- collections -------------------------------------------------------
 

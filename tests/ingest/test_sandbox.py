@@ -69,3 +69,47 @@ def test_the_extractor_runs_at_a_lower_cpu_priority_than_the_server():
         assert os.getpriority(os.PRIO_PROCESS, box._process.pid) == os.getpriority(os.PRIO_PROCESS, 0) + 7
     finally:
         box.close()
+
+
+def test_the_child_ends_when_the_server_is_killed_mid_file(tmp_path):
+    """A server killed by -9 while its child parses a long file must not
+    leave the child running to the end of that file on a core the restarted
+    server needs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import threading, time\n"
+        "from app.ingest.sandbox import ExtractionSandbox\n"
+        "box = ExtractionSandbox(timeout_s=600, memory_bytes=0)\n"
+        "box.extract('warm.txt', b'warm', 100)\n"
+        "print(box._process.pid, flush=True)\n"
+        "box.extract('slow.html', b'<p>word</p>' * 2_000_000, 10**9)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    server = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": root}
+    )
+    child = int(server.stdout.readline())
+    time.sleep(0.5)  # the child is parsing
+    os.kill(child, 0)  # alive
+    server.kill()
+    server.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        # a zombie of a dead parent is reaped by init; read its state
+        try:
+            if Path(f"/proc/{child}/stat").read_text().split()[2] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    raise AssertionError("the extraction child outlived its server by 5 s")

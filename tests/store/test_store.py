@@ -280,3 +280,25 @@ async def test_reads_see_committed_state_only_and_do_not_wait_for_an_open_write(
     await writing
     assert (await store.get_collection("first")).description == "half written"  # committed: seen at once
     assert (await store.get_document(first, "x"))["title"] == "half written"
+
+
+async def test_a_read_after_a_committed_write_sees_it_while_other_reads_run(store):
+    """Reads share one read connection: a read must never run inside the
+    read transaction of another request's unfinished query (it would see
+    the store as it was before writes this request just committed)."""
+    import asyncio
+
+    stop = asyncio.Event()
+
+    async def other_requests_reading() -> None:
+        while not stop.is_set():
+            await store.list_collections()
+
+    readers = [asyncio.create_task(other_requests_reading()) for _ in range(4)]
+    try:
+        for n in range(100):
+            await store.create_collection(f"c{n}", None)
+            assert (await store.get_collection(f"c{n}")).name == f"c{n}"
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
