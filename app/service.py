@@ -241,10 +241,17 @@ class SearchService:
     # -- search ------------------------------------------------------------
 
     async def search(
-        self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
+        self,
+        name: str,
+        query: str,
+        k: int,
+        mode: str | None = None,
+        where: dict | None = None,
+        fusion: str | None = None,
+        weights: dict[str, float] | None = None,
     ) -> list[SearchHit]:
         self._require_ready()
-        return await self.searcher.search(check_collection_name(name), query, k, mode, where, fusion)
+        return await self.searcher.search(check_collection_name(name), query, k, mode, where, fusion, weights)
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         self._require_ready()

@@ -40,7 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.engine.encoder import EncodedPassages
 from models.build_default_checkpoint import COLBERT_DIM, DOC_MAXLEN, QUERY_MAXLEN, bundled_minilm_dir
+
+DENSE_DIM = 384  # the default checkpoint's pooled vector
 
 TABLE_SEED = 20250101
 POSITION_NOISE = 0.1  # norm of the noise added to a token's row before renormalising
@@ -63,6 +66,7 @@ class StandInEncoder:
     """Deterministic token vectors from a seeded table; see the module docstring."""
 
     dim = COLBERT_DIM
+    dense_dim = DENSE_DIM
     nbits = 2
     doc_maxlen = DOC_MAXLEN
     query_maxlen = QUERY_MAXLEN
@@ -97,6 +101,9 @@ class StandInEncoder:
         jitter = noise * torch.randn(vocab, POSITION_VARIANTS, self.dim, generator=generator) / self.dim**0.5
         table = torch.nn.functional.normalize(rows + jitter, dim=-1).reshape(vocab * POSITION_VARIANTS, self.dim)
         self._table = table.to(torch.float16)
+        # The dense vector: the mean token vector lifted to the real model's
+        # width by a fixed matrix (what the index stores and scans per passage).
+        self._lift = torch.randn(self.dim, self.dense_dim, generator=generator) / self.dim**0.5
         keep = np.ones(vocab, dtype=bool)
         for symbol in string.punctuation:
             ids = base.encode(symbol, add_special_tokens=False)
@@ -156,6 +163,22 @@ class StandInEncoder:
         embs, doclens = self._encode(texts)
         self._record(len(texts), int(embs.size(0)))
         return embs, doclens
+
+    def encode_passages(self, texts: list[str]) -> EncodedPassages:
+        """Token vectors and dense vectors (see ``_lift``)."""
+        embs, doclens = self.encode_documents(texts)
+        if not texts:
+            return EncodedPassages(embs, doclens, torch.empty(0, self.dense_dim, dtype=torch.float16))
+        owner = torch.repeat_interleave(torch.arange(len(doclens)), torch.tensor(doclens, dtype=torch.int64))
+        sums = torch.zeros(len(doclens), self.dim).index_add_(0, owner, embs.float())
+        return EncodedPassages(embs, doclens, self._dense(sums))
+
+    def encode_query(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        Q = self.encode_queries([query])
+        return Q, self._dense(Q.sum(1)).float()
+
+    def _dense(self, sums: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(sums @ self._lift, dim=-1).to(torch.float16)
 
     def encode_queries(self, queries: list[str]) -> torch.Tensor:
         """(len(queries), longest, dim) float32; zero vectors after each query's end."""

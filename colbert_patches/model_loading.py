@@ -64,6 +64,10 @@ class EncoderOptions:
     marker_tokens: bool = True
     doc_maxlen: int | None = None
     query_maxlen: int | None = None
+    # "mean": the transformer's mean-pooled last hidden state is a sentence
+    # vector of its own (a sentence-transformers base such as MiniLM), stored
+    # per passage as the dense signal; "none": the checkpoint has no such head.
+    dense_pooling: str = "none"
 
     @classmethod
     def for_checkpoint(cls, path_or_name: str, **overrides) -> EncoderOptions:
@@ -75,6 +79,10 @@ class EncoderOptions:
             for key in ("query_augmentation", "marker_tokens"):
                 if key in stored:
                     values[key] = bool(stored[key])
+            if "dense_pooling" in stored:
+                values["dense_pooling"] = str(stored["dense_pooling"])
+            elif stored.get("base") == "all-MiniLM-L6-v2":  # the default checkpoint, built before the key existed
+                values["dense_pooling"] = "mean"
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -29,7 +29,7 @@ QUERY_MAXLEN = 32
 DONE_MARKER = "checkpoint.complete"
 # Encoder options that travel with the checkpoint (see models/README.md for
 # the measurement that chose them).
-SERVER_OPTIONS = {"query_augmentation": False, "marker_tokens": False}
+SERVER_OPTIONS = {"query_augmentation": False, "marker_tokens": False, "dense_pooling": "mean"}
 
 
 def bundled_minilm_dir() -> Path:

@@ -3,9 +3,9 @@
 The server's document encoder can run on onnxruntime instead of torch
 (``ENCODER_RUNTIME``): ``model.onnx`` (fp32) and ``model.int8.onnx`` (dynamic
 int8 quantization of the weights, per channel) take ``input_ids`` and
-``attention_mask`` (dynamic batch and sequence axes) and return the projected
-token vectors before masking and normalisation, which the encoder applies as
-``ColBERT.doc`` does. Any colbert-ai checkpoint works: the export runs on
+``attention_mask`` (dynamic batch and sequence axes) and return the
+transformer's last hidden states; the encoder projects, masks and normalises
+them as ``ColBERT.doc`` does, and mean-pools them for the dense vector. Any colbert-ai checkpoint works: the export runs on
 first start, once per checkpoint, under the models directory (file-locked,
 written to a temporary directory and renamed into place), with the same
 exporter and quantizer as the hallucination model
@@ -29,13 +29,15 @@ INT8_FILE = "model.int8.onnx"
 META_FILE = "colbert_onnx.json"
 DONE_MARKER = "export.complete"
 INPUT_NAMES = ["input_ids", "attention_mask"]
-OUTPUT_NAME = "token_vectors"
+OUTPUT_NAME = "last_hidden_state"
+# Bumped when what the export computes changes, so an older export is not reused.
+EXPORT_FORMAT = "hidden-states-1"
 
 
 def export_dir_name(checkpoint: str) -> str:
     """One directory per checkpoint version: its path (or hub name) and, for
     a local checkpoint, its weights' size and modification time."""
-    identity = [checkpoint]
+    identity = [checkpoint, EXPORT_FORMAT]
     path = Path(checkpoint)
     if path.is_dir():
         for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
@@ -45,30 +47,35 @@ def export_dir_name(checkpoint: str) -> str:
     return f"colbert-onnx-{path.name or 'checkpoint'}-{digest}"
 
 
-def _projected_encoder(checkpoint):
+def _transformer(checkpoint):
     import torch
 
-    class ProjectedEncoder(torch.nn.Module):
-        """What ``ColBERT.doc`` and ``ColBERT.query`` compute before masking."""
+    class Transformer(torch.nn.Module):
+        """The checkpoint's transformer: its last hidden states."""
 
-        def __init__(self, bert, linear):
+        def __init__(self, bert):
             super().__init__()
             self.bert = bert
-            self.linear = linear
 
         def forward(self, input_ids, attention_mask):
-            return self.linear(self.bert(input_ids, attention_mask=attention_mask)[0])
+            return self.bert(input_ids, attention_mask=attention_mask)[0]
 
-    return ProjectedEncoder(checkpoint.bert, checkpoint.linear).eval()
+    return Transformer(checkpoint.bert).eval()
 
 
 def export_checkpoint(checkpoint, source: str, dest: Path) -> Path:
     """Write both ONNX files of a loaded ``Checkpoint`` to ``dest``."""
     dest = Path(dest)
     with staged_directory(dest, DONE_MARKER) as tmp:
-        _export(_projected_encoder(checkpoint), checkpoint.raw_tokenizer, INPUT_NAMES, OUTPUT_NAME, tmp / FP32_FILE)
+        _export(_transformer(checkpoint), checkpoint.raw_tokenizer, INPUT_NAMES, OUTPUT_NAME, tmp / FP32_FILE)
         quantize_int8(tmp / FP32_FILE, tmp / INT8_FILE)
-        meta = {"source": source, "input_names": INPUT_NAMES, "output": OUTPUT_NAME, "opset": OPSET}
+        meta = {
+            "source": source,
+            "input_names": INPUT_NAMES,
+            "output": OUTPUT_NAME,
+            "format": EXPORT_FORMAT,
+            "opset": OPSET,
+        }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     return dest
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from app.engine.backend import IndexStats, MaintenanceTask, PassageBatch, PreparedChange, SearchRequest, SearchResult
+from app.engine.encoder import EncodedPassages
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -41,7 +42,11 @@ def _word_id(word: str) -> int:
 
 
 class FakeEncoder:
+    """Word vectors as token vectors; the dense vector is their normalised
+    mean (a bag of words), so the dense signal too favours shared words."""
+
     dim = 16
+    dense_dim = 16
     nbits = 2
     query_maxlen = 8
     doc_maxlen = 40
@@ -78,6 +83,18 @@ class FakeEncoder:
         self.documents_encoded += len(texts)
         return torch.cat(vectors).half(), [v.size(0) for v in vectors]
 
+    def encode_query(self, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+        Q = self.encode_queries([query])
+        return Q, torch.nn.functional.normalize(Q[0, : len(self._tokenizer(query)["input_ids"]) or 1].mean(0), dim=0)[
+            None
+        ]
+
+    def encode_passages(self, texts: list[str]) -> EncodedPassages:
+        embs, doclens = self.encode_documents(texts)  # (tests patch it to fail or slow down)
+        dense = [torch.nn.functional.normalize(rows.float().mean(0), dim=0) for rows in embs.split(doclens)]
+        stacked = torch.stack(dense).half() if dense else torch.empty(0, self.dense_dim, dtype=torch.float16)
+        return EncodedPassages(embs, doclens, stacked)
+
     def maxsim(self, query: str, texts: list[str]) -> list[float]:
         Q = self.encode_queries([query])[0]
         return [maxsim(Q, self._vectors(t, self.doc_maxlen)) for t in texts]
@@ -92,10 +109,13 @@ class FakeInMemorySnapshot:
     def __init__(self, generation: int, batches: tuple[PassageBatch, ...]):
         self.generation = generation
         self._passages: list[tuple[int, torch.Tensor]] = []
+        self._dense: dict[int, torch.Tensor] = {}
         for batch in batches:
             offsets = torch.cumsum(batch.doclens, 0) - batch.doclens
-            for pid, start, n in zip(batch.pids.tolist(), offsets.tolist(), batch.doclens.tolist()):
+            for row, (pid, start, n) in enumerate(zip(batch.pids.tolist(), offsets.tolist(), batch.doclens.tolist())):
                 self._passages.append((pid, batch.embs[start : start + n]))
+                if batch.dense is not None:
+                    self._dense[pid] = batch.dense[row].float()
 
     @property
     def num_passages(self) -> int:
@@ -121,6 +141,21 @@ class FakeInMemorySnapshot:
         scored.sort(key=lambda item: (-item[0], item[1]))
         top = scored[: request.k]
         return SearchResult([pid for _, pid in top], [score for score, _ in top])
+
+    def dense_search(self, q, k: int, alive=None, allowed_pids=None) -> SearchResult:
+        allowed = set(allowed_pids.tolist()) if allowed_pids is not None else None
+        scored = [
+            (float(self._dense[pid] @ q.reshape(-1).float()), pid)
+            for slot, (pid, _) in enumerate(self._passages)
+            if pid in self._dense and (alive is None or bool(alive[slot])) and (allowed is None or pid in allowed)
+        ]
+        scored.sort(key=lambda item: (-item[0], item[1]))
+        return SearchResult([pid for _, pid in scored[:k]], [score for score, _ in scored[:k]])
+
+    def dense_scores(self, q, pids: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(
+            [float(self._dense[p] @ q.reshape(-1).float()) if p in self._dense else float("nan") for p in pids.tolist()]
+        )
 
 
 class FakeInMemoryBackend:
@@ -155,7 +190,8 @@ class FakeInMemoryBackend:
         for b in self.generations[(task.collection_id, task.manifest)]:
             keep = ~torch.isin(b.pids, dead_pids)
             tokens = torch.repeat_interleave(keep, b.doclens)
-            kept.append(PassageBatch(b.pids[keep], b.embs[tokens], b.doclens[keep]))
+            dense = b.dense[keep] if b.dense is not None else None
+            kept.append(PassageBatch(b.pids[keep], b.embs[tokens], b.doclens[keep], dense))
             dropped.append(b.pids[~keep])
         name = f"prepared-{len(self.prepared)}"
         self.prepared[name] = (self.generations[(task.collection_id, task.manifest)], tuple(b for b in kept if len(b)))

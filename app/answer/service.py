@@ -168,8 +168,10 @@ class AnswerService:
 
     # -- answering ---------------------------------------------------------
 
-    async def _retrieve(self, collection: str, question: str, k: int, mode: str, where, fusion) -> list[SearchHit]:
-        return await self.search.search(collection, question, k, mode, where, fusion)
+    async def _retrieve(
+        self, collection: str, question: str, k: int, mode: str | None, where, fusion, weights
+    ) -> list[SearchHit]:
+        return await self.search.search(collection, question, k, mode, where, fusion, weights)
 
     def _passages(self, hits: list[SearchHit]) -> list[str]:
         cut = self.settings.answer_passage_chars
@@ -248,10 +250,17 @@ class AnswerService:
             )
 
     async def answer(
-        self, collection: str, question: str, k: int, mode: str = "colbert", where=None, fusion=None
+        self,
+        collection: str,
+        question: str,
+        k: int,
+        mode: str | None = None,
+        where=None,
+        fusion=None,
+        weights: dict[str, float] | None = None,
     ) -> dict:
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion)
+        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:
@@ -309,14 +318,21 @@ class AnswerService:
             await asyncio.shield(producer)
 
     async def stream(
-        self, collection: str, question: str, k: int, mode: str = "colbert", where=None, fusion=None
+        self,
+        collection: str,
+        question: str,
+        k: int,
+        mode: str | None = None,
+        where=None,
+        fusion=None,
+        weights: dict[str, float] | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """(event, data) pairs: ``token`` pieces, then ``citations``,
         ``hallucination`` and ``done`` (the full response). Under
         ``answer_unsupported=refuse`` tokens are held back until the check
         passes, since a refused answer must not have been sent already."""
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion)
+        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:

@@ -188,12 +188,35 @@ class DocumentPage(BaseModel):
     offset: int
 
 
+SearchMode = Literal["colbert", "dense", "keyword", "hybrid"]
+MODE_HELP = (
+    "colbert: late interaction (MaxSim); dense: the encoder's pooled sentence vector (only for a checkpoint "
+    "that has one); keyword: BM25; hybrid: all three signals' candidates, each scored by every signal and "
+    "fused with the weights. Default: the server's SEARCH_MODE"
+)
+FUSION_HELP = (
+    "hybrid: normalized (weighted sum of min-max normalised scores), rrf (weighted reciprocal ranks) or "
+    "rescore (exact MaxSim ranks every signal's candidates); default: the server's HYBRID_FUSION"
+)
+
+
+class HybridWeights(Strict):
+    """Each signal's weight in a hybrid search; a signal left out weighs 0."""
+
+    colbert: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
+    dense: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
+    keyword: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
+
+
 class SearchRequest(Strict):
     query: NotBlankStr = Field(min_length=1, max_length=10_000)
     k: SearchK = 10
-    mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
+    mode: SearchMode | None = Field(default=None, description=MODE_HELP)
     filter: dict[str, Any] | None = None
-    fusion: Literal["rrf", "normalized", "rescore"] | None = None
+    fusion: Literal["normalized", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
+    weights: HybridWeights | None = Field(
+        default=None, description="hybrid: each signal's weight; default from the server's settings"
+    )
 
 
 class SearchHitOut(BaseModel):
@@ -272,9 +295,12 @@ class JobOut(BaseModel):
 class AnswerRequest(Strict):
     question: NotBlankStr = Field(min_length=1, max_length=4_000)
     k: AnswerK | None = Field(default=None, description="passages to retrieve; default from settings")
-    mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
+    mode: SearchMode | None = Field(default=None, description=MODE_HELP)
     filter: dict[str, Any] | None = None
-    fusion: Literal["rrf", "normalized", "rescore"] | None = None
+    fusion: Literal["normalized", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
+    weights: HybridWeights | None = Field(
+        default=None, description="hybrid: each signal's weight; default from the server's settings"
+    )
     stream: StrictBool = Field(default=False, description="server-sent events: token, citations, hallucination, done")
 
 

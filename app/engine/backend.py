@@ -33,11 +33,13 @@ import torch
 
 @dataclass(frozen=True)
 class PassageBatch:
-    """Encoded passages: ids ascending, packed token vectors, tokens per passage."""
+    """Encoded passages: ids ascending, packed token vectors, tokens per
+    passage, and each passage's dense vector when the encoder has a pooled head."""
 
     pids: torch.Tensor  # int64 (n,)
     embs: torch.Tensor  # float16 (sum(doclens), dim)
     doclens: torch.Tensor  # int64 (n,)
+    dense: torch.Tensor | None = None  # float16 (n, dense dim), L2-normalised
 
     def __len__(self) -> int:
         return int(self.pids.numel())
@@ -130,6 +132,23 @@ class IndexSnapshot(Protocol):
         """The top ``request.k`` live passages for query vectors ``Q``
         (1 x L x dim), best first; with ``allowed_pids`` only among those.
         Returns k results whenever k live allowed passages exist."""
+        ...
+
+    def dense_search(
+        self,
+        q: torch.Tensor,
+        k: int,
+        alive: torch.Tensor | None = None,
+        allowed_pids: torch.Tensor | None = None,
+    ) -> SearchResult:
+        """The top ``k`` live passages by the cosine of their dense vector
+        with ``q`` (1 x dense dim), best first; passages stored without a
+        dense vector are not ranked."""
+        ...
+
+    def dense_scores(self, q: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        """The dense cosine of each of ``pids`` with ``q`` (float32, NaN for a
+        passage stored without a dense vector or not in this generation)."""
         ...
 
 

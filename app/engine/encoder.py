@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,11 +59,11 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 
 class OnnxDocumentModel:
-    """The checkpoint's transformer + projection on onnxruntime (an export
-    by ``models/export_colbert_onnx.py``); masking and normalisation as
-    ``ColBERT.doc`` does them."""
+    """The checkpoint's transformer on onnxruntime (an export by
+    ``models/export_colbert_onnx.py``): its last hidden states, which the
+    encoder projects, masks and pools as it does torch's."""
 
-    def __init__(self, path: Path, skiplist: list[int], pad_id: int, threads: int = 0):
+    def __init__(self, path: Path, threads: int = 0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -70,15 +71,28 @@ class OnnxDocumentModel:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.skiplist = torch.tensor(skiplist or [-1], dtype=torch.long)
-        self.pad_id = pad_id
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised token vectors (b, L, dim), kept positions (b, L, 1))."""
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states (b, L, hidden) float32."""
         out = self.session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-        kept = mask.bool() & ~torch.isin(ids, self.skiplist) & (ids != self.pad_id)
-        D = torch.nn.functional.normalize(torch.from_numpy(out) * kept.unsqueeze(-1), p=2, dim=2)
-        return D, kept.unsqueeze(-1)
+        return torch.from_numpy(out)
+
+
+@dataclass
+class EncodedPassages:
+    """What one forward pass gives for a list of passages."""
+
+    embs: torch.Tensor  # packed token vectors (sum(doclens), dim) float16, L2-normalised rows
+    doclens: list[int]
+    dense: torch.Tensor | None  # (n, dense_dim) float16, L2-normalised; None: the checkpoint has no pooled head
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L2-normalised mean of the hidden states over the attended positions
+    (sentence-transformers' mean pooling)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
 
 
 class ColBERTEncoder:
@@ -120,6 +134,14 @@ class ColBERTEncoder:
         self.chunk_lock = threading.Lock()
         self._chunk_tokenizer = copy.deepcopy(self.checkpoint.doc_tokenizer.tok)
         self._pad_id = int(self.checkpoint.doc_tokenizer.tok.pad_token_id or 0)
+        self.device = device
+        model = self.checkpoint
+        self._skiplist = torch.tensor([k for k in getattr(model, "skiplist", {}) if isinstance(k, int)] or [-1])
+        # The pooled sentence vector of the same forward pass (the dense
+        # signal): only for a checkpoint whose base was trained for it.
+        if options.dense_pooling not in ("mean", "none"):
+            raise ValueError(f"unknown dense pooling {options.dense_pooling!r}: use mean or none")
+        self.dense_dim: int | None = int(model.bert.config.hidden_size) if options.dense_pooling == "mean" else None
         self._onnx: OnnxDocumentModel | None = None
         if runtime != "torch":
             from models.export_colbert_onnx import FP32_FILE, INT8_FILE, ensure_colbert_onnx
@@ -127,13 +149,14 @@ class ColBERTEncoder:
             if models_dir is None:
                 raise ValueError("an onnx encoder runtime needs a models directory for its export")
             export = ensure_colbert_onnx(models_dir, self.checkpoint, checkpoint)
-            skiplist = [k for k in getattr(self.checkpoint, "skiplist", {}) if isinstance(k, int)]
             path = export / (INT8_FILE if runtime == "onnx-int8" else FP32_FILE)
-            self._onnx = OnnxDocumentModel(path, skiplist, self._pad_id, torch.get_num_threads())
+            self._onnx = OnnxDocumentModel(path, torch.get_num_threads())
         logger.info(
-            "loaded checkpoint %s (dim=%d, doc_maxlen=%d, augmentation=%s, markers=%s, documents on %s) in %.1fs",
+            "loaded checkpoint %s (dim=%d, dense=%s, doc_maxlen=%d, augmentation=%s, markers=%s, documents on %s)"
+            " in %.1fs",
             checkpoint,
             self.dim,
+            self.dense_dim or "none",
             self.doc_maxlen,
             options.query_augmentation,
             options.marker_tokens,
@@ -151,13 +174,43 @@ class ColBERTEncoder:
     def passage_token_budget(self) -> int:
         return self.checkpoint.doc_tokenizer.content_token_budget()
 
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, kept: torch.Tensor, onnx: bool):
+        """(token vectors (b, L, dim) float32 normalised, zero where not
+        ``kept``; pooled vectors (b, hidden) or None) from one forward pass,
+        as ``ColBERT.doc`` and ``ColBERT.query`` compute the former."""
+        model = self.checkpoint
+        with torch.inference_mode(), model.amp_manager.context():
+            if onnx and self._onnx is not None:
+                hidden = self._onnx(ids, mask).to(self.device)
+            else:
+                hidden = model.bert(ids.to(self.device), attention_mask=mask.to(self.device))[0]
+            vectors = model.linear(hidden) * kept.to(self.device).unsqueeze(-1)
+            vectors = torch.nn.functional.normalize(vectors.float(), p=2, dim=2).cpu()
+            pooled = mean_pool(hidden, mask.to(self.device)).cpu() if self.dense_dim else None
+        return vectors, pooled
+
+    def encode_query(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token vectors (1, L, dim) float32, dense vector (1, hidden) or None)."""
+        return self._encode_queries([query])
+
     def encode_queries(self, queries: list[str]) -> torch.Tensor:
-        """(len(queries), query_maxlen, dim) float32, L2-normalised rows."""
-        with self._query_lock, torch.inference_mode():
-            return self.checkpoint.queryFromText(list(queries), bsize=128, to_cpu=True).float()
+        """(len(queries), L, dim) float32, L2-normalised rows (L: query_maxlen
+        with augmentation, else the longest query)."""
+        return self._encode_queries(list(queries))[0]
+
+    def _encode_queries(self, queries: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with self._query_lock:
+            ids, mask = self.checkpoint.query_tokenizer.tensorize(queries)
+        # ColBERT.query masks only padding (augmentation's [MASK]s count).
+        return self._forward(ids, mask, ids != self._pad_id, onnx=False)
 
     def encode_documents(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Packed token vectors (sum(doclens), dim) float16 and per-text lengths.
+        """Packed token vectors (sum(doclens), dim) float16 and per-text lengths."""
+        encoded = self.encode_passages(texts)
+        return encoded.embs, encoded.doclens
+
+    def encode_passages(self, texts: list[str]) -> EncodedPassages:
+        """Token vectors and the dense vector of each text, from one forward pass.
 
         Texts are tokenized once without padding, sorted by length and
         encoded in batches of about ``batch_tokens`` positions, each padded
@@ -166,21 +219,22 @@ class ColBERTEncoder:
         computes is padding when lengths vary.
         """
         if not texts:
-            return torch.empty(0, self.dim, dtype=torch.float16), []
+            dense = torch.empty(0, self.dense_dim, dtype=torch.float16) if self.dense_dim else None
+            return EncodedPassages(torch.empty(0, self.dim, dtype=torch.float16), [], dense)
         with self._doc_lock:
             token_ids = self.checkpoint.doc_tokenizer.token_ids(texts)
         vectors: list[torch.Tensor] = [torch.empty(0)] * len(texts)
-        with torch.inference_mode():
-            for batch in length_batches([len(t) for t in token_ids], self.batch_tokens):
-                ids, mask = pad_batch([token_ids[i] for i in batch], self._pad_id)
-                if self._onnx is not None:
-                    D, kept = self._onnx(ids, mask)
-                else:
-                    D, kept = self.checkpoint.doc(ids, mask, keep_dims="return_mask", to_cpu=True)
-                D, kept = D.to(torch.float16), kept.cpu()
-                for row, i in enumerate(batch):
-                    vectors[i] = D[row][kept[row, :, 0]]
-        return torch.cat(vectors), [int(v.size(0)) for v in vectors]
+        pooled = torch.empty(len(texts), self.dense_dim, dtype=torch.float16) if self.dense_dim else None
+        for batch in length_batches([len(t) for t in token_ids], self.batch_tokens):
+            ids, mask = pad_batch([token_ids[i] for i in batch], self._pad_id)
+            kept = mask.bool() & ~torch.isin(ids, self._skiplist) & (ids != self._pad_id)
+            D, P = self._forward(ids, mask, kept, onnx=True)
+            D = D.to(torch.float16)
+            for row, i in enumerate(batch):
+                vectors[i] = D[row][kept[row]]
+            if pooled is not None and P is not None:
+                pooled[torch.tensor(batch)] = P.to(torch.float16)
+        return EncodedPassages(torch.cat(vectors), [int(v.size(0)) for v in vectors], pooled)
 
     def maxsim(self, query: str, texts: list[str]) -> list[float]:
         """Exact ColBERT scores of ``texts`` for ``query`` (no index)."""

@@ -92,6 +92,7 @@ class _Segment:
     scorer: SnapshotScorer | None = None  # PLAID segments
     embs: torch.Tensor | None = None  # exact-tier segments (fp16)
     doclens: torch.Tensor | None = None
+    dense: torch.Tensor | None = None  # (passages, dense dim) fp16, memory-mapped; None: written without
     nbytes: int = 0  # its arrays, mapped or not
 
 
@@ -183,6 +184,56 @@ class PlaidSnapshot:
             result = self._search_segments(Q, params, mask, k, subset, expand=True)
         return result
 
+    def dense_search(
+        self,
+        q: torch.Tensor,
+        k: int,
+        alive: torch.Tensor | None = None,
+        allowed_pids: torch.Tensor | None = None,
+    ) -> SearchResult:
+        """Exhaustive: every live allowed passage's dense vector against
+        ``q``, segment by segment (fp16 on the mapped arrays, no copies)."""
+        mask = alive
+        if allowed_pids is not None:
+            allowed = torch.isin(self.slot_to_pid, allowed_pids)
+            mask = allowed if mask is None else mask & allowed
+        query = q.reshape(-1).to(torch.float16)
+        pids: list[torch.Tensor] = []
+        scores: list[torch.Tensor] = []
+        for n, segment in enumerate(self.segments):
+            if segment.dense is None:
+                continue
+            part = mask[self._offsets[n] : self._offsets[n + 1]] if mask is not None else None
+            if part is not None and not bool(part.any()):
+                continue
+            values = (segment.dense @ query).float()
+            if part is not None:
+                values = values.masked_fill(~part, float("-inf"))
+            top = values.topk(min(k, int(part.sum()) if part is not None else values.numel()))
+            pids.append(segment.pids[top.indices])
+            scores.append(top.values)
+        if not pids:
+            return SearchResult([], [])
+        all_pids, all_scores = torch.cat(pids), torch.cat(scores)
+        top = all_scores.topk(min(k, all_scores.numel()))
+        return SearchResult(all_pids[top.indices].tolist(), top.values.tolist())
+
+    def dense_scores(self, q: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        out = torch.full((pids.numel(),), float("nan"))
+        if not self.segments or not pids.numel():
+            return out
+        slots = torch.searchsorted(self.slot_to_pid, pids).clamp(max=self.num_passages - 1)
+        found = self.slot_to_pid[slots] == pids
+        query = q.reshape(-1).float()
+        for n, segment in enumerate(self.segments):
+            if segment.dense is None:
+                continue
+            start, end = self._offsets[n], self._offsets[n + 1]
+            mine = (found & (slots >= start) & (slots < end)).nonzero().flatten()
+            if mine.numel():
+                out[mine] = segment.dense[slots[mine] - start].float() @ query
+        return out
+
     def _search_segments(self, Q, params, mask, k: int, subset: bool, expand: bool) -> SearchResult:
         """Each segment's best ``k`` merged: a small segment (or a small
         allowed subset) is scored exhaustively, a large one by one PLAID pass."""
@@ -265,13 +316,16 @@ def _exact_top(Q: torch.Tensor, segment: _Segment, mask: torch.Tensor | None, k:
 def _open_segment(files: IndexFiles, entry: SegmentEntry, codecs: dict) -> _Segment:
     state = files.load(entry.name)
     nbytes = sum(_nbytes(t) for t in state.values() if isinstance(t, torch.Tensor))
+    dense = state.get("dense")
     if entry.codec is None:  # exact tier: scored as fp32, converted once here
         embs, doclens = state["embs"].float(), state["doclens"].to(torch.int64)
-        return _Segment(entry, state["pids"], embs=embs, doclens=doclens, nbytes=_nbytes(embs) + _nbytes(doclens))
+        nbytes = _nbytes(embs) + _nbytes(doclens) + (_nbytes(dense) if dense is not None else 0)
+        return _Segment(entry, state["pids"], embs=embs, doclens=doclens, dense=dense, nbytes=nbytes)
     codec = _codec(files, entry.codec, codecs)
     if "ivf" not in state:  # written before segments carried their IVF: build it here, once
         state = {**state, **segment_arrays(state["codes"], state["residuals"], state["doclens"], _centroids(codec))}
-    return _Segment(entry, state["pids"], scorer=SnapshotScorer(codec, state), nbytes=nbytes)
+    scorer = SnapshotScorer(codec, {k: v for k, v in state.items() if k != "dense"})
+    return _Segment(entry, state["pids"], scorer=scorer, dense=dense, nbytes=nbytes)
 
 
 def _codec(files: IndexFiles, name: str, cache: dict):
@@ -287,7 +341,14 @@ def _centroids(codec) -> int:
 
 def _exact(batch: PassageBatch) -> dict:
     """A segment of the exact tier: the fp16 vectors themselves."""
-    return {"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}
+    return _with_dense({"pids": batch.pids, "doclens": batch.doclens, "embs": batch.embs}, batch.dense)
+
+
+def _with_dense(state: dict, dense: torch.Tensor | None) -> dict:
+    """A segment's arrays with its passages' dense vectors (fp16), if any."""
+    if dense is not None:
+        state["dense"] = dense.to(torch.float16).contiguous()
+    return state
 
 
 def _entry(name: str, codec: str | None, batch: PassageBatch) -> SegmentEntry:
@@ -422,7 +483,7 @@ class PlaidBackend:
     def _compress(codec, batch: PassageBatch) -> dict:
         codes, residuals = _Part(batch.pids, batch.doclens, embs=batch.embs).compressed_with(codec)
         arrays = segment_arrays(codes, residuals, batch.doclens, _centroids(codec))
-        return {"pids": batch.pids, **arrays}
+        return _with_dense({"pids": batch.pids, **arrays}, batch.dense)
 
     # -- background maintenance --------------------------------------------
 
@@ -737,6 +798,7 @@ class _Part:
     source_codec: object | None = None  # codes and residuals of another codec: recompressed
     sample: torch.Tensor | None = None  # original vectors kept for codec training
     ivf: IvfPart | None = None  # its segment's IVF, when its codes are kept as they are
+    dense: torch.Tensor | None = None  # the kept passages' dense vectors, if the segment has them
 
     def compressed_with(self, current) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Codes and residuals on ``current``, block by block: a merge holds
@@ -769,9 +831,10 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     doclens = state["doclens"].to(torch.int64)
     tokens = torch.repeat_interleave(keep, doclens)
     pids, kept_lens = state["pids"][keep], doclens[keep]
+    dense = state["dense"][keep] if "dense" in state else None
     sample = files.load(entry.sample)["embs"] if entry.sample else None
     if entry.codec is None:
-        return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample)
+        return _Part(pids, kept_lens, embs=state["embs"][tokens], sample=sample, dense=dense)
     n = int(doclens.sum())
     complete = sample is not None and sample.size(0) == n  # every original, in order
     if sample is not None and complete:  # (mypy: complete implies a sample)
@@ -779,7 +842,7 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     codec = _codec(files, entry.codec, codecs)
     foreign = None if current is not None and _same_codec(codec, current) else codec
     if foreign is not None and complete:  # onto another codec: from the originals, not from the codes
-        return _Part(pids, kept_lens, embs=sample)
+        return _Part(pids, kept_lens, embs=sample, dense=dense)
     everything = bool(keep.all())
     codes, residuals = state["codes"][:n], state["residuals"][:n]  # memory-mapped views
     if not everything:
@@ -787,7 +850,9 @@ def _select(state: dict, keep: torch.Tensor, entry: SegmentEntry, current, files
     ivf = None
     if foreign is None and "ivf" in state:
         ivf = IvfPart(state["ivf"], state["ivf_lengths"], int(keep.numel()), None if everything else keep)
-    return _Part(pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample, ivf=ivf)
+    return _Part(
+        pids, kept_lens, codes=codes, residuals=residuals, source_codec=foreign, sample=sample, ivf=ivf, dense=dense
+    )
 
 
 def _has_all_originals(files: IndexFiles, entry: SegmentEntry) -> bool:
@@ -804,8 +869,10 @@ def _same_codec(a, b) -> bool:
 def _concat(parts: list[_Part], current) -> dict:
     """One segment from parts, all on the current codec (None: exact tier)."""
     pids, doclens = torch.cat([p.pids for p in parts]), torch.cat([p.doclens for p in parts])
+    dense = _concat_dense(parts)
     if current is None:
-        return {"pids": pids, "doclens": doclens, "embs": torch.cat([p.embs for p in parts if p.embs is not None])}
+        embs = torch.cat([p.embs for p in parts if p.embs is not None])
+        return _with_dense({"pids": pids, "doclens": doclens, "embs": embs}, dense)
     codes, residuals, ivfs = [], [], []
     for p in parts:
         c, r = p.compressed_with(current)
@@ -818,4 +885,15 @@ def _concat(parts: list[_Part], current) -> dict:
             ivfs.append(IvfPart(lists, lengths, p.passages))
     ivf = merge_ivfs(ivfs, _centroids(current))
     arrays = segment_arrays(codes, residuals, doclens, _centroids(current), ivf=ivf)
-    return {"pids": pids, **arrays}
+    return _with_dense({"pids": pids, **arrays}, dense)
+
+
+def _concat_dense(parts: list[_Part]) -> torch.Tensor | None:
+    """The parts' dense vectors in order; zeros (a cosine of 0 with any
+    query) for passages of a segment written without them."""
+    width = next((p.dense.size(1) for p in parts if p.dense is not None), None)
+    if width is None:
+        return None
+    return torch.cat(
+        [p.dense if p.dense is not None else torch.zeros(p.passages, width, dtype=torch.float16) for p in parts]
+    )

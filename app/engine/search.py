@@ -1,7 +1,14 @@
-"""Search modes and fusion: ``colbert`` (late interaction through the index
-backend), ``keyword`` (BM25 over the store's full-text index) and ``hybrid``
-(both, fused or rescored), each after the metadata filter, joined back to
-chunk text and document fields from the store."""
+"""Search modes and fusion, each after the metadata filter, joined back to
+chunk text and document fields from the store.
+
+Three signals: ``colbert`` (late interaction, MaxSim through the index
+backend), ``dense`` (the cosine of the encoder's pooled sentence vector, made
+by the same forward pass as the token vectors; a checkpoint without a pooled
+head has none) and ``keyword`` (BM25 over the store's full-text index). A mode
+is one signal, or ``hybrid``: candidates from each weighted signal, every
+candidate scored exactly by each vector signal, and one score from them
+(weighted min-max normalised sum, weighted reciprocal rank, or MaxSim alone
+over the union: ``rescore``), in the manner of BGE-M3's combined scores."""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from typing import Any
 
 import torch
 
-from app.engine.backend import SearchRequest, SearchResult
+from app.engine.backend import SearchRequest
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
 from app.errors import InvalidInput
 from app.observability import EngineMetrics
@@ -20,9 +27,9 @@ from app.settings import Settings
 from app.store.filters import compile_filter
 from app.store.store import Hit, Store
 
-MODES = ("colbert", "keyword", "hybrid")
-FUSIONS = ("rescore", "rrf", "normalized")
-HYBRID_DEPTH = 50  # candidates taken from each ranking before fusing
+MODES = ("colbert", "dense", "keyword", "hybrid")
+FUSIONS = ("normalized", "rrf", "rescore")
+SIGNALS = ("colbert", "dense", "keyword")
 RRF_K = 60
 
 Ranking = list[tuple[int, float]]  # (passage id, score), best first
@@ -35,26 +42,46 @@ class SearchHit:
     rank: int
 
 
-def fuse(dense: Ranking, sparse: Ranking, method: str) -> Ranking:
-    """Fuse two rankings of passage ids: reciprocal rank fusion, or the mean of
-    min-max normalised scores (a passage missing from one ranking gets 0 there)."""
+def fuse(signals: dict[str, Ranking], weights: dict[str, float], method: str) -> Ranking:
+    """One ranking from several signals' scored lists, each weighted.
+
+    ``normalized``: the weighted mean of each signal's min-max normalised
+    score (a passage missing from a signal's list gets 0 there); ``rrf``:
+    weighted reciprocal rank fusion. Ties are broken by passage id."""
+    if method not in ("normalized", "rrf"):
+        raise InvalidInput(f"unknown fusion {method!r}; use {', '.join(FUSIONS)}")
+    total = sum(weights.get(name, 0.0) for name in signals) or 1.0
     fused: dict[int, float] = {}
-    if method == "rrf":
-        for ranking in (dense, sparse):
-            for rank, (pid, _) in enumerate(ranking):
-                fused[pid] = fused.get(pid, 0.0) + 1.0 / (RRF_K + rank + 1)
-    elif method == "normalized":
-        for ranking in (dense, sparse):
-            if not ranking:
-                continue
-            scores = [s for _, s in ranking]
-            low, high = min(scores), max(scores)
-            span = (high - low) or 1.0
-            for pid, s in ranking:
-                fused[pid] = fused.get(pid, 0.0) + 0.5 * (s - low) / span
-    else:
-        raise InvalidInput(f"unknown fusion {method!r}; use rrf or normalized")
+    for name, ranking in signals.items():
+        weight = weights.get(name, 0.0) / total
+        for pid, _ in ranking:
+            fused.setdefault(pid, 0.0)
+        if not ranking or weight <= 0:
+            continue
+        if method == "rrf":
+            ordered = sorted(ranking, key=lambda item: (-item[1], item[0]))
+            for rank, (pid, _) in enumerate(ordered):
+                fused[pid] += weight / (RRF_K + rank + 1)
+            continue
+        scores = [score for _, score in ranking]
+        low, high = min(scores), max(scores)
+        span = (high - low) or 1.0
+        for pid, score in ranking:
+            fused[pid] += weight * (score - low) / span
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one search computes: the signals that give candidates and count in the score."""
+
+    mode: str
+    weights: dict[str, float]  # signal -> weight (> 0 only)
+    fusion: str
+    depth: int  # candidates taken from each signal
+
+    def uses(self, signal: str) -> bool:
+        return self.weights.get(signal, 0.0) > 0
 
 
 class Searcher:
@@ -78,59 +105,127 @@ class Searcher:
         s = self.settings
         return SearchRequest(k, s.ncells, s.centroid_score_threshold, s.ndocs)
 
-    def _score(self, query: str, k: int, cached: CachedSnapshot, allowed: torch.Tensor | None) -> SearchResult:
+    @property
+    def has_dense(self) -> bool:
+        """Whether the encoder yields a dense vector (a pooled head)."""
+        return bool(getattr(self.encoder, "dense_dim", None))
+
+    def default_weights(self) -> dict[str, float]:
+        s = self.settings
+        return {"colbert": s.hybrid_weight_colbert, "dense": s.hybrid_weight_dense, "keyword": s.hybrid_weight_keyword}
+
+    def plan(self, k: int, mode: str | None, fusion: str | None, weights: dict[str, float] | None) -> Plan:
+        """The request's mode, fusion and weights, settings filling what it
+        leaves out; refused when they cannot be served."""
+        mode = mode or self.settings.search_mode
+        if mode not in MODES:
+            raise InvalidInput(f"unknown search mode {mode!r}; use {', '.join(MODES)}")
+        if mode == "dense" and not self.has_dense:
+            raise InvalidInput("dense search needs a checkpoint with a pooled sentence vector; this one has none")
+        fusion = fusion or self.settings.hybrid_fusion
+        if fusion not in FUSIONS:
+            raise InvalidInput(f"unknown fusion {fusion!r}; use {', '.join(FUSIONS)}")
+        if mode != "hybrid":
+            return Plan(mode, {mode: 1.0}, fusion, k)
+        chosen = (
+            self.default_weights() if weights is None else {name: float(weights.get(name, 0.0)) for name in SIGNALS}
+        )
+        if not self.has_dense:
+            chosen["dense"] = 0.0  # no pooled head: hybrid without the dense signal
+        chosen = {name: w for name, w in chosen.items() if w > 0}
+        if not chosen:
+            raise InvalidInput("hybrid search needs a positive weight for at least one available signal")
+        return Plan(mode, chosen, fusion, max(2 * k, self.settings.hybrid_depth))
+
+    def _encode(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         started = time.perf_counter()
-        Q = self.encoder.encode_queries([query])
+        Q, q = self.encoder.encode_query(query)
         self.metrics.query_encode_seconds.observe(time.perf_counter() - started)
-        return cached.snapshot.search(Q, self.request(k), cached.alive, allowed)
+        return Q, q
 
-    async def _colbert(self, query: str, depth: int, collection_id: int, cached: CachedSnapshot, where) -> Ranking:
-        allowed = None
-        if where is not None:
-            allowed = torch.tensor(await self.store.allowed_passage_ids(collection_id, where), dtype=torch.int64)
-        result = await self._run(self._score, query, depth, cached, allowed)
-        return list(zip(result.passage_ids, result.scores))
-
-    async def _rescore(self, query: str, k: int, cached: CachedSnapshot, dense: Ranking, sparse: Ranking) -> Ranking:
-        """ColBERT's exact MaxSim ranks the union of both candidate lists:
-        keyword recall, late-interaction precision."""
-        union = torch.tensor(sorted({pid for pid, _ in dense} | {pid for pid, _ in sparse}), dtype=torch.int64)
-        if not union.numel():
-            return []
-        result = await self._run(self._score, query, k, cached, union)
-        return list(zip(result.passage_ids, result.scores))
+    def _vector_signals(
+        self,
+        query: str,
+        plan: Plan,
+        cached: CachedSnapshot,
+        allowed: torch.Tensor | None,
+        keyword: Ranking,
+        k: int,
+    ) -> dict[str, Ranking]:
+        """On the search thread: the query encoded once, each vector
+        signal's candidates, then (hybrid) the exact colbert and dense scores
+        of every candidate of any signal, so that each signal scores the
+        same set."""
+        Q, q = self._encode(query)
+        snapshot, alive = cached.snapshot, cached.alive
+        if plan.mode == "colbert":
+            result = snapshot.search(Q, self.request(k), alive, allowed)
+            return {"colbert": list(zip(result.passage_ids, result.scores))}
+        if plan.mode == "dense":
+            assert q is not None
+            result = snapshot.dense_search(q, k, alive, allowed)
+            return {"dense": list(zip(result.passage_ids, result.scores))}
+        union = {pid for pid, _ in keyword}
+        if plan.uses("colbert"):
+            result = snapshot.search(Q, self.request(plan.depth), alive, allowed)
+            union.update(result.passage_ids)
+        if plan.uses("dense") and q is not None:
+            result = snapshot.dense_search(q, plan.depth, alive, allowed)
+            union.update(result.passage_ids)
+        if not union:
+            return {}
+        candidates = torch.tensor(sorted(union), dtype=torch.int64)
+        signals: dict[str, Ranking] = {}
+        if plan.uses("colbert") or plan.fusion == "rescore":
+            exact = snapshot.search(Q, self.request(len(union)), alive, candidates)
+            signals["colbert"] = list(zip(exact.passage_ids, exact.scores))
+        if plan.uses("dense") and q is not None:
+            scores = snapshot.dense_scores(q, candidates)
+            signals["dense"] = [(int(p), float(v)) for p, v in zip(candidates, scores) if not torch.isnan(v)]
+        return signals
 
     async def search(
-        self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
+        self,
+        name: str,
+        query: str,
+        k: int,
+        mode: str | None = None,
+        where: dict | None = None,
+        fusion: str | None = None,
+        weights: dict[str, float] | None = None,
     ) -> list[SearchHit]:
-        """Ranked chunks. ``mode``: colbert | keyword | hybrid; ``where``: a
-        metadata filter applied before ranking; ``fusion`` (hybrid): rrf,
-        normalized, or rescore."""
+        """Ranked chunks. ``mode``: colbert | dense | keyword | hybrid (the
+        settings' default when None); ``where``: a metadata filter applied
+        before ranking; ``fusion`` and ``weights`` (hybrid): how the signals'
+        scores make one."""
         if not query or not query.strip():
             raise InvalidInput("query is empty")
         started = time.perf_counter()
-        fusion = fusion or self.settings.hybrid_fusion
+        plan = self.plan(k, mode, fusion, weights)
         collection_id, cached = await self.snapshots.get(name)
-        if mode not in MODES:
-            raise InvalidInput(f"unknown search mode {mode!r}")
         if where is not None:
             compile_filter(where)  # refuse a bad filter before any work
-        depth = k if mode != "hybrid" else max(2 * k, HYBRID_DEPTH)
-        dense = await self._colbert(query, depth, collection_id, cached, where) if mode != "keyword" else []
-        sparse = await self.store.keyword_search(collection_id, query, depth, where) if mode != "colbert" else []
-        if mode == "colbert":
-            ranked = dense
-        elif mode == "keyword":
-            ranked = sparse
-        elif fusion == "rescore":
-            ranked = await self._rescore(query, k, cached, dense, sparse)
+        keyword: Ranking = []
+        if plan.uses("keyword"):
+            keyword = await self.store.keyword_search(collection_id, query, plan.depth, where)
+        signals: dict[str, Ranking] = {"keyword": keyword} if plan.uses("keyword") else {}
+        if plan.mode != "keyword":
+            allowed = None
+            if where is not None:
+                ids = await self.store.allowed_passage_ids(collection_id, where)
+                allowed = torch.tensor(ids, dtype=torch.int64)
+            signals.update(await self._run(self._vector_signals, query, plan, cached, allowed, keyword, k))
+        if plan.mode != "hybrid":
+            ranked = signals.get(plan.mode, [])[:k]
+        elif plan.fusion == "rescore":  # exact MaxSim ranks every signal's candidates
+            ranked = signals.get("colbert", [])[:k]
         else:
-            ranked = fuse(dense, sparse, fusion)[:k]
+            ranked = fuse(signals, plan.weights, plan.fusion)[:k]
         hits = await self.store.fetch_hits(collection_id, [pid for pid, _ in ranked])
         out: list[SearchHit] = []
         for pid, score in ranked:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
-        self.metrics.search_seconds.labels(mode).observe(time.perf_counter() - started)
+        self.metrics.search_seconds.labels(plan.mode).observe(time.perf_counter() - started)
         return out

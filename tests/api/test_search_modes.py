@@ -100,6 +100,29 @@ async def test_keyword_and_hybrid_modes(client, filtered_collection):
     assert_error(await client.post("/v1/collections/filtered/search", json={"query": "x", "mode": "fuzzy"}), 422)
 
 
+async def test_dense_mode_and_hybrid_weights(client, filtered_collection):
+    dense = await run(client, query="football committee", k=5, mode="dense")
+    assert len(dense) == 5 and dense[0]["score"] >= dense[-1]["score"]
+    assert all(-1.0 <= h["score"] <= 1.0 for h in dense)  # a cosine
+    rare = await run(client, query="football committee", k=10, mode="dense", filter={"team": "rare"})
+    assert {h["document_id"] for h in rare} == {"doc-7", "doc-107", "doc-207"}
+
+    r = await client.post("/v1/collections/filtered/search", json={"query": "Report 123 chemistry", "k": 5})
+    assert r.status_code == 200 and r.json()["mode"] == "hybrid"  # the default mode
+    assert "doc-123" in [h["document_id"] for h in r.json()["results"][:2]]
+
+    # One signal weighted: hybrid ranks as that signal does (the others only add candidates).
+    for only in ("keyword", "dense", "colbert"):
+        single = await run(client, query="Report 123 chemistry", k=5, mode=only)
+        weighted = await run(client, query="Report 123 chemistry", k=5, mode="hybrid", weights={only: 1})
+        assert [h["document_id"] for h in weighted][:3] == [h["document_id"] for h in single][:3], only
+    for weights in ({}, {"colbert": 0}, {"dense": -1}, {"bm25": 1}, {"colbert": "1"}, {"keyword": 1e9}):
+        r = await client.post(
+            "/v1/collections/filtered/search", json={"query": "x", "mode": "hybrid", "weights": weights}
+        )
+        assert_error(r, 422)
+
+
 async def test_deleted_documents_leave_keyword_results(client):
     await create(client, "kw-delete")
     await upsert(client, "kw-delete", [{"id": "a", "text": "quetzalcoatl feathers"}, {"id": "b", "text": "plain text"}])

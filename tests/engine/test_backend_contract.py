@@ -69,10 +69,18 @@ def backend(request, tmp_path):
 ENCODER = FakeEncoder()
 
 
-def batch(first: int, texts: list[str]) -> PassageBatch:
-    embs, doclens = ENCODER.encode_documents(texts)
+def batch(first: int, texts: list[str], dense: bool = True) -> PassageBatch:
+    encoded = ENCODER.encode_passages(texts)
     pids = torch.arange(first, first + len(texts), dtype=torch.int64)
-    return PassageBatch(pids, embs, torch.tensor(doclens, dtype=torch.int64))
+    doclens = torch.tensor(encoded.doclens, dtype=torch.int64)
+    return PassageBatch(pids, encoded.embs, doclens, encoded.dense if dense else None)
+
+
+def dense_search(snapshot, query: str, k: int = 5, alive=None, allowed=None) -> list[int]:
+    result = snapshot.dense_search(ENCODER.encode_query(query)[1], k, alive, allowed)
+    assert len(result.passage_ids) == len(result.scores)
+    assert result.scores == sorted(result.scores, reverse=True)
+    return result.passage_ids
 
 
 def search(snapshot, query: str, k: int = 5, alive=None, allowed=None) -> list[int]:
@@ -221,3 +229,42 @@ def test_released_generations_are_gone_and_recover_drops_uncommitted_ones(backen
     backend.drop(C)
     with pytest.raises(FileNotFoundError):
         backend.load(C, 5, fifth)
+
+
+def test_dense_vectors_rank_passages_and_score_any_given_ones(backend):
+    name = commit(backend, 0, 100, None, 1)
+    snapshot = backend.load(C, 1, name)
+    q = ENCODER.encode_query("the otter is ochre number 94")[1]
+    expected = ENCODER.encode_passages([TEXTS[i] for i in range(100)]).dense.float() @ q.reshape(-1)
+    hits = dense_search(snapshot, "the otter is ochre number 94", k=10)
+    assert hits == expected.topk(10).indices.tolist()
+    pids = torch.tensor([94, 3, 250, 40], dtype=torch.int64)  # 250: not in this generation
+    scores = snapshot.dense_scores(q, pids)
+    assert scores[[0, 1, 3]].tolist() == pytest.approx(expected[[94, 3, 40]].tolist(), abs=2e-3)
+    assert torch.isnan(scores[2])
+    dead = torch.tensor([94], dtype=torch.int64)
+    allowed = torch.tensor([3, 40, 94], dtype=torch.int64)
+    alive = snapshot.deleted_mask(dead)
+    hits = dense_search(snapshot, "the otter is ochre number 94", k=10, alive=alive, allowed=allowed)
+    assert hits == sorted([3, 40], key=lambda p: -float(expected[p]))
+
+
+def test_dense_vectors_survive_maintenance_and_passages_without_them_are_not_ranked(backend):
+    first = backend.write(C, None, 1, batch(0, TEXTS[:40], dense=False))  # written by a checkpoint without one
+    name = backend.write(C, first, 2, batch(40, TEXTS[40:100]))
+    backend.release(C, [name])
+    dead = torch.tensor(list(range(40, 100, 3)), dtype=torch.int64)
+    before = backend.load(C, 2, name)
+    query = "the koala is ochre and number 70 of the herd"
+    alive = before.deleted_mask(dead)
+    expected = dense_search(before, query, k=10, alive=alive)
+    assert min(expected) >= 40 and not set(expected) & set(dead.tolist())
+    name, generation, dropped = maintain(backend, name, 2, dead)
+    after = backend.load(C, generation, name)
+    q = ENCODER.encode_query(query)[1]
+    still_dead = torch.tensor(sorted(set(dead.tolist()) - dropped), dtype=torch.int64)
+    assert dense_search(after, query, k=10, alive=after.deleted_mask(still_dead))[:3] == expected[:3]
+    kept = torch.tensor([p for p in range(40, 100) if p not in set(dead.tolist())])
+    assert after.dense_scores(q, kept).tolist() == pytest.approx(before.dense_scores(q, kept).tolist(), abs=1e-3)
+    old = after.dense_scores(q, torch.tensor([5]))
+    assert torch.isnan(old[0]) or float(old[0]) == 0.0  # no vector: never a positive cosine

@@ -43,6 +43,48 @@ def test_encoding_matches_upstream_doc_from_text(checkpoint_dir):
     assert doclens == [int(n) for n in expected_lens]
     assert embs.dtype == torch.float16 and embs.shape == expected.shape
     assert torch.allclose(embs.float(), expected.float(), atol=2e-3)
+    with torch.inference_mode():
+        queries = encoder.checkpoint.queryFromText(["what is a fox", "dogs"], bsize=8, to_cpu=True)
+    assert torch.allclose(encoder.encode_queries(["what is a fox", "dogs"]), queries.float(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_dense_vector_is_the_base_models_sentence_embedding_from_the_same_pass(checkpoint_dir):
+    """The default checkpoint's pooled head: all-MiniLM-L6-v2's own sentence
+    vector (mean pooling over the attended positions, normalised), for
+    passages and queries alike, computed here straight from the bundled model."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.build_default_checkpoint import bundled_minilm_dir
+
+    encoder = ColBERTEncoder(str(checkpoint_dir), EncoderOptions.for_checkpoint(str(checkpoint_dir)))
+    assert encoder.dense_dim == 384
+    texts = ["Sea otters hold hands while they sleep.", "the quick brown fox jumps over the lazy dog " * 3, "a"]
+    encoded = encoder.encode_passages(texts)
+    assert encoded.dense is not None and encoded.dense.shape == (3, 384) and encoded.dense.dtype == torch.float16
+
+    path = bundled_minilm_dir()
+    tok, model = AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path)).eval()
+
+    def sentence_vectors(batch: list[str]) -> torch.Tensor:
+        inputs = tok(batch, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**inputs).last_hidden_state
+        weights = inputs["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+    assert torch.allclose(encoded.dense.float(), sentence_vectors(texts), atol=2e-3)
+    Q, q = encoder.encode_query("do otters sleep holding hands")
+    assert Q.shape[0] == 1 and Q.shape[2] == encoder.dim
+    assert q is not None and torch.allclose(q, sentence_vectors(["do otters sleep holding hands"]), atol=1e-4)
+    # Token vectors of the same pass are unchanged by it.
+    assert torch.allclose(encoder.encode_documents(texts)[0].float(), encoded.embs.float())
+
+    plain = ColBERTEncoder(
+        str(checkpoint_dir), EncoderOptions.for_checkpoint(str(checkpoint_dir), dense_pooling="none")
+    )
+    assert plain.dense_dim is None and plain.encode_passages(texts).dense is None
+    assert plain.encode_query("otters")[1] is None
 
 
 @pytest.mark.slow
@@ -65,6 +107,9 @@ def test_onnx_runtimes_encode_like_torch_from_one_cached_export(checkpoint_dir, 
     assert doclens8 == lens
     cosine = (embs8.float() * reference.float()).sum(-1)
     assert float(cosine.min()) > 0.8 and float(cosine.mean()) > 0.97
+    dense = ColBERTEncoder(str(checkpoint_dir), options).encode_passages(texts).dense
+    assert torch.allclose(fp32.encode_passages(texts).dense.float(), dense.float(), atol=2e-3)
+    assert float((int8.encode_passages(texts).dense.float() * dense.float()).sum(-1).min()) > 0.95
     with pytest.raises(ValueError, match="unknown encoder runtime"):
         ColBERTEncoder(str(checkpoint_dir), options, runtime="tensorrt")
 

@@ -47,10 +47,11 @@ async def answer(collection: CollectionName, body: AnswerRequest, answers: Answe
     with the configured LM (DSPy program), cite the chunks used, and score how
     well they support the answer (per sentence and overall)."""
     k = body.k or answers.settings.answer_k
+    weights = body.weights.model_dump() if body.weights is not None else None
     if not body.stream:
-        return await answers.answer(collection, body.question, k, body.mode, body.filter, body.fusion)
+        return await answers.answer(collection, body.question, k, body.mode, body.filter, body.fusion, weights)
 
-    events = answers.stream(collection, body.question, k, body.mode, body.filter, body.fusion)
+    events = answers.stream(collection, body.question, k, body.mode, body.filter, body.fusion, weights)
     # Errors before the first event (unknown collection, no LM) are plain
     # JSON errors with their status; later ones become an `error` event.
     first = await anext(events)

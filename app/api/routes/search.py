@@ -37,13 +37,14 @@ def _hit_out(h) -> dict:
 
 
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
-async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep):
+async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep, settings: SettingsDep):
     started = time.perf_counter()
-    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion)
+    weights = body.weights.model_dump() if body.weights is not None else None
+    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion, weights)
     return {
         "query": body.query,
         "k": body.k,
-        "mode": body.mode,
+        "mode": body.mode or settings.search_mode,
         "results": [_hit_out(h) for h in hits],
         "took_ms": round((time.perf_counter() - started) * 1000, 3),
     }

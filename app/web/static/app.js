@@ -306,7 +306,8 @@ function hitItem(collection, hit) {
 function setupSearch() {
   onSubmit($("search-form"), $("search-error"), async () => {
     const collection = currentCollection();
-    const body = { query: $("query").value, k: Number($("search-k").value), mode: $("mode").value };
+    const body = { query: $("query").value, k: Number($("search-k").value) };
+    if ($("mode").value) body.mode = $("mode").value; // empty: the server's default mode
     $("search-summary").textContent = "searching…";
     $("results").replaceChildren();
     try {
