@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # and weights; these are the defaults, chosen from measurements on two
     # datasets (BENCHMARKS.md, "Retrieval quality").
     search_mode: Literal["colbert", "dense", "keyword", "hybrid"] = "hybrid"
-    hybrid_fusion: Literal["normalized", "rrf", "rescore"] = "normalized"
+    hybrid_fusion: Literal["normalized", "sum", "rrf", "rescore"] = "normalized"
     hybrid_weight_colbert: float = Field(default=1.0, ge=0, le=1000)
     hybrid_weight_dense: float = Field(default=1.0, ge=0, le=1000)
     hybrid_weight_keyword: float = Field(default=1.0, ge=0, le=1000)

@@ -35,6 +35,19 @@ from bench.msmarco_mini import bm25_runs, dense_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"msmarco-mini": DATA, "business-reports": DATA.parent / "business-reports"}
+# The published business-reports judgments are keyed to the wrong query ids
+# (bench/qrels/README.md): the same runs are also scored under the right ones.
+REKEYED = {"business-reports": ("business-reports re-keyed", ROOT / "bench" / "qrels" / "business-reports-rekeyed.tsv")}
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    for line in path.open():
+        qid, did, grade = line.strip().split("\t")
+        if grade.isdigit():
+            qrels.setdefault(qid, {})[did] = int(grade)
+    return qrels
+
 
 SINGLE = ("keyword", "dense", "colbert")
 COMBOS = {
@@ -44,7 +57,8 @@ COMBOS = {
     "all": {"colbert": 1, "dense": 1, "keyword": 1},
 }
 # A few weightings of all three (colbert, dense, keyword), the same on every dataset.
-WEIGHTINGS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 1, 0.5), (2, 2, 1)]
+# (1:1:0.5 is BGE-M3's own 0.4 : 0.4 : 0.2 of multi-vector, dense and lexical.)
+WEIGHTINGS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (1, 1, 0.5), (1, 1, 0.25)]
 
 
 def configurations() -> dict[str, dict]:
@@ -52,13 +66,14 @@ def configurations() -> dict[str, dict]:
     out: dict[str, dict] = {"default": {}}
     for mode in SINGLE:
         out[mode] = {"mode": mode}
-    for fusion in ("normalized", "rrf"):
+    for fusion in ("normalized", "sum", "rrf"):
         for name, weights in COMBOS.items():
             out[f"hybrid {fusion} {name}"] = {"mode": "hybrid", "fusion": fusion, "weights": weights}
     out["hybrid rescore all"] = {"mode": "hybrid", "fusion": "rescore", "weights": COMBOS["all"]}
     for c, d, k in WEIGHTINGS:
         weights = {"colbert": c, "dense": d, "keyword": k}
-        out[f"hybrid normalized {c}:{d}:{k}"] = {"mode": "hybrid", "fusion": "normalized", "weights": weights}
+        for fusion in ("normalized", "sum"):
+            out[f"hybrid {fusion} {c}:{d}:{k}"] = {"mode": "hybrid", "fusion": fusion, "weights": weights}
     return out
 
 
@@ -134,6 +149,18 @@ def paired(a: dict, b: dict, qrels: dict) -> dict[str, int]:
     return {"wins": wins, "ties": ties, "losses": losses}
 
 
+def score(result: dict, runs_by_config: dict, baselines: dict, qrels: dict) -> dict:
+    """``result`` with nDCG@10 of every configuration and baseline under ``qrels``."""
+    result = {**result, "judged_queries": len(qrels), "ndcg@10": {}, "per_query": {}}
+    for config, runs in {**runs_by_config, **baselines}.items():
+        result["ndcg@10"][config] = round(mean_ndcg(runs, qrels), 4)
+        result["per_query"][config] = {q: round(ndcg_at_10(runs[q], qrels[q]), 4) for q in qrels if q in runs}
+    best = max(SINGLE, key=lambda m: result["ndcg@10"][m])
+    result["best_single"] = best
+    result["default_vs_best_single"] = paired(runs_by_config["default"], runs_by_config[best], qrels)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8766)
@@ -143,7 +170,12 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="colbert-quality-"))
-    env = {**os.environ, "COLBERT_SERVER_DATA_DIR": str(data_dir), "COLBERT_SERVER_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "COLBERT_SERVER_DATA_DIR": str(data_dir),
+        "COLBERT_SERVER_LOG_LEVEL": "WARNING",
+        "COLBERT_SERVER_ANSWER_PRELOAD": "false",  # search only
+    }
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(args.port)],
         cwd=ROOT,
@@ -164,28 +196,30 @@ def main() -> None:
                 result: dict = {
                     "documents": len(corpus),
                     "passages": info["chunks"],
-                    "judged_queries": len([q for q in qrels if q in queries]),
                     "ingest_s": round(ingest_s, 1),
                     "index_kind": index["kind"],
                     "index_bytes_per_token": round(index["bytes"] / max(index["tokens"], 1), 2),
                     "index_tokens": index["tokens"],
-                    "ndcg@10": {},
                     "p50_ms": {},
                 }
                 runs_by_config = {}
                 for config, body in configurations().items():
-                    runs, _ = run_queries(client, name, queries, body)  # also warms this configuration
-                    runs_by_config[config] = runs
-                    result["ndcg@10"][config] = round(mean_ndcg(runs, qrels), 4)
+                    runs_by_config[config], _ = run_queries(client, name, queries, body)  # also warms it
                     result["p50_ms"][config] = round(timed_p50(client, name, queries, body, args.latency_passes), 1)
-                best = max(SINGLE, key=lambda m: result["ndcg@10"][m])
-                result["best_single"] = best
-                result["default_vs_best_single"] = paired(runs_by_config["default"], runs_by_config[best], qrels)
+                baselines = {}
                 if not args.skip_baselines:
-                    result["ndcg@10"]["baseline bm25s"] = round(mean_ndcg(bm25_runs(corpus, queries), qrels), 4)
-                    result["ndcg@10"]["baseline dense MiniLM"] = round(mean_ndcg(dense_runs(corpus, queries), qrels), 4)
-                report["datasets"][dataset] = result
-                print_dataset(dataset, result)
+                    baselines = {
+                        "baseline bm25s": bm25_runs(corpus, queries),
+                        "baseline dense MiniLM": dense_runs(corpus, queries),
+                    }
+                judgments = [(dataset, qrels)]
+                if dataset in REKEYED:
+                    label, path = REKEYED[dataset]
+                    judgments.append((label, read_qrels(path)))
+                for label, judged in judgments:
+                    scored = score(result, runs_by_config, baselines, judged)
+                    report["datasets"][label] = scored
+                    print_dataset(label, scored)
     finally:
         server.send_signal(signal.SIGINT)
         try:

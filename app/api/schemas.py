@@ -195,7 +195,8 @@ MODE_HELP = (
     "fused with the weights. Default: the server's SEARCH_MODE"
 )
 FUSION_HELP = (
-    "hybrid: normalized (weighted sum of min-max normalised scores), rrf (weighted reciprocal ranks) or "
+    "hybrid: normalized (weighted sum of min-max normalised scores), sum (weighted sum of the scores on one "
+    "scale: cosines per query vector, BM25 relative to the best match), rrf (weighted reciprocal ranks) or "
     "rescore (exact MaxSim ranks every signal's candidates); default: the server's HYBRID_FUSION"
 )
 
@@ -213,7 +214,7 @@ class SearchRequest(Strict):
     k: SearchK = 10
     mode: SearchMode | None = Field(default=None, description=MODE_HELP)
     filter: dict[str, Any] | None = None
-    fusion: Literal["normalized", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
+    fusion: Literal["normalized", "sum", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
     weights: HybridWeights | None = Field(
         default=None, description="hybrid: each signal's weight; default from the server's settings"
     )
@@ -297,7 +298,7 @@ class AnswerRequest(Strict):
     k: AnswerK | None = Field(default=None, description="passages to retrieve; default from settings")
     mode: SearchMode | None = Field(default=None, description=MODE_HELP)
     filter: dict[str, Any] | None = None
-    fusion: Literal["normalized", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
+    fusion: Literal["normalized", "sum", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
     weights: HybridWeights | None = Field(
         default=None, description="hybrid: each signal's weight; default from the server's settings"
     )

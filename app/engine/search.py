@@ -28,7 +28,7 @@ from app.store.filters import compile_filter
 from app.store.store import Hit, Store
 
 MODES = ("colbert", "dense", "keyword", "hybrid")
-FUSIONS = ("normalized", "rrf", "rescore")
+FUSIONS = ("normalized", "sum", "rrf", "rescore")
 SIGNALS = ("colbert", "dense", "keyword")
 RRF_K = 60
 
@@ -46,9 +46,12 @@ def fuse(signals: dict[str, Ranking], weights: dict[str, float], method: str) ->
     """One ranking from several signals' scored lists, each weighted.
 
     ``normalized``: the weighted mean of each signal's min-max normalised
-    score (a passage missing from a signal's list gets 0 there); ``rrf``:
-    weighted reciprocal rank fusion. Ties are broken by passage id."""
-    if method not in ("normalized", "rrf"):
+    score (a passage missing from a signal's list gets 0 there); ``sum``: the
+    weighted mean of the scores as they are (BGE-M3's combination; the
+    caller puts them on comparable scales: cosines, and keyword scores
+    relative to the best one); ``rrf``: weighted reciprocal rank fusion.
+    Ties are broken by passage id."""
+    if method not in ("normalized", "sum", "rrf"):
         raise InvalidInput(f"unknown fusion {method!r}; use {', '.join(FUSIONS)}")
     total = sum(weights.get(name, 0.0) for name in signals) or 1.0
     fused: dict[int, float] = {}
@@ -64,7 +67,7 @@ def fuse(signals: dict[str, Ranking], weights: dict[str, float], method: str) ->
                 fused[pid] += weight / (RRF_K + rank + 1)
             continue
         scores = [score for _, score in ranking]
-        low, high = min(scores), max(scores)
+        low, high = (min(scores), max(scores)) if method == "normalized" else (0.0, 1.0)
         span = (high - low) or 1.0
         for pid, score in ranking:
             fused[pid] += weight * (score - low) / span
@@ -178,7 +181,9 @@ class Searcher:
         signals: dict[str, Ranking] = {}
         if plan.uses("colbert") or plan.fusion == "rescore":
             exact = snapshot.search(Q, self.request(len(union)), alive, candidates)
-            signals["colbert"] = list(zip(exact.passage_ids, exact.scores))
+            # MaxSim sums a cosine per query vector: per vector, it is on the dense cosine's scale.
+            per_vector = 1.0 / max(int((Q[0].abs().sum(-1) > 0).sum()), 1) if plan.fusion == "sum" else 1.0
+            signals["colbert"] = [(pid, score * per_vector) for pid, score in zip(exact.passage_ids, exact.scores)]
         if plan.uses("dense") and q is not None:
             scores = snapshot.dense_scores(q, candidates)
             signals["dense"] = [(int(p), float(v)) for p, v in zip(candidates, scores) if not torch.isnan(v)]
@@ -220,6 +225,9 @@ class Searcher:
         elif plan.fusion == "rescore":  # exact MaxSim ranks every signal's candidates
             ranked = signals.get("colbert", [])[:k]
         else:
+            if plan.fusion == "sum" and keyword:  # BM25 is unbounded: relative to the query's best match
+                best = max(score for _, score in keyword) or 1.0
+                signals["keyword"] = [(pid, score / best) for pid, score in keyword]
             ranked = fuse(signals, plan.weights, plan.fusion)[:k]
         hits = await self.store.fetch_hits(collection_id, [pid for pid, _ in ranked])
         out: list[SearchHit] = []

@@ -84,3 +84,10 @@ def test_without_a_pooled_head_dense_is_refused_and_hybrid_goes_on_without_it(tm
     assert searcher.plan(5, None, None, None).weights == {"colbert": 1.0, "keyword": 1.0}
     with pytest.raises(InvalidInput, match="at least one"):
         searcher.plan(5, "hybrid", None, {"dense": 1.0})
+
+
+def test_sum_adds_the_weighted_scores_as_they_are():
+    signals = {"colbert": [(1, 0.8), (2, 0.6)], "dense": [(2, 0.9), (1, 0.5)], "keyword": [(2, 1.0)]}
+    fused = dict(fuse(signals, {"colbert": 1.0, "dense": 1.0, "keyword": 0.5}, "sum"))
+    assert fused[1] == pytest.approx((0.8 + 0.5) / 2.5)
+    assert fused[2] == pytest.approx((0.6 + 0.9 + 0.5 * 1.0) / 2.5)
