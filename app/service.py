@@ -249,9 +249,22 @@ class SearchService:
         where: dict | None = None,
         fusion: str | None = None,
         weights: dict[str, float] | None = None,
+        *,
+        fields: list[str] | None = None,
+        field_weights: dict[str, float] | None = None,
     ) -> list[SearchHit]:
         self._require_ready()
-        return await self.searcher.search(check_collection_name(name), query, k, mode, where, fusion, weights)
+        return await self.searcher.search(
+            check_collection_name(name),
+            query,
+            k,
+            mode,
+            where,
+            fusion,
+            weights,
+            fields=fields,
+            field_weights=field_weights,
+        )
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         self._require_ready()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 # SQLite integers are signed 64-bit: a larger JSON integer cannot be bound
@@ -72,3 +73,42 @@ def check_metadata(metadata: dict | None, where: str = "metadata") -> None:
     size = len(json.dumps(metadata, ensure_ascii=False, allow_nan=False).encode("utf-8"))
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"{where} is {size:,} bytes as JSON; at most {MAX_METADATA_BYTES:,} are allowed")
+
+
+# Named text fields of a document (``fields: {name: text}`` beside ``text``).
+# ``text`` is the main field: a document's own text, addressed as field
+# "text" in searches; a ``fields`` object may not use that name. Lowercase
+# identifiers, so "Title" and "title" cannot be two fields of one document.
+MAIN_FIELD = "text"
+TITLE_FIELD = "title"
+FIELD_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+FIELD_NAME_RULE = "1-64 characters a-z, 0-9 or '_', starting with a letter"
+MAX_FIELDS = 16  # named fields per document, ``text`` not counted
+MAX_CHOSEN_FIELDS = 64  # names in one search's fields or field_weights (a collection's documents may differ)
+MAX_FIELD_WEIGHT = 1000.0
+_FIELD_NAME = re.compile(FIELD_NAME_PATTERN)
+
+
+def check_field_name(name: Any, where: str = "field name") -> str:
+    if not isinstance(name, str) or not _FIELD_NAME.fullmatch(name):
+        raise ValueError(f"{where} {name!r} is not a field name: use {FIELD_NAME_RULE}")
+    return name
+
+
+def check_fields(fields: dict | None, where: str = "fields") -> None:
+    """A document's named fields: at most MAX_FIELDS, each a field name other
+    than ``text`` with text that holds more than whitespace (the sizes are
+    checked with the document's text, against its limit)."""
+    if fields is None:
+        return
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where} must be an object of field name to text")
+    if len(fields) > MAX_FIELDS:
+        raise ValueError(f"{where} has {len(fields)} fields; at most {MAX_FIELDS} are allowed beside text")
+    for name, text in fields.items():
+        check_field_name(name, f"{where}: the name")
+        if name == MAIN_FIELD:
+            raise ValueError(f"{where}.{MAIN_FIELD}: the main field is the document's text; give it as text")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}.{name} must be text holding more than whitespace")
+        _check_text(text, f"{where}.{name}")

@@ -24,6 +24,7 @@ from app.answer.program import AnswerProgram, AnswerResult, may_become_lead_in, 
 from app.errors import ServerError
 from app.service import SearchHit, SearchService
 from app.settings import Settings
+from app.validation import TITLE_FIELD
 
 if TYPE_CHECKING:  # both load heavy libraries: imported when the models load
     from app.answer.hallucination import HallucinationScorer
@@ -72,6 +73,7 @@ def hit_out(hit: SearchHit) -> dict:
         "metadata": h.metadata,
         "page": h.page,
         "heading": h.heading,
+        "field": h.field,
     }
 
 
@@ -169,16 +171,19 @@ class AnswerService:
     # -- answering ---------------------------------------------------------
 
     async def _retrieve(
-        self, collection: str, question: str, k: int, mode: str | None, where, fusion, weights
+        self, collection: str, question: str, k: int, mode: str | None, where, fusion, weights, fields, field_weights
     ) -> list[SearchHit]:
-        return await self.search.search(collection, question, k, mode, where, fusion, weights)
+        return await self.search.search(
+            collection, question, k, mode, where, fusion, weights, fields=fields, field_weights=field_weights
+        )
 
     def _passages(self, hits: list[SearchHit]) -> list[str]:
         cut = self.settings.answer_passage_chars
         out = []
         for h in hits:
             text = h.hit.text if len(h.hit.text) <= cut else h.hit.text[:cut].rsplit(" ", 1)[0] + " …"
-            out.append(f"{h.hit.title}: {text}" if h.hit.title else text)
+            # A title field's chunk is the title itself: no prefix.
+            out.append(f"{h.hit.title}: {text}" if h.hit.title and h.hit.field != TITLE_FIELD else text)
         return out
 
     def _generate(self, question: str, passages: list[str]) -> AnswerResult:
@@ -258,9 +263,12 @@ class AnswerService:
         where=None,
         fusion=None,
         weights: dict[str, float] | None = None,
+        *,
+        fields: list[str] | None = None,
+        field_weights: dict[str, float] | None = None,
     ) -> dict:
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights)
+        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights, fields, field_weights)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:
@@ -326,13 +334,16 @@ class AnswerService:
         where=None,
         fusion=None,
         weights: dict[str, float] | None = None,
+        *,
+        fields: list[str] | None = None,
+        field_weights: dict[str, float] | None = None,
     ) -> AsyncIterator[tuple[str, object]]:
         """(event, data) pairs: ``token`` pieces, then ``citations``,
         ``hallucination`` and ``done`` (the full response). Under
         ``answer_unsupported=refuse`` tokens are held back until the check
         passes, since a refused answer must not have been sent already."""
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights)
+        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights, fields, field_weights)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:

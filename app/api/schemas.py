@@ -21,9 +21,16 @@ from pydantic import (
 from app.validation import (
     COLLECTION_NAME_PATTERN,
     COLLECTION_NAME_RULE,
+    FIELD_NAME_PATTERN,
+    FIELD_NAME_RULE,
+    MAIN_FIELD,
+    MAX_CHOSEN_FIELDS,
     MAX_DEPTH,
+    MAX_FIELD_WEIGHT,
+    MAX_FIELDS,
     MAX_METADATA_BYTES,
     NOT_BLANK_PATTERN,
+    TITLE_FIELD,
     check_json_value,
 )
 
@@ -52,6 +59,27 @@ NotBlankStr = Annotated[StrictStr, AfterValidator(_not_blank), Field(json_schema
 # reach the OpenAPI document as "ge"/"le", which no client or fuzzer reads.
 SearchK = Annotated[StrictInt, Field(ge=1, le=1000), BeforeValidator(_whole_number)]
 AnswerK = Annotated[StrictInt, Field(ge=1, le=50), BeforeValidator(_whole_number)]
+
+# A document field's name (``text`` is the main field; a ``fields`` object may not use it).
+FieldName = Annotated[StrictStr, Field(pattern=FIELD_NAME_PATTERN, description=FIELD_NAME_RULE)]
+FieldWeight = Annotated[float, Field(ge=0, le=MAX_FIELD_WEIGHT, allow_inf_nan=False)]
+# Names other than field names are refused: the OpenAPI document says so too.
+_ONLY_FIELD_NAMES: dict[str, Any] = {"additionalProperties": False}
+FieldWeights = Annotated[
+    dict[FieldName, FieldWeight], Field(max_length=MAX_CHOSEN_FIELDS, json_schema_extra=_ONLY_FIELD_NAMES)
+]
+FieldTexts = Annotated[dict[FieldName, NotBlankStr], Field(max_length=MAX_FIELDS, json_schema_extra=_ONLY_FIELD_NAMES)]
+FIELDS_HELP = (
+    f"the document fields searched: only chunks of these fields can come back, chosen before ranking like the "
+    f"filter (so k hits still come back when they hold k chunks); '{MAIN_FIELD}' names the main text. "
+    "Default: every field"
+)
+FIELD_WEIGHTS_HELP = (
+    "{field: weight}, a field left out weighing 1: each hit's final score (its mode's score, after fusion) is "
+    "multiplied by its field's weight, and the hits are ranked again by that product; a weight of 0 excludes the "
+    "field before ranking. To let a boosted field climb into the top k, the best max(4k, 100) candidates (at most "
+    "max(k, 1000)) are weighted, then cut to k. Dense cosines can be negative: a weight above 1 lowers those further"
+)
 
 # Rerank runs on the search thread that every search of the process shares:
 # its work is bounded per request.
@@ -126,13 +154,31 @@ class CollectionList(BaseModel):
 
 class DocumentIn(Strict):
     id: StrictStr | None = Field(default=None, min_length=1, max_length=1024)
-    text: NotBlankStr
-    title: StrictStr | None = Field(default=None, max_length=10_000)
+    text: NotBlankStr = Field(description=f"the main text: its chunks are of field '{MAIN_FIELD}'")
+    title: StrictStr | None = Field(
+        default=None,
+        max_length=10_000,
+        description=f"shown in hits and prefixed to every chunk when encoded, not indexed on its own; "
+        f"default: the '{TITLE_FIELD}' field, if any (which is also indexed on its own)",
+    )
+    fields: FieldTexts | None = Field(
+        default=None,
+        description=f"named text fields beside text ({{name: text}}, at most {MAX_FIELDS}; names: {FIELD_NAME_RULE}, "
+        f"not '{MAIN_FIELD}'), each chunked and encoded like text, its chunks searchable by field. "
+        "Text and fields together count against the server's MAX_DOCUMENT_CHARS",
+    )
     metadata: dict[str, Any] | None = Field(
         default=None,
         description=f"any JSON object: finite numbers, integers within 64 bits, at most {MAX_DEPTH} levels "
         f"deep and {MAX_METADATA_BYTES:,} bytes as JSON",
     )
+
+    @field_validator("fields")
+    @classmethod
+    def _main_field_is_text(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value and MAIN_FIELD in value:
+            raise ValueError(f"'{MAIN_FIELD}' is the main field: give it as the document's text")
+        return value
 
 
 class UpsertRequest(Strict):
@@ -151,19 +197,24 @@ class UpsertResponse(BaseModel):
     results: list[UpsertResult]
 
 
+FIELD_OUT_HELP = f"the document field the chunk was cut from: '{MAIN_FIELD}' (the main text) or a named field"
+
+
 class ChunkOut(BaseModel):
     chunk_id: int
-    chunk_index: int
+    chunk_index: int = Field(description="position among all the document's chunks: text first, then each field")
     text: str
-    char_start: int
+    char_start: int = Field(description="offsets into the chunk's field")
     char_end: int
     page: int | None = None
     heading: str | None = None
+    field: str = Field(description=FIELD_OUT_HELP)
 
 
 class DocumentOut(BaseModel):
     id: str
     title: str | None
+    fields: dict[str, str] = Field(description="the named fields beside text, as stored")
     metadata: dict[str, Any]
     state: str = Field(description="live, pending (not indexed yet) or failed (see error)")
     error: str | None = Field(default=None, description="why indexing this version failed")
@@ -218,6 +269,10 @@ class SearchRequest(Strict):
     weights: HybridWeights | None = Field(
         default=None, description="hybrid: each signal's weight; default from the server's settings"
     )
+    fields: list[FieldName] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
+    )
+    field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
 
 
 class SearchHitOut(BaseModel):
@@ -233,6 +288,7 @@ class SearchHitOut(BaseModel):
     char_end: int
     page: int | None = None
     heading: str | None = None
+    field: str = Field(description=FIELD_OUT_HELP)
 
 
 class SearchResponse(BaseModel):
@@ -302,6 +358,10 @@ class AnswerRequest(Strict):
     weights: HybridWeights | None = Field(
         default=None, description="hybrid: each signal's weight; default from the server's settings"
     )
+    fields: list[FieldName] | None = Field(
+        default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
+    )
+    field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
     stream: StrictBool = Field(default=False, description="server-sent events: token, citations, hallucination, done")
 
 
@@ -316,6 +376,7 @@ class ContextOut(BaseModel):
     metadata: dict[str, Any]
     page: int | None = None
     heading: str | None = None
+    field: str = Field(description=FIELD_OUT_HELP)
 
 
 class CitationOut(ContextOut):

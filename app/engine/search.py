@@ -8,7 +8,10 @@ head has none) and ``keyword`` (BM25 over the store's full-text index). A mode
 is one signal, or ``hybrid``: candidates from each weighted signal, every
 candidate scored exactly by each vector signal, and one score from them
 (weighted min-max normalised sum, weighted reciprocal rank, or MaxSim alone
-over the union: ``rescore``), in the manner of BGE-M3's combined scores."""
+over the union: ``rescore``), in the manner of BGE-M3's combined scores.
+
+A choice of document fields (:mod:`app.engine.fields`) restricts the
+candidates like the metadata filter, and its weights re-rank the hits last."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from app.engine.backend import SearchRequest
+from app.engine.fields import FieldChoice
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
 from app.errors import InvalidInput
 from app.observability import EngineMetrics
@@ -198,26 +202,32 @@ class Searcher:
         where: dict | None = None,
         fusion: str | None = None,
         weights: dict[str, float] | None = None,
+        *,
+        fields: list[str] | None = None,
+        field_weights: dict[str, float] | None = None,
     ) -> list[SearchHit]:
         """Ranked chunks. ``mode``: colbert | dense | keyword | hybrid (the
         settings' default when None); ``where``: a metadata filter applied
         before ranking; ``fusion`` and ``weights`` (hybrid): how the signals'
-        scores make one."""
+        scores make one; ``fields`` and ``field_weights``: the document fields
+        searched and each one's weight (:mod:`app.engine.fields`)."""
         if not query or not query.strip():
             raise InvalidInput("query is empty")
         started = time.perf_counter()
+        choice = FieldChoice.of(fields, field_weights)
+        wanted, k = k, choice.depth(k)  # field weights re-rank deeper candidates
         plan = self.plan(k, mode, fusion, weights)
         collection_id, cached = await self.snapshots.get(name)
         if where is not None:
             compile_filter(where)  # refuse a bad filter before any work
         keyword: Ranking = []
         if plan.uses("keyword"):
-            keyword = await self.store.keyword_search(collection_id, query, plan.depth, where)
+            keyword = await self.store.keyword_search(collection_id, query, plan.depth, where, choice.filter)
         signals: dict[str, Ranking] = {"keyword": keyword} if plan.uses("keyword") else {}
         if plan.mode != "keyword":
             allowed = None
-            if where is not None:
-                ids = await self.store.allowed_passage_ids(collection_id, where)
+            if where is not None or choice.filter.restricts:
+                ids = await self.store.allowed_passage_ids(collection_id, where, choice.filter)
                 allowed = torch.tensor(ids, dtype=torch.int64)
             signals.update(await self._run(self._vector_signals, query, plan, cached, allowed, keyword, k))
         if plan.mode != "hybrid":
@@ -235,5 +245,6 @@ class Searcher:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
+        out = choice.weigh(out, wanted)
         self.metrics.search_seconds.labels(plan.mode).observe(time.perf_counter() - started)
         return out

@@ -495,14 +495,14 @@ class IndexWriter:
             store.supersede(sorted(superseded))
         batch = _Batch([], [], [])
         kept = [d for d in pending if d.id not in superseded]
-        texts = store.chunks_of([d.id for d in kept])
+        chunks_of = store.chunks_of([d.id for d in kept])
         for d in kept:
-            chunks = texts[d.id]
+            chunks = chunks_of[d.id]  # every field's
             if batch.documents and (len(batch.chunk_ids) + len(chunks) > budget or len(batch.documents) >= most):
                 break
             batch.documents.append(d)
-            batch.chunk_ids.extend(chunk_id for chunk_id, _ in chunks)
-            batch.texts.extend(passage_text(d.title, text) for _, text in chunks)
+            batch.chunk_ids.extend(c.id for c in chunks)
+            batch.texts.extend(passage_text(d.title, c.text, c.field) for c in chunks)
         return batch
 
     def commit_pending(

@@ -11,6 +11,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from app.validation import MAIN_FIELD
+
 logger = logging.getLogger("app.ingest")
 
 
@@ -21,6 +23,7 @@ class Passage:
     char_end: int
     page: int | None = None
     heading: str | None = None
+    field: str = MAIN_FIELD  # the document's field the offsets point into
 
 
 class SentenceChunker:

@@ -12,7 +12,7 @@ from app.errors import IndexingFailed, InvalidInput
 from app.ingest.pipeline import DocumentInput, DocumentPreparer
 from app.settings import Settings
 from app.store.store import Store
-from app.validation import check_metadata
+from app.validation import check_fields, check_metadata
 
 # A document row's state, as an upsert result reports it.
 RESULT_STATUS = {"live": "indexed", "deleted": "superseded"}
@@ -43,8 +43,16 @@ class DocumentIngest:
                 )
             try:  # every way in (HTTP, multipart, CLI) stores only what SQLite's JSON functions can read
                 check_metadata(doc.metadata, f"documents[{i}].metadata")
+                check_fields(doc.fields, f"documents[{i}].fields")
             except ValueError as exc:
                 raise InvalidInput(str(exc)) from None
+            if doc.fields:  # one document's work is bounded whatever its fields
+                total = len(doc.text) + sum(len(v) for v in doc.fields.values())
+                if total > self.settings.max_document_chars:
+                    raise InvalidInput(
+                        f"documents[{i}] has {total} characters in its text and fields; "
+                        f"the limit is {self.settings.max_document_chars}"
+                    )
             if doc.id is None:
                 doc.id = uuid.uuid4().hex
             if doc.id in seen:

@@ -5,6 +5,19 @@ Each document is split into passages that fit the encoder's document length
 (minus its title, which is prefixed to every passage at encoding time), per
 page/heading section when the extractor found any, so each chunk has exactly
 one page and one heading.
+
+A document's named fields (``fields: {name: text}`` beside ``text``) are
+split the same way, each on its own: every chunk records the field it was cut
+from (``text`` for the main text), its offsets pointing into that field. The
+title rules:
+
+- the document's title (shown in hits, prefixed to its chunks) is its
+  ``title``, or else its ``title`` field;
+- the ``title`` attribute alone is not indexed on its own (as before fields:
+  only as every chunk's prefix); a ``title`` field is, as chunks of field
+  ``title``, so a search can find documents by title alone (``fields:
+  ["title"]``). A title field's chunks are encoded without the prefix (it
+  would repeat them).
 """
 
 from __future__ import annotations
@@ -12,12 +25,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import threading
 from dataclasses import dataclass
 from typing import Protocol
 
 from app.ingest.chunking import Passage, SentenceChunker
 from app.store.store import NewDocument
+from app.validation import MAIN_FIELD, TITLE_FIELD
 
 MIN_BUDGET = 32  # tokens per passage, whatever the title length
 
@@ -29,11 +44,29 @@ class DocumentInput:
     title: str | None = None
     metadata: dict | None = None
     sections: list | None = None  # app.ingest.extract.Section spans (pages, headings)
+    fields: dict[str, str] | None = None  # named text fields beside text: name -> text
 
 
-def passage_text(title: str | None, text: str) -> str:
-    """What the encoder sees for one chunk: its document's title, then the chunk."""
-    return f"{title}\n{text}" if title else text
+def document_title(title: str | None, fields: dict[str, str] | None = None) -> str | None:
+    """A document's title: its ``title``, else its ``title`` field (stripped; None when blank)."""
+    for candidate in (title, (fields or {}).get(TITLE_FIELD)):
+        if candidate and candidate.strip():
+            return candidate.strip()
+    return None
+
+
+def passage_text(title: str | None, text: str, field: str = MAIN_FIELD) -> str:
+    """What the encoder sees for one chunk: its document's title, then the
+    chunk; a chunk of the title field alone."""
+    return f"{title}\n{text}" if title and field != TITLE_FIELD else text
+
+
+def content_digest(text: str, fields: dict[str, str] | None = None) -> str:
+    """The hash an upsert compares to tell unchanged content: of the text
+    alone when there are no fields (as before fields), else of the text and
+    the fields, in any order."""
+    content = text if not fields else text + "\0" + json.dumps(fields, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
 class Splitter(Protocol):
@@ -66,15 +99,16 @@ class DocumentPreparer:
 
     def prepare(self, docs: list[DocumentInput]) -> list[NewDocument]:
         with self.encoder.chunk_lock:
-            # One batched tokenizer call for every title and whole text (most
-            # documents fit one passage: their text is not tokenized again).
-            titles = [d.title.strip() if d.title and d.title.strip() else None for d in docs]
-            texts = [d.text.strip() for d in docs]
-            counts = self._counts([t or "" for t in titles] + texts)
-            title_tokens, text_tokens = counts[: len(docs)], counts[len(docs) :]
+            # One batched tokenizer call for every title, whole text and
+            # field (most fit one passage: they are not tokenized again).
+            titles = [document_title(d.title, d.fields) for d in docs]
+            bodies = [[d.text.strip(), *(v.strip() for v in (d.fields or {}).values())] for d in docs]
+            counts = self._counts([t or "" for t in titles] + [b for texts in bodies for b in texts])
+            title_tokens, rest = counts[: len(docs)], iter(counts[len(docs) :])
+            body_tokens = [[next(rest) for _ in texts] for texts in bodies]
             return [
-                self._prepare_one(doc, title, n_title, n_text)
-                for doc, title, n_title, n_text in zip(docs, titles, title_tokens, text_tokens)
+                self._prepare_one(doc, title, n_title, n_bodies)
+                for doc, title, n_title, n_bodies in zip(docs, titles, title_tokens, body_tokens)
             ]
 
     def _counts(self, texts: list[str]) -> list[int]:
@@ -89,8 +123,12 @@ class DocumentPreparer:
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
 
-    def _prepare_one(self, doc: DocumentInput, title: str | None, title_tokens: int, text_tokens: int) -> NewDocument:
+    def _prepare_one(
+        self, doc: DocumentInput, title: str | None, title_tokens: int, body_tokens: list[int]
+    ) -> NewDocument:
+        """``body_tokens``: the token counts of the stripped text, then of each field."""
         assert doc.id is not None, "document ids are assigned before chunking"
+        text_tokens, *field_tokens = body_tokens
         budget = self.encoder.passage_token_budget
         if title:
             budget -= title_tokens + 1
@@ -110,8 +148,12 @@ class DocumentPreparer:
             ]
         else:
             passages = chunker.split(doc.text, tokens=text_tokens)
-        digest = hashlib.sha256(doc.text.encode("utf-8")).hexdigest()
-        return NewDocument(doc.id, title, doc.metadata or {}, digest, passages)
+        for (name, text), tokens in zip((doc.fields or {}).items(), field_tokens, strict=True):
+            # A title field's chunks carry no prefix: the whole budget is theirs.
+            splitter = self._splitter(self.encoder.passage_token_budget) if name == TITLE_FIELD else chunker
+            passages.extend(dataclasses.replace(p, field=name) for p in splitter.split(text, tokens=tokens))
+        fields = dict(doc.fields) if doc.fields else None
+        return NewDocument(doc.id, title, doc.metadata or {}, content_digest(doc.text, fields), passages, fields)
 
     def _splitter(self, budget: int) -> Splitter:
         splitter = self._chunkers.get(budget)

@@ -12,11 +12,15 @@ Several keys in one object are joined with AND. A filter holds at most
 ``MAX_CONDITIONS`` conditions and ``MAX_VALUES`` values in all: SQLite
 refuses deeper expression trees (a flat ``$or`` of about 1,000) and more
 bound parameters than its build allows, which would otherwise surface as 500s.
+
+A search's choice of document fields (:class:`FieldFilter`) compiles to a
+condition on ``chunks`` (alias ``c``), applied on the same path.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from app.errors import InvalidInput
@@ -120,3 +124,31 @@ def compile_filter(where: dict | None) -> tuple[str, list]:
     if len(params) > MAX_VALUES:  # each list is capped too: at most MAX_CONDITIONS x MAX_LIST before this
         raise InvalidInput(f"filter has more than {MAX_VALUES:,} values in all")
     return sql, params
+
+
+@dataclass(frozen=True)
+class FieldFilter:
+    """Which fields' chunks a search may return: those named in ``include``
+    (None: every field) that are not in ``exclude``."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def restricts(self) -> bool:
+        return self.include is not None or bool(self.exclude)
+
+
+def compile_field_filter(fields: FieldFilter | None) -> tuple[str, list]:
+    """SQL condition on ``c`` (chunks) and its parameters ("1" when every field is allowed)."""
+    if fields is None or not fields.restricts:
+        return "1", []
+    parts: list[str] = []
+    params: list = []
+    if fields.include is not None:
+        parts.append(f"c.field IN ({','.join('?' * len(fields.include))})")
+        params.extend(fields.include)
+    if fields.exclude:
+        parts.append(f"c.field NOT IN ({','.join('?' * len(fields.exclude))})")
+        params.extend(fields.exclude)
+    return " AND ".join(parts), params

@@ -38,6 +38,14 @@ class LivePassage:
     passage_id: int
     text: str
     title: str | None
+    field: str
+
+
+@dataclass(frozen=True)
+class PendingChunk:
+    id: int
+    text: str
+    field: str  # the document's field it was cut from
 
 
 class Commit(enum.Enum):
@@ -146,20 +154,20 @@ class IndexStateStore:
 
     def chunk_texts(self, document_id: int) -> list[tuple[int, str]]:
         """(chunk id, text) of one document, in order."""
-        return self.chunks_of([document_id]).get(document_id, [])
+        return [(c.id, c.text) for c in self.chunks_of([document_id]).get(document_id, [])]
 
-    def chunks_of(self, document_ids: list[int]) -> dict[int, list[tuple[int, str]]]:
-        """(chunk id, text) of each document, in order, in one query per slice of ids."""
-        out: dict[int, list[tuple[int, str]]] = {d: [] for d in document_ids}
+    def chunks_of(self, document_ids: list[int]) -> dict[int, list[PendingChunk]]:
+        """The chunks of each document, every field's, in order, in one query per slice of ids."""
+        out: dict[int, list[PendingChunk]] = {d: [] for d in document_ids}
         for start in range(0, len(document_ids), SQL_VARIABLES):
             part = document_ids[start : start + SQL_VARIABLES]
             rows = self.conn.execute(
-                f"""SELECT document_id, id, text FROM chunks INDEXED BY chunks_by_document
+                f"""SELECT document_id, id, text, field FROM chunks INDEXED BY chunks_by_document
                     WHERE document_id IN ({",".join("?" * len(part))}) ORDER BY document_id, ord""",
                 part,
             ).fetchall()
             for r in rows:
-                out[r[0]].append((r[1], r[2]))
+                out[r[0]].append(PendingChunk(r[1], r[2], r[3]))
         return out
 
     def dead_passage_count(self, collection_id: int) -> int:
@@ -187,7 +195,7 @@ class IndexStateStore:
 
     def live_passages(self, collection_id: int) -> list[LivePassage]:
         rows = self.conn.execute(
-            """SELECT c.passage_id, c.text, d.title FROM chunks c JOIN documents d ON d.id = c.document_id
+            """SELECT c.passage_id, c.text, d.title, c.field FROM chunks c JOIN documents d ON d.id = c.document_id
                WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL
                ORDER BY c.passage_id""",
             (collection_id,),

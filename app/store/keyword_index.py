@@ -63,7 +63,8 @@ def drop_statements(collection_id: int) -> list[str]:
 
 def search_sql(collection_id: int, condition: str) -> str:
     """(passage id, BM25 score) best first; parameters: the MATCH expression,
-    the filter's parameters, k. ``condition`` is a filter on ``d``."""
+    the filter's parameters, k. ``condition`` is a filter on ``d``
+    (documents) and ``c`` (chunks: a search's choice of fields)."""
     t = table_name(collection_id)
     if condition == "1":
         # No filter: FTS5 ranks and cuts to k itself, and only k rows are joined.

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS documents (
     error         TEXT,
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
+    fields        TEXT,                          -- the named fields beside text, as JSON (NULL: none)
     priority      INTEGER NOT NULL DEFAULT 0     -- 1: a small upsert, indexed before bulk loads
 );
 CREATE UNIQUE INDEX IF NOT EXISTS documents_live
@@ -66,7 +67,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     char_end      INTEGER NOT NULL,
     page          INTEGER,                     -- 1-based PDF page where the chunk starts
     heading       TEXT,                        -- nearest Markdown/HTML heading above it
-    passage_id    INTEGER
+    passage_id    INTEGER,
+    field         TEXT NOT NULL DEFAULT 'text' -- the document's field it was cut from (text: the main one)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS chunks_by_pid ON chunks(collection_id, passage_id);
 CREATE INDEX IF NOT EXISTS chunks_by_document ON chunks(document_id, ord);
@@ -204,7 +206,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 # Columns added after a table's first release: (table, column, definition),
 # then what depends on them.
-ADDED_COLUMNS = [("documents", "priority", "INTEGER NOT NULL DEFAULT 0")]
+ADDED_COLUMNS = [
+    ("documents", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    # Multi-field documents: every chunk of an older database is of the main field.
+    ("documents", "fields", "TEXT"),
+    ("chunks", "field", "TEXT NOT NULL DEFAULT 'text'"),
+]
 AFTER_COLUMNS = """
 CREATE INDEX IF NOT EXISTS documents_pending_first
     ON documents(collection_id, priority DESC, id) WHERE state = 'pending';

@@ -17,9 +17,10 @@ import aiosqlite
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, NotReady
 from app.store import keyword_index
-from app.store.filters import compile_filter
+from app.store.filters import FieldFilter, compile_field_filter, compile_filter
 from app.store.jobs import Jobs
 from app.store.schema import PRAGMAS, SQL_VARIABLES, connect, initialise, transaction
+from app.validation import MAIN_FIELD
 
 # A keyword query becomes one FTS5 phrase per distinct term: the first this
 # many terms are searched (a 10,000-character query would make thousands).
@@ -42,8 +43,9 @@ class NewDocument:
     external_id: str
     title: str | None
     metadata: dict
-    content_hash: str
-    chunks: list  # list[app.ingest.chunking.Passage]
+    content_hash: str  # of the text and the named fields
+    chunks: list  # list[app.ingest.chunking.Passage], each with its field
+    fields: dict[str, str] | None = None  # the named fields beside text, kept for reading back
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Hit:
     document_id: str
     title: str | None
     metadata: dict
+    field: str = MAIN_FIELD
 
 
 class Store:
@@ -248,6 +251,7 @@ class Store:
                 raise CollectionNotFound("the collection was deleted")
             for doc in docs:
                 metadata = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False, allow_nan=False)
+                fields = json.dumps(doc.fields, ensure_ascii=False) if doc.fields else None
                 latest = conn.execute(
                     """SELECT id, state, content_hash, title, metadata FROM documents
                        WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending')
@@ -265,16 +269,17 @@ class Store:
                     continue
                 cur = conn.execute(
                     """INSERT INTO documents(collection_id, external_id, title, metadata, content_hash, state,
-                                             created_at, updated_at, priority)
-                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?)""",
-                    (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now, priority),
+                                             created_at, updated_at, priority, fields)
+                       VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)""",
+                    (collection_id, doc.external_id, doc.title, metadata, doc.content_hash, now, now, priority, fields),
                 )
                 doc_id = cur.lastrowid
                 conn.executemany(
-                    """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end, page, heading)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                    """INSERT INTO chunks(document_id, collection_id, ord, text, char_start, char_end, page, heading,
+                                          field)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     [
-                        (doc_id, collection_id, i, p.text, p.char_start, p.char_end, p.page, p.heading)
+                        (doc_id, collection_id, i, p.text, p.char_start, p.char_end, p.page, p.heading, p.field)
                         for i, p in enumerate(doc.chunks)
                     ],
                 )
@@ -307,7 +312,7 @@ class Store:
         row = await self._one(
             # The live version if any, else the newest pending one, else the
             # newest that failed to index (with its reason in ``error``).
-            """SELECT id, external_id, title, metadata, content_hash, state, error, created_at, updated_at
+            """SELECT id, external_id, title, metadata, fields, content_hash, state, error, created_at, updated_at
                FROM documents WHERE collection_id = ? AND external_id = ? AND state IN ('live', 'pending', 'failed')
                ORDER BY (state = 'live') DESC, (state = 'pending') DESC, id DESC LIMIT 1""",
             (collection_id, external_id),
@@ -315,11 +320,13 @@ class Store:
         if row is None:
             raise DocumentNotFound(f"document {external_id!r} does not exist")
         chunks = await self._all(
-            "SELECT id, ord, text, char_start, char_end, page, heading FROM chunks WHERE document_id = ? ORDER BY ord",
+            """SELECT id, ord, text, char_start, char_end, page, heading, field
+               FROM chunks WHERE document_id = ? ORDER BY ord""",
             (row["id"],),
         )
         doc = dict(row)
         doc["metadata"] = json.loads(doc["metadata"])
+        doc["fields"] = json.loads(doc["fields"]) if doc["fields"] else {}
         doc["chunks"] = [dict(c) for c in chunks]
         return doc
 
@@ -375,7 +382,7 @@ class Store:
             return {}
         rows = await self._all(
             f"""SELECT c.passage_id, c.id AS chunk_id, c.ord, c.text, c.char_start, c.char_end, c.page, c.heading,
-                       d.external_id, d.title, d.metadata
+                       c.field, d.external_id, d.title, d.metadata
                 FROM chunks c JOIN documents d ON d.id = c.document_id
                 WHERE c.collection_id = ? AND d.state = 'live'
                   AND c.passage_id IN ({",".join("?" * len(passage_ids))})""",
@@ -394,13 +401,17 @@ class Store:
                 document_id=r["external_id"],
                 title=r["title"],
                 metadata=json.loads(r["metadata"]),
+                field=r["field"],
             )
             for r in rows
         }
 
-    async def allowed_passage_ids(self, collection_id: int, where: dict) -> list[int]:
-        """Passage ids of live documents that match a metadata filter."""
-        condition, params = compile_filter(where)
+    async def allowed_passage_ids(
+        self, collection_id: int, where: dict | None, fields: FieldFilter | None = None
+    ) -> list[int]:
+        """Passage ids of live documents that match a metadata filter, of
+        the chunks of the fields allowed."""
+        condition, params = _conditions(where, fields)
         rows = await self._all(
             f"""SELECT c.passage_id FROM documents d JOIN chunks c ON c.document_id = d.id
                 WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL AND ({condition})""",
@@ -409,16 +420,16 @@ class Store:
         return [r[0] for r in rows]
 
     async def keyword_search(
-        self, collection_id: int, query: str, k: int, where: dict | None
+        self, collection_id: int, query: str, k: int, where: dict | None, fields: FieldFilter | None = None
     ) -> list[tuple[int, float]]:
-        """(passage id, BM25 score) of live chunks, best first, from the
-        collection's own FTS5 index (its cost and its IDF are the collection's
-        alone)."""
+        """(passage id, BM25 score) of live chunks of the fields allowed,
+        best first, from the collection's own FTS5 index (its cost and its
+        IDF are the collection's alone, every field's chunks counted)."""
         terms = list(dict.fromkeys(t for t in re.findall(r"\w+", query.lower()) if t))[:MAX_KEYWORD_TERMS]
         if not terms:
             return []
         match = " OR ".join(f'"{t}"' for t in terms)
-        condition, params = compile_filter(where)
+        condition, params = _conditions(where, fields)
         try:
             rows = await self._all(keyword_index.search_sql(collection_id, condition), (match, *params, k))
         except sqlite3.OperationalError as exc:
@@ -426,3 +437,15 @@ class Store:
                 raise CollectionNotFound("the collection was deleted") from None
             raise
         return [(r[0], float(r[1])) for r in rows]
+
+
+def _conditions(where: dict | None, fields: FieldFilter | None) -> tuple[str, list]:
+    """A metadata filter (on ``d``) and a field choice (on ``c``) as one
+    condition ("1" when neither restricts)."""
+    condition, params = compile_filter(where)
+    field_condition, field_params = compile_field_filter(fields)
+    if field_condition == "1":
+        return condition, params
+    if condition == "1":
+        return field_condition, field_params
+    return f"({condition}) AND ({field_condition})", [*params, *field_params]

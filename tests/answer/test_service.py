@@ -319,3 +319,30 @@ async def test_no_lm_gives_a_clear_error_and_search_still_works(answer_app, tmp_
     finally:
         state.answers = working
         await broken.astop()
+
+
+async def test_answers_retrieve_with_the_field_choice_and_cite_a_title_chunk_without_its_prefix(tmp_path):
+    from app.engine.search import SearchHit
+    from app.store.store import Hit
+
+    def hit(field: str, text: str) -> SearchHit:
+        return SearchHit(Hit(0, 0, 0, text, 0, len(text), None, None, "tea", "Green tea", {}, field), 1.0, 1)
+
+    class RecordingSearch:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        async def search(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            return [hit("title", "Green tea"), hit("summary", "How it is made.")]
+
+    search = RecordingSearch()
+    answers = AnswerService(make_settings(tmp_path, tmp_path), search)  # type: ignore[arg-type]
+    hits = await answers._retrieve("docs", "tea?", 3, "colbert", None, None, None, ["title", "summary"], {"title": 2})
+    assert search.calls == [
+        (
+            ("docs", "tea?", 3, "colbert", None, None, None),
+            {"fields": ["title", "summary"], "field_weights": {"title": 2}},
+        )
+    ]
+    assert answers._passages(hits) == ["Green tea", "Green tea: How it is made."]

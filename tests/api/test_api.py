@@ -133,6 +133,41 @@ async def test_upsert_search_delete_replace(client):
     assert again[0]["status"] == "unchanged"
 
 
+async def test_fields_with_the_real_model(client):
+    """A document's named fields are found by field, and weighed, with the default checkpoint."""
+    await create(client, "fielded")
+    docs = [
+        {
+            "id": "tea",
+            "text": "Leaves are withered, rolled and dried; the cup is pale and grassy.",
+            "fields": {"title": "Green tea", "summary": "How green tea is made from Camellia sinensis leaves."},
+        },
+        {"id": "volcano", "text": "A volcano is a rupture in the crust of a planet where lava escapes."},
+        {"id": "coffee", "text": "Coffee beans are roasted.", "fields": {"summary": "Roasting coffee beans."}},
+    ]
+    await upsert(client, "fielded", docs)
+    got = (await client.get("/v1/collections/fielded/documents/tea")).json()
+    assert got["title"] == "Green tea" and got["fields"] == docs[0]["fields"]
+    assert [c["field"] for c in got["chunks"]] == ["text", "title", "summary"]
+
+    async def run(**body):
+        r = await client.post("/v1/collections/fielded/search", json={"k": 10, **body})
+        assert r.status_code == 200, r.text
+        return [(h["document_id"], h["field"], h["score"]) for h in r.json()["results"]]
+
+    for mode in ("colbert", "keyword", "hybrid"):
+        hits = await run(query="how is green tea made", mode=mode)
+        assert hits[0][:2] in (("tea", "summary"), ("tea", "title"), ("tea", "text")), mode
+        assert ("tea", "summary") in [h[:2] for h in hits], mode
+        only = await run(query="how is green tea made", mode=mode, fields=["summary"])
+        assert {h[1] for h in only} == {"summary"} and only[0][0] == "tea", mode
+    titles = await run(query="green tea", fields=["title"], mode="colbert")
+    assert [h[:2] for h in titles] == [("tea", "title")]
+    weighted = await run(query="green tea", mode="colbert", field_weights={"title": 10, "summary": 0})
+    assert weighted[0][:2] == ("tea", "title") and "summary" not in {h[1] for h in weighted}
+    assert weighted[0][2] == pytest.approx(titles[0][2] * 10)
+
+
 @pytest.mark.parametrize(
     "doc_id", ["with space", "a/b/c", "what?", "<tag>", "ünïcødé 文字", "100%", "/leading", "trailing/", "a#b&c=d"]
 )
@@ -209,6 +244,10 @@ async def test_bad_input_changes_nothing(client):
         {"documents": "nope"},
         {"docs": [{"text": "typo in field"}]},
         {"documents": [{"id": "", "text": "empty id"}]},
+        {"documents": [{"id": "x", "text": "ok", "fields": {"Bad Name": "field"}}]},
+        {"documents": [{"id": "x", "text": "ok", "fields": {"text": "the main field twice"}}]},
+        {"documents": [{"id": "x", "text": "ok", "fields": {f"f{i}": "many" for i in range(17)}}]},
+        {"documents": [{"id": "x", "text": "ok", "fields": {"summary": " "}}]},
     ]
     for body in bad_upserts:
         r = await client.post(f"{coll}/documents", json=body)
@@ -222,12 +261,17 @@ async def test_bad_input_changes_nothing(client):
         b'{"documents": [{"id": "s", "text": "bad \\ud800 text"}]}',
         b'{"documents": [{"id": "\\udfff", "text": "ok"}]}',
         b'{"documents": [{"id": "s", "text": "ok", "metadata": {"k": ["\\ud800"]}}]}',
+        b'{"documents": [{"id": "s", "text": "ok", "fields": {"summary": "bad \\ud800"}}]}',
     ):
         assert_error(await client.post(f"{coll}/documents", content=raw, headers=json_headers), 422)
     assert_error(await client.post(f"{coll}/search", content=b'{"query": "\\ud800"}', headers=json_headers), 422)
     for k in (0, -1, 1001, "10", 2.5):
         assert_error(await client.post(f"{coll}/search", json={"query": "x", "k": k}), 422)
     assert_error(await client.post(f"{coll}/search", json={"query": ""}), 422)
+    for choice in ({"fields": ["Bad"]}, {"fields": []}, {"field_weights": {"text": -1}}):
+        assert_error(await client.post(f"{coll}/search", json={"query": "x", **choice}), 422)
+    raw = b'{"query": "x", "field_weights": {"text": NaN}}'
+    assert_error(await client.post(f"{coll}/search", content=raw, headers=json_headers), 422)
     assert_error(await client.post(f"{coll}/search", json={"query": 7}), 422)
     assert_error(
         await client.post(f"{coll}/search", content=b"{oops", headers={"content-type": "application/json"}), 400

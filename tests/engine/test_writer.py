@@ -763,3 +763,26 @@ async def test_a_lease_that_cannot_be_taken_for_another_reason_than_busy_shows_a
         assert [p.text for p in state.live_passages(c)] == ["text"] and w.state().degraded is None
     finally:
         w.stop()
+
+
+async def test_every_field_is_encoded_with_the_title_but_the_title_field_alone(env):
+    settings, store, state = env
+    c = (await store.create_collection("docs", None)).id
+    chunks = [
+        Passage("red fox", 0, 7),
+        Passage("Animals", 0, 7, field="title"),
+        Passage("a fox", 0, 5, field="summary"),
+    ]
+    new = NewDocument("a", "Animals", {}, "hash", chunks, {"title": "Animals", "summary": "a fox"})
+    await store.insert_pending(c, [new])
+    w = writer(settings)
+    encoded: list[str] = []
+    original = w.encoder.encode_passages
+    w.encoder.encode_passages = lambda texts: encoded.extend(texts) or original(texts)
+    assert w.step(state) is True
+    assert sorted(encoded) == sorted(["Animals\nred fox", "Animals", "Animals\na fox"])
+    assert [(p.field, p.text) for p in state.live_passages(c)] == [
+        ("text", "red fox"),
+        ("title", "Animals"),
+        ("summary", "a fox"),
+    ]

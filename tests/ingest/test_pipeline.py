@@ -77,3 +77,44 @@ def test_token_counts_match_the_tokenizer_whatever_its_last_call_set():
     tokenizer(texts, truncation=True, max_length=8, padding="max_length")  # leaves its settings behind
     assert DocumentPreparer(RealTokenizerEncoder())._counts(texts) == expected
     assert max(expected) > 8
+
+
+def test_each_field_is_split_on_its_own_and_every_chunk_records_its_field():
+    summary = "  " + long_text(12, "cat")
+    prepared = prepare(DocumentInput("a", long_text(12, "dog"), fields={"summary": summary, "tags": "pets"}))
+    by_field: dict[str, list] = {}
+    for p in prepared.chunks:
+        by_field.setdefault(p.field, []).append(p)
+    assert list(by_field) == ["text", "summary", "tags"]  # text first, then the fields in the order given
+    assert len(by_field["summary"]) > 1 and [p.text for p in by_field["tags"]] == ["pets"]
+    for p in by_field["summary"]:
+        assert summary[p.char_start : p.char_end] == p.text and "cat" in p.text
+    assert all("dog" in p.text for p in by_field["text"])
+    assert prepared.fields == {"summary": summary, "tags": "pets"}
+
+
+def test_a_title_field_is_the_default_title_and_is_encoded_without_the_prefix():
+    fielded = prepare(DocumentInput("a", long_text(40), fields={"title": "  A rather long title of many words  "}))
+    assert fielded.title == "A rather long title of many words"
+    # It takes its tokens from the other chunks' budget, as the title attribute does.
+    plain = prepare(DocumentInput("a", long_text(40), title="A rather long title of many words"))
+    assert [p.text for p in fielded.chunks if p.field == "text"] == [p.text for p in plain.chunks]
+    (title_chunk,) = [p for p in fielded.chunks if p.field == "title"]
+    assert title_chunk.text == "A rather long title of many words"
+    assert passage_text(fielded.title, title_chunk.text, "title") == title_chunk.text
+    assert passage_text(fielded.title, "body", "summary") == "A rather long title of many words\nbody"
+    # The attribute wins over the field for the shown (and prefixed) title.
+    both = prepare(DocumentInput("a", "text", title="Shown", fields={"title": "Indexed"}))
+    assert both.title == "Shown" and [p.text for p in both.chunks if p.field == "title"] == ["Indexed"]
+
+
+def test_the_content_hash_covers_the_fields_and_is_unchanged_without_them():
+    import hashlib
+
+    plain = prepare(DocumentInput("a", "same text"))
+    assert plain.content_hash == hashlib.sha256(b"same text").hexdigest()  # as before fields
+    one = prepare(DocumentInput("a", "same text", fields={"x": "1", "y": "2"}))
+    reordered = prepare(DocumentInput("a", "same text", fields={"y": "2", "x": "1"}))
+    changed = prepare(DocumentInput("a", "same text", fields={"x": "1", "y": "3"}))
+    assert one.content_hash == reordered.content_hash
+    assert len({plain.content_hash, one.content_hash, changed.content_hash}) == 3

@@ -8,6 +8,7 @@ import pytest
 
 from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound
 from app.ingest.chunking import Passage
+from app.store.filters import FieldFilter
 from app.store.index_state import Commit, IndexStateStore
 from app.store.schema import connect, initialise
 from app.store.store import NewDocument
@@ -302,3 +303,77 @@ async def test_a_read_after_a_committed_write_sees_it_while_other_reads_run(stor
     finally:
         stop.set()
         await asyncio.gather(*readers)
+
+
+def field_doc(external_id: str, text: str, fields: dict[str, str], title: str | None = None) -> NewDocument:
+    chunks = [Passage(text, 0, len(text))] + [Passage(v, 0, len(v), field=k) for k, v in fields.items()]
+    return NewDocument(external_id, title, {}, f"hash-{text}-{sorted(fields.items())}", chunks, fields)
+
+
+async def test_each_chunk_keeps_its_field_and_a_field_choice_restricts_filters_and_keyword_search(store):
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(
+        c,
+        [
+            field_doc("a", "granite quarry", {"title": "Stone", "summary": "granite cut in blocks"}, title="Stone"),
+            field_doc("b", "marble statue", {"summary": "granite plinth"}),
+        ],
+    )
+    make_live(store, c)
+    got = await store.get_document(c, "a")
+    assert got["fields"] == {"title": "Stone", "summary": "granite cut in blocks"}
+    assert [(ch["ord"], ch["field"], ch["text"]) for ch in got["chunks"]] == [
+        (0, "text", "granite quarry"),
+        (1, "title", "Stone"),
+        (2, "summary", "granite cut in blocks"),
+    ]
+    # Passage ids follow the chunks: a 0-2, b 3-4.
+    assert (await store.fetch_hits(c, [2]))[2].field == "summary"
+    summary = FieldFilter(("summary",))
+    assert await store.allowed_passage_ids(c, None, summary) == [2, 4]
+    assert await store.allowed_passage_ids(c, None, FieldFilter(None, ("text", "summary"))) == [1]
+    assert await store.allowed_passage_ids(c, {"$document_id": "b"}, summary) == [4]
+    granite = {pid for pid, _ in await store.keyword_search(c, "granite", 10, None)}
+    assert granite == {0, 2, 4}
+    assert {pid for pid, _ in await store.keyword_search(c, "granite", 10, None, summary)} == {2, 4}
+    assert {pid for pid, _ in await store.keyword_search(c, "granite", 10, {"$document_id": "a"}, summary)} == {2}
+    # Replaced: every field's chunks of the old version leave search at once.
+    await store.insert_pending(c, [field_doc("a", "granite quarry", {})])
+    make_live(store, c)
+    assert await store.allowed_passage_ids(c, None, summary) == [4]
+    assert (await store.get_document(c, "a"))["fields"] == {}
+    await store.delete_document(c, "b")
+    assert await store.allowed_passage_ids(c, None, summary) == []
+    assert {pid for pid, _ in await store.keyword_search(c, "granite", 10, None)} == {5}
+
+
+async def test_a_database_from_before_fields_is_migrated_and_its_chunks_are_of_the_text_field(tmp_path):
+    from app.store.store import Store
+
+    path = tmp_path / "old.sqlite3"
+    store = Store(path)
+    await store.open()
+    c = (await store.create_collection("docs", None)).id
+    await store.insert_pending(c, [doc("a", "one", "two", title="Numbers")])
+    make_live(store, c)
+    await store.close()
+    conn = connect(path)
+    conn.execute("ALTER TABLE chunks DROP COLUMN field")  # as a database written before fields
+    conn.execute("ALTER TABLE documents DROP COLUMN fields")
+    conn.close()
+
+    store = Store(path)
+    await store.open()
+    try:
+        got = await store.get_document(c, "a")
+        assert got["fields"] == {} and got["title"] == "Numbers"
+        assert [(ch["text"], ch["field"]) for ch in got["chunks"]] == [("one", "text"), ("two", "text")]
+        assert await store.allowed_passage_ids(c, None, FieldFilter(("text",))) == [0, 1]
+        assert {h.field for h in (await store.fetch_hits(c, [0, 1])).values()} == {"text"}
+        # New writes after the migration carry their fields.
+        await store.insert_pending(c, [field_doc("b", "three", {"summary": "four"})])
+        make_live(store, c)
+        assert await store.allowed_passage_ids(c, None, FieldFilter(("summary",))) == [3]
+    finally:
+        await store.close()
+    initialise(path)  # a second start finds nothing to migrate

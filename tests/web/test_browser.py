@@ -454,3 +454,130 @@ def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_browser()
+
+
+# ---------------------------------------------------------------- documents with fields, on the fake encoder
+
+
+class FakeEngineServer:
+    """The real app (routes, store, writer, search) over the fake encoder and
+    the in-memory backend, served by uvicorn on a thread: the page against
+    the real API in seconds, without the model."""
+
+    def __init__(self, data_dir: Path):
+        from app.factory import create_app
+        from app.service import SearchService
+        from app.settings import Settings
+        from tests.fakes import FakeEncoder, FakeInMemoryBackend
+
+        settings = Settings(
+            _env_file=None, environment="test", data_dir=data_dir, log_level="WARNING", answer_preload=False
+        )
+        service = SearchService(settings, encoder=FakeEncoder(), backend_factory=lambda s, e: FakeInMemoryBackend())
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(settings, service=service)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> FakeEngineServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the fake engine server did not become ready")
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def hit_fields(driver, list_id: str) -> list[tuple[str, str]]:
+    """(document id, field badge) of each hit shown."""
+    return [
+        (item.get_attribute("data-document-id"), item.find_element(By.CSS_SELECTOR, ".field").text)
+        for item in by_id(driver, list_id).find_elements(By.CSS_SELECTOR, "li.hit")
+    ]
+
+
+def test_a_document_with_fields_is_added_and_searched_by_field_in_the_page(browser, tmp_path):
+    with (
+        FakeEngineServer(tmp_path / "data") as server,
+        artifacts_on_failure(browser, "test_fields_in_the_page"),
+        httpx.Client(base_url=server.url, timeout=30) as api,
+    ):
+        assert api.post("/v1/collections", json={"name": "port"}).status_code == 201
+        other = {"id": "ocean", "text": "Containers ship goods across the ocean."}
+        assert api.post("/v1/collections/port/documents", json={"documents": [other]}).status_code == 200
+        open_page(browser, server.url)
+        browser.execute_script("localStorage.clear()")
+        open_page(browser, server.url)
+        wait_for(browser, lambda d: Select(by_id(d, "collection")).first_selected_option.text == "port")
+
+        # A bad field name: the API's message, nothing added.
+        fill(browser, "doc-text", "Nothing.")
+        by_id(browser, "add-field").click()
+        row = by_id(browser, "field-rows").find_elements(By.CSS_SELECTOR, ".field-row")[-1]
+        row.find_element(By.CSS_SELECTOR, ".field-name").send_keys("Bad Name")
+        row.find_element(By.CSS_SELECTOR, ".field-text").send_keys("x")
+        submit(browser, "document-form")
+        assert "Bad Name" in shown_error(browser, "add-error")
+        row.find_element(By.CSS_SELECTOR, ".remove-field").click()
+        assert not by_id(browser, "field-rows").find_elements(By.CSS_SELECTOR, ".field-row")
+
+        # A document with two fields.
+        fill(browser, "doc-id", "harbour")
+        fill(browser, "doc-text", "The crane lifts steel containers onto ships at dawn.")
+        for name, text in (("title", "Harbour logistics"), ("summary", "Cranes and containers at the port.")):
+            by_id(browser, "add-field").click()
+            row = by_id(browser, "field-rows").find_elements(By.CSS_SELECTOR, ".field-row")[-1]
+            row.find_element(By.CSS_SELECTOR, ".field-name").send_keys(name)
+            row.find_element(By.CSS_SELECTOR, ".field-text").send_keys(text)
+        submit(browser, "document-form")
+        wait_for(browser, lambda d: by_id(d, "add-status").text == "harbour: indexed", what="added")
+        assert not by_id(browser, "add-error").is_displayed()
+        doc = api.get("/v1/collections/port/documents/harbour").json()
+        assert doc["fields"] == {"title": "Harbour logistics", "summary": "Cranes and containers at the port."}
+        assert doc["title"] == "Harbour logistics"
+        wait_for(browser, lambda d: "2 documents, 4 chunks" in by_id(d, "collection-info").text, what="counts")
+
+        # Search: every hit shows its field; a field choice keeps to it.
+        for fields in ("", "summary", "title, text"):
+            fill(browser, "query", "containers at the port")
+            Select(by_id(browser, "mode")).select_by_value("colbert")
+            fill(browser, "search-fields", fields)
+            fill(browser, "search-k", "10")
+            browser.execute_script("document.getElementById('search-summary').textContent = ''")
+            submit(browser, "search-form")
+            wait_for(browser, lambda d: "(colbert)" in by_id(d, "search-summary").text, what=f"results of {fields!r}")
+            body = {"query": "containers at the port", "k": 10, "mode": "colbert"}
+            if fields:
+                body["fields"] = [f.strip() for f in fields.split(",")]
+            expected = api.post("/v1/collections/port/search", json=body).json()["results"]
+            assert hit_fields(browser, "results") == [(r["document_id"], r["field"]) for r in expected]
+            if fields:
+                assert {f for _, f in hit_fields(browser, "results")} == set(body["fields"])
+            else:
+                assert len(expected) == 4
+        assert [r["document_id"] for r in expected if r["field"] == "title"] == ["harbour"]
+
+        # The document shows its fields, and each chunk its field.
+        fill(browser, "search-fields", "summary")
+        fill(browser, "search-k", "1")
+        submit(browser, "search-form")
+        wait_for(browser, lambda d: hit_fields(d, "results") == [("harbour", "summary")], what="the summary hit")
+        hits(browser, "results")[0]["link"].click()
+        dialog = by_id(browser, "document-dialog")
+        wait_for(browser, lambda d: dialog.is_displayed() and by_id(d, "document-chunks").text, what="document")
+        shown = by_id(browser, "document-fields").text
+        assert "summary" in shown and "Cranes and containers at the port." in shown
+        chunks = by_id(browser, "document-chunks").find_elements(By.TAG_NAME, "li")
+        assert [c.get_attribute("data-field") for c in chunks] == ["text", "title", "summary"]
+        dialog.find_element(By.CSS_SELECTOR, "button.close").click()

@@ -33,7 +33,7 @@ router = APIRouter(prefix="/v1/collections/{collection}/documents", tags=["docum
 async def upsert_documents(collection: CollectionName, body: UpsertRequest, service: ServiceDep):
     """Insert or replace documents. With ``wait`` (default) the answer comes
     after the index commit, so a search right after it sees the documents."""
-    docs = [DocumentInput(d.id, d.text, d.title, d.metadata) for d in body.documents]
+    docs = [DocumentInput(d.id, d.text, d.title, d.metadata, fields=d.fields) for d in body.documents]
     results = await service.upsert_documents(collection, docs, wait=body.wait)
     payload = UpsertResponse(collection=collection, results=results).model_dump()
     pending = any(r["status"] == "pending" for r in results)
@@ -67,6 +67,9 @@ async def get_document(collection: CollectionName, document_id: DocumentId, serv
             "text": c["text"],
             "char_start": c["char_start"],
             "char_end": c["char_end"],
+            "page": c["page"],
+            "heading": c["heading"],
+            "field": c["field"],
         }
         for c in doc["chunks"]
     ]

@@ -33,6 +33,7 @@ def _hit_out(h) -> dict:
         "char_end": h.hit.char_end,
         "page": h.hit.page,
         "heading": h.hit.heading,
+        "field": h.hit.field,
     }
 
 
@@ -40,7 +41,17 @@ def _hit_out(h) -> dict:
 async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep, settings: SettingsDep):
     started = time.perf_counter()
     weights = body.weights.model_dump() if body.weights is not None else None
-    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion, weights)
+    hits = await service.search(
+        collection,
+        body.query,
+        body.k,
+        body.mode,
+        body.filter,
+        body.fusion,
+        weights,
+        fields=body.fields,
+        field_weights=body.field_weights,
+    )
     return {
         "query": body.query,
         "k": body.k,

@@ -1,4 +1,5 @@
-// The web page: collections, uploads with job progress, search, answers.
+// The web page: collections, uploads with job progress, documents with
+// fields, search, answers.
 // Plain ES module, no build step. Every piece of data goes into the page
 // through textContent (never innerHTML), so documents cannot inject markup.
 // vendor/eventsource-parser: the npm package eventsource-parser 4.1.3 (MIT), its
@@ -261,20 +262,31 @@ function documentLink(collection, hit) {
   return link;
 }
 
+// A chunk's field (text: the main text), as a badge; nothing when the server sends none.
+const fieldBadge = (field) => (field ? h("span", { className: "badge field", title: "field" }, field) : null);
+
 async function openDocument(collection, id) {
   const dialog = $("document-dialog");
   const errorBox = $("document-error");
   clearError(errorBox);
   $("document-title").textContent = id;
   $("document-id").textContent = id;
+  $("document-fields").replaceChildren();
   $("document-metadata").textContent = "";
   $("document-chunks").replaceChildren();
   if (!dialog.open) dialog.showModal();
   try {
     const doc = await api("GET", documentPath(collection, id));
     $("document-title").textContent = doc.title || doc.id;
+    $("document-fields").replaceChildren(
+      ...Object.entries(doc.fields || {}).flatMap(([name, text]) => [h("dt", {}, name), h("dd", {}, text)]),
+    );
     $("document-metadata").textContent = JSON.stringify(doc.metadata, null, 2);
-    $("document-chunks").replaceChildren(...doc.chunks.map((c) => h("li", {}, c.text)));
+    $("document-chunks").replaceChildren(
+      ...doc.chunks.map((c) =>
+        h("li", { dataset: { field: c.field || "" } }, fieldBadge(c.field), c.field ? " " : null, c.text),
+      ),
+    );
   } catch (err) {
     showError(errorBox, err);
   }
@@ -287,7 +299,7 @@ function hitItem(collection, hit) {
   if (hit.heading) where.push(hit.heading);
   return h(
     "li",
-    { className: "hit", dataset: { documentId: hit.document_id } },
+    { className: "hit", dataset: { documentId: hit.document_id, field: hit.field || "" } },
     h(
       "div",
       { className: "hit-head" },
@@ -295,19 +307,86 @@ function hitItem(collection, hit) {
       h("span", { className: "score", title: "score" }, formatScore(hit.score)),
       documentLink(collection, hit),
       hit.title ? h("span", { className: "muted" }, hit.document_id) : null,
+      fieldBadge(hit.field),
       where.length ? h("span", { className: "where" }, where.join(" · ")) : null,
     ),
     h("p", { className: "hit-text" }, hit.text),
   );
 }
 
+// ---------------------------------------------------------------- adding documents
+
+function addFieldRow(name = "", text = "") {
+  const remove = h("button", { type: "button", className: "remove-field" }, "Remove");
+  const row = h(
+    "li",
+    { className: "field-row" },
+    h("input", { className: "field-name", value: name, placeholder: "name, e.g. summary", spellcheck: false }),
+    h("textarea", { className: "field-text", value: text, rows: 2, placeholder: "text" }),
+    remove,
+  );
+  row.querySelector(".field-name").setAttribute("aria-label", "field name");
+  row.querySelector(".field-text").setAttribute("aria-label", "field text");
+  remove.addEventListener("click", () => row.remove());
+  $("field-rows").append(row);
+  return row;
+}
+
+// The field rows as {name: text}; rows left wholly empty are skipped, the
+// rest go to the server as they are (it says what is wrong with them).
+function fieldsFromRows() {
+  const fields = {};
+  for (const row of $("field-rows").querySelectorAll(".field-row")) {
+    const name = row.querySelector(".field-name").value.trim();
+    const text = row.querySelector(".field-text").value;
+    if (!name && !text.trim()) continue;
+    if (Object.hasOwn(fields, name)) throw new Error(`field ${JSON.stringify(name)} is given twice`);
+    fields[name] = text;
+  }
+  return fields;
+}
+
+function setupAddDocument() {
+  $("add-field").addEventListener("click", () => addFieldRow().querySelector(".field-name").focus());
+  onSubmit($("document-form"), $("add-error"), async () => {
+    const collection = currentCollection();
+    const doc = { text: $("doc-text").value };
+    const id = $("doc-id").value.trim();
+    const title = $("doc-title").value.trim();
+    const fields = fieldsFromRows();
+    if (id) doc.id = id;
+    if (title) doc.title = title;
+    if (Object.keys(fields).length) doc.fields = fields;
+    $("add-status").textContent = "adding…";
+    try {
+      const result = await api("POST", `${collectionPath(collection)}/documents`, { json: { documents: [doc] } });
+      const [first] = result.results;
+      $("add-status").textContent = `${first.id}: ${first.status}`;
+    } catch (err) {
+      $("add-status").textContent = "";
+      throw err;
+    }
+    for (const input of [$("doc-id"), $("doc-title"), $("doc-text")]) input.value = "";
+    $("field-rows").replaceChildren();
+    await loadCollections();
+  });
+}
+
 // ---------------------------------------------------------------- search
+
+// "title, summary" -> ["title", "summary"]; empty: every field (null).
+function chosenFields(value) {
+  const names = value.split(/[\s,]+/).filter(Boolean);
+  return names.length ? names : null;
+}
 
 function setupSearch() {
   onSubmit($("search-form"), $("search-error"), async () => {
     const collection = currentCollection();
     const body = { query: $("query").value, k: Number($("search-k").value) };
     if ($("mode").value) body.mode = $("mode").value; // empty: the server's default mode
+    const fields = chosenFields($("search-fields").value);
+    if (fields) body.fields = fields;
     $("search-summary").textContent = "searching…";
     $("results").replaceChildren();
     try {
@@ -432,6 +511,7 @@ function setupAnswer() {
 setupKey();
 setupCollections();
 setupUpload();
+setupAddDocument();
 setupSearch();
 setupAnswer();
 loadCollections();
