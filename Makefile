@@ -28,7 +28,11 @@ lint: setup
 	.venv/bin/ruff format --check app colbert_patches models tests bench
 	.venv/bin/mypy app colbert_patches models
 
+# Retrieval quality on msmarco-mini and business-reports in one run (every
+# signal, hybrid combination and the default; bench/quality.py), then
+# msmarco-mini's throughput, latency and memory (bench/msmarco_mini.py).
 bench: setup
+	.venv/bin/python -m bench.quality
 	.venv/bin/python -m bench.msmarco_mini
 
 # Scale on one node (bench/scale.py): a stand-in-encoder run to 1M passages and
