@@ -64,11 +64,11 @@ class Settings(BaseSettings):
     # Search (app/engine/search.py). A request may name its own mode, fusion
     # and weights; these are the defaults, chosen from measurements on two
     # datasets (BENCHMARKS.md, "Retrieval quality").
-    search_mode: Literal["colbert", "dense", "keyword", "hybrid"] = "hybrid"
-    hybrid_fusion: Literal["normalized", "sum", "rrf", "rescore"] = "normalized"
+    search_mode: Literal["colbert", "dense", "keyword", "hybrid"] = "colbert"
+    hybrid_fusion: Literal["normalized", "sum", "rrf", "rescore"] = "rrf"
     hybrid_weight_colbert: float = Field(default=1.0, ge=0, le=1000)
     hybrid_weight_dense: float = Field(default=1.0, ge=0, le=1000)
-    hybrid_weight_keyword: float = Field(default=1.0, ge=0, le=1000)
+    hybrid_weight_keyword: float = Field(default=0.0, ge=0, le=1000)
     hybrid_depth: int = Field(default=50, ge=1, le=1000, description="candidates taken from each signal")
     chunker: Literal["sentence", "semantic"] = "sentence"
 

@@ -108,7 +108,7 @@ async def test_dense_mode_and_hybrid_weights(client, filtered_collection):
     assert {h["document_id"] for h in rare} == {"doc-7", "doc-107", "doc-207"}
 
     r = await client.post("/v1/collections/filtered/search", json={"query": "Report 123 chemistry", "k": 5})
-    assert r.status_code == 200 and r.json()["mode"] == "hybrid"  # the default mode
+    assert r.status_code == 200 and r.json()["mode"] == "colbert"  # the default mode
     assert "doc-123" in [h["document_id"] for h in r.json()["results"][:2]]
 
     # One signal weighted: hybrid ranks as that signal does (the others only add candidates).

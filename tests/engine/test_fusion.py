@@ -59,10 +59,12 @@ def _searcher(tmp_path, encoder, **settings):
 def test_a_request_plan_takes_the_settings_defaults_and_its_own_choices(tmp_path):
     from tests.fakes import FakeEncoder
 
-    searcher = _searcher(tmp_path, FakeEncoder(), hybrid_weight_keyword=0.5, hybrid_depth=30)
+    assert _searcher(tmp_path, FakeEncoder()).plan(10, None, None, None).mode == "colbert"
+    searcher = _searcher(tmp_path, FakeEncoder(), search_mode="hybrid", hybrid_weight_keyword=0.5, hybrid_depth=30)
     plan = searcher.plan(10, None, None, None)
-    assert plan.mode == "hybrid" and plan.fusion == "normalized" and plan.depth == 30
+    assert plan.mode == "hybrid" and plan.fusion == "rrf" and plan.depth == 30
     assert plan.weights == {"colbert": 1.0, "dense": 1.0, "keyword": 0.5}
+    assert _searcher(tmp_path, FakeEncoder()).plan(10, "hybrid", None, None).weights == {"colbert": 1.0, "dense": 1.0}
     assert searcher.plan(20, "hybrid", "rrf", {"dense": 2.0}).weights == {"dense": 2.0}
     assert searcher.plan(20, "hybrid", None, None).depth == 40  # at least 2 k
     assert searcher.plan(5, "dense", None, None).weights == {"dense": 1.0}
@@ -78,10 +80,10 @@ def test_without_a_pooled_head_dense_is_refused_and_hybrid_goes_on_without_it(tm
     class FakeEncoderWithoutDense(FakeEncoder):
         dense_dim = None
 
-    searcher = _searcher(tmp_path, FakeEncoderWithoutDense())
+    searcher = _searcher(tmp_path, FakeEncoderWithoutDense(), hybrid_weight_keyword=1.0)
     with pytest.raises(InvalidInput, match="pooled"):
         searcher.plan(5, "dense", None, None)
-    assert searcher.plan(5, None, None, None).weights == {"colbert": 1.0, "keyword": 1.0}
+    assert searcher.plan(5, "hybrid", None, None).weights == {"colbert": 1.0, "keyword": 1.0}
     with pytest.raises(InvalidInput, match="at least one"):
         searcher.plan(5, "hybrid", None, {"dense": 1.0})
 
