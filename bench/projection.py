@@ -41,7 +41,7 @@ business-reports is reported twice: with its judgments as shipped, where
 only q_15 of the 11 judged queries is judged against the report it was
 written for (the others were given the corpus's first reports in order), and
 ``business-reports-realigned``, the same judgments given to the queries
-written for each report (22 queries; see ``BUSINESS_REPORTS_REALIGNED``).
+written for each report (22 queries; bench/qrels/README.md).
 
 BM25 (bm25s) and dense mean-pooled MiniLM come from ``bench.msmarco_mini`` as
 references (each corpus entry whole; dense truncates at 256 word-pieces).
@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.data import DATA, encoded_corpus, load, ndcg_at_10
+from bench.data import BUSINESS_REPORTS_REKEYED, DATA, encoded_corpus, load, ndcg_at_10, read_qrels
 
 SHARED = DATA.parent
 DATASETS = ("msmarco-mini", "business-reports")
@@ -81,29 +81,6 @@ SCORE_BLOCK_TOKENS = 32768  # document tokens per block of the exhaustive scorer
 VOCAB_SEQUENCES = 1000  # generated sample: sequences of ...
 VOCAB_WORDS = 100  # ... whole vocabulary words each
 VOCAB_SEED = 20240611
-# business-reports as shipped (and upstream) gives its judged queries q_12 to
-# q_22 the first eleven reports of its corpus, in corpus order: only q_15 is
-# judged against the report it was written for (q_12, "Geopolitical risks and
-# opportunities in Asian markets", is judged against the Global Banking Annual
-# Review). Its queries come in pairs written for one report, q_n and q_(n+23)
-# (q_6 "Banking precision strategies versus scale-based approaches", q_29
-# "Future of banking: precision over scale"). Realigned, each judged report's
-# passages go to the two queries written for it; no judgment is added or
-# changed. Keys: the query a report is judged for as shipped; values: q_n.
-BUSINESS_REPORTS_REALIGNED = {
-    "q_12": "q_6",  # Global Banking Annual Review 2025: why precision, not heft
-    "q_13": "q_17",  # The way to win in corporate venturing: serial building and AI
-    "q_14": "q_16",  # The SG&A challenge
-    "q_15": "q_15",  # Security and AI's potential to protect
-    "q_16": "q_14",  # Remanufacturing: turning old parts into new opportunities
-    "q_17": "q_9",  # How Nestle's CFO sharpens focus across a global portfolio
-    "q_18": "q_12",  # In conversation: Asia at the geoeconomic crossroads
-    "q_19": "q_21",  # Valuation: Measuring and Managing the Value of Companies
-    "q_20": "q_11",  # Improving energy security through technology
-    "q_21": "q_19",  # The new case for brain health
-    "q_22": "q_18",  # Unlocking the growing power of Latino fans
-}
-PAIRED_QUERY_OFFSET = 23
 
 
 @dataclass
@@ -219,21 +196,11 @@ def query_vectors(encoder, queries: dict[str, str]) -> tuple[dict[str, torch.Ten
     return server, hidden
 
 
-def realigned(qrels: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """business-reports' judgments given to the queries written for each
-    report (see ``BUSINESS_REPORTS_REALIGNED``)."""
-    out = {}
-    for shipped, query in BUSINESS_REPORTS_REALIGNED.items():
-        paired = f"q_{int(query[2:]) + PAIRED_QUERY_OFFSET}"
-        out[query], out[paired] = dict(qrels[shipped]), dict(qrels[shipped])
-    return out
-
-
 def encode_dataset(encoder, name: str, cache: Path) -> Encoded:
     corpus, queries, qrels = load(SHARED / name)
     judgments = {name: qrels}
     if name == "business-reports":
-        judgments[f"{name}-realigned"] = realigned(qrels)
+        judgments[f"{name}-realigned"] = read_qrels(BUSINESS_REPORTS_REKEYED)
     queries = {q: t for q, t in queries.items() if any(q in j for j in judgments.values())}
     texts, owner = chunk_corpus(encoder, corpus)
     key = digest(encoder.checkpoint_name, texts)

@@ -30,24 +30,14 @@ from pathlib import Path
 
 import httpx
 
-from bench.data import DATA, load, mean_ndcg, ndcg_at_10
+from bench.data import BUSINESS_REPORTS_REKEYED, DATA, load, mean_ndcg, ndcg_at_10, read_qrels
 from bench.msmarco_mini import bm25_runs, dense_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"msmarco-mini": DATA, "business-reports": DATA.parent / "business-reports"}
 # The published business-reports judgments are keyed to the wrong query ids
 # (bench/qrels/README.md): the same runs are also scored under the right ones.
-REKEYED = {"business-reports": ("business-reports re-keyed", ROOT / "bench" / "qrels" / "business-reports-rekeyed.tsv")}
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    for line in path.open():
-        qid, did, grade = line.strip().split("\t")
-        if grade.isdigit():
-            qrels.setdefault(qid, {})[did] = int(grade)
-    return qrels
-
+REKEYED = {"business-reports": ("business-reports re-keyed", BUSINESS_REPORTS_REKEYED)}
 
 SINGLE = ("keyword", "dense", "colbert")
 COMBOS = {
