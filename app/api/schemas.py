@@ -194,6 +194,11 @@ class SearchRequest(Strict):
     mode: Literal["colbert", "keyword", "hybrid"] = "colbert"
     filter: dict[str, Any] | None = None
     fusion: Literal["rrf", "normalized", "rescore"] | None = None
+    rerank: StrictBool | None = Field(
+        default=None,
+        description="false: skip the rerank stage; default: on when the server has a reranker configured "
+        "(it re-scores the top rerank_depth candidates, at least k)",
+    )
 
 
 class SearchHitOut(BaseModel):
@@ -201,7 +206,11 @@ class SearchHitOut(BaseModel):
     chunk_id: int
     chunk_index: int
     text: str
-    score: float
+    score: float = Field(
+        description="higher is better: ColBERT MaxSim (colbert, hybrid rescore), BM25 (keyword) or the fused "
+        "score (hybrid rrf, normalized); when the response says reranked, the reranker's score instead "
+        "(a cross-encoder's logit, or an LLM reranker's probability of yes, 0..1)"
+    )
     rank: int
     title: str | None
     metadata: dict[str, Any]
@@ -215,6 +224,7 @@ class SearchResponse(BaseModel):
     query: str
     k: int
     mode: str
+    reranked: bool = Field(description="whether the rerank stage ordered and scored the results")
     results: list[SearchHitOut]
     took_ms: float
 

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from app.engine.backend import SearchRequest, SearchResult
+from app.engine.rerank import Reranker
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
 from app.errors import InvalidInput
+from app.ingest.pipeline import passage_text
 from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.filters import compile_filter
@@ -66,6 +68,7 @@ class Searcher:
         encoder,
         run: Callable[..., Awaitable[Any]],
         metrics: EngineMetrics,
+        reranker: Reranker | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -73,6 +76,7 @@ class Searcher:
         self.encoder = encoder
         self._run = run  # runs model calls and index scoring on the search thread
         self.metrics = metrics
+        self.reranker = reranker
 
     def request(self, k: int) -> SearchRequest:
         s = self.settings
@@ -100,12 +104,31 @@ class Searcher:
         result = await self._run(self._score, query, k, cached, union)
         return list(zip(result.passage_ids, result.scores))
 
+    async def _rerank(self, query: str, hits: list[SearchHit], k: int) -> list[SearchHit]:
+        """The top ``k`` of ``hits`` by the reranker's scores, which replace
+        retrieval's (equal scores keep retrieval's order). The reranker reads
+        what the encoder read: the title, then the chunk."""
+        if not hits or self.reranker is None:
+            return hits[:k]
+        texts = [passage_text(h.hit.title, h.hit.text) for h in hits]
+        scores = await self._run(self.reranker.score, query, texts)
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])[:k]
+        return [SearchHit(hits[i].hit, scores[i], rank) for rank, i in enumerate(order, 1)]
+
     async def search(
-        self, name: str, query: str, k: int, mode: str = "colbert", where: dict | None = None, fusion: str | None = None
+        self,
+        name: str,
+        query: str,
+        k: int,
+        mode: str = "colbert",
+        where: dict | None = None,
+        fusion: str | None = None,
+        rerank: bool | None = None,
     ) -> list[SearchHit]:
         """Ranked chunks. ``mode``: colbert | keyword | hybrid; ``where``: a
         metadata filter applied before ranking; ``fusion`` (hybrid): rrf,
-        normalized, or rescore."""
+        normalized, or rescore; ``rerank``: False skips the rerank stage
+        (None: on when a reranker is configured)."""
         if not query or not query.strip():
             raise InvalidInput("query is empty")
         started = time.perf_counter()
@@ -115,6 +138,8 @@ class Searcher:
             raise InvalidInput(f"unknown search mode {mode!r}")
         if where is not None:
             compile_filter(where)  # refuse a bad filter before any work
+        reranking = self.reranker is not None and rerank is not False
+        wanted, k = k, (max(k, self.settings.rerank_depth) if reranking else k)  # retrieval's k: the candidates
         depth = k if mode != "hybrid" else max(2 * k, HYBRID_DEPTH)
         dense = await self._colbert(query, depth, collection_id, cached, where) if mode != "keyword" else []
         sparse = await self.store.keyword_search(collection_id, query, depth, where) if mode != "colbert" else []
@@ -132,5 +157,7 @@ class Searcher:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
+        if reranking:
+            out = await self._rerank(query, out, wanted)
         self.metrics.search_seconds.labels(mode).observe(time.perf_counter() - started)
         return out

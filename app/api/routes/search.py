@@ -39,11 +39,12 @@ def _hit_out(h) -> dict:
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
 async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep):
     started = time.perf_counter()
-    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion)
+    hits = await service.search(collection, body.query, body.k, body.mode, body.filter, body.fusion, body.rerank)
     return {
         "query": body.query,
         "k": body.k,
         "mode": body.mode,
+        "reranked": service.reranks(body.rerank),
         "results": [_hit_out(h) for h in hits],
         "took_ms": round((time.perf_counter() - started) * 1000, 3),
     }
