@@ -28,6 +28,7 @@ import torch
 from app.engine.backend import IndexBackend
 from app.engine.encoder import ColBERTEncoder
 from app.engine.plaid import PlaidBackend, PlaidConfig
+from app.engine.rerank import Reranker, load_reranker
 from app.engine.search import Searcher, SearchHit
 from app.engine.snapshots import SnapshotCache
 from app.engine.writer import IndexWriter, WriterState
@@ -99,16 +100,25 @@ def plaid_backend(settings: Settings, encoder) -> IndexBackend:
 
 
 class SearchService:
-    """``encoder`` (anything with :class:`ColBERTEncoder`'s methods) and
-    ``backend_factory`` (settings, encoder -> an :class:`IndexBackend`) choose
-    the model and the index engine; by default, the configured checkpoint
-    and the PLAID backend."""
+    """``encoder`` (anything with :class:`ColBERTEncoder`'s methods),
+    ``backend_factory`` (settings, encoder -> an :class:`IndexBackend`) and
+    ``reranker`` choose the models and the index engine; by default, the
+    configured checkpoint, the PLAID backend and the configured reranker
+    (none unless ``reranker`` is set)."""
 
-    def __init__(self, settings: Settings, metrics: EngineMetrics | None = None, encoder=None, backend_factory=None):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: EngineMetrics | None = None,
+        encoder=None,
+        backend_factory=None,
+        reranker: Reranker | None = None,
+    ):
         self.settings = settings
         self.metrics = metrics or EngineMetrics()
         self.store = Store(settings.database_path)
         self.encoder = encoder
+        self.reranker = reranker
         self._backend_factory = backend_factory or plaid_backend
         self.backend: IndexBackend | None = None
         self.writer: IndexWriter | None = None
@@ -130,11 +140,15 @@ class SearchService:
             torch.set_num_threads(self.settings.torch_threads)
         if self.encoder is None:
             self.encoder = await self._run(load_encoder, self.settings)
+        if self.reranker is None:
+            self.reranker = await self._run(load_reranker, self.settings)
         self.backend = self._backend_factory(self.settings, self.encoder)
         self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
         self.snapshots = SnapshotCache(self.store, self.backend, self._load, self.settings.snapshot_cache_bytes)
-        self.searcher = Searcher(self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics)
+        self.searcher = Searcher(
+            self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics, self.reranker
+        )
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
         self._jobs = jobs = JobRunner(
             self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held
@@ -252,6 +266,7 @@ class SearchService:
         *,
         fields: list[str] | None = None,
         field_weights: dict[str, float] | None = None,
+        rerank: bool | None = None,
     ) -> list[SearchHit]:
         self._require_ready()
         return await self.searcher.search(
@@ -264,7 +279,12 @@ class SearchService:
             weights,
             fields=fields,
             field_weights=field_weights,
+            rerank=rerank,
         )
+
+    def reranks(self, rerank: bool | None = None) -> bool:
+        """Whether a search with this ``rerank`` choice goes through the rerank stage."""
+        return self.reranker is not None and rerank is not False
 
     async def rerank(self, query: str, texts: list[str]) -> list[float]:
         self._require_ready()

@@ -71,6 +71,23 @@ class Settings(BaseSettings):
     hybrid_weight_keyword: float = Field(default=0.0, ge=0, le=1000)
     hybrid_depth: int = Field(default=50, ge=1, le=1000, description="candidates taken from each signal")
     chunker: Literal["sentence", "semantic"] = "sentence"
+    # The rerank stage (app/engine/rerank.py): the top rerank_depth candidates
+    # of a search re-scored by a cross-encoder or an LLM reranker. Empty: off
+    # (no such model ships offline). A local model directory or .gguf file, or
+    # a hub name (e.g. cross-encoder/ms-marco-MiniLM-L6-v2 or
+    # Qwen/Qwen3-Reranker-0.6B), which needs the hub or a local cache.
+    reranker: str = ""
+    reranker_kind: Literal["auto", "cross-encoder", "llm"] = Field(
+        default="auto",
+        description="auto: a *ForSequenceClassification model is a cross-encoder, a causal LM an LLM reranker",
+    )
+    rerank_depth: int = Field(
+        default=30, ge=1, le=1000, description="top candidates of a search the reranker re-scores"
+    )
+    reranker_max_length: int = Field(
+        default=512, ge=16, description="tokens per (query, passage) pair, prompt included"
+    )
+    reranker_batch_size: int = Field(default=16, ge=1, description="pairs per forward pass")
 
     # Requests.
     max_document_chars: int = Field(default=1_000_000, ge=1)

@@ -273,6 +273,11 @@ class SearchRequest(Strict):
         default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
     )
     field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
+    rerank: StrictBool | None = Field(
+        default=None,
+        description="false: skip the rerank stage; default: on when the server has a reranker configured "
+        "(it re-scores the top rerank_depth candidates, at least k)",
+    )
 
 
 class SearchHitOut(BaseModel):
@@ -280,7 +285,11 @@ class SearchHitOut(BaseModel):
     chunk_id: int
     chunk_index: int
     text: str
-    score: float
+    score: float = Field(
+        description="higher is better: ColBERT MaxSim (colbert, hybrid rescore), BM25 (keyword) or the fused "
+        "score (hybrid rrf, normalized); when the response says reranked, the reranker's score instead "
+        "(a cross-encoder's logit, or an LLM reranker's probability of yes, 0..1)"
+    )
     rank: int
     title: str | None
     metadata: dict[str, Any]
@@ -295,6 +304,7 @@ class SearchResponse(BaseModel):
     query: str
     k: int
     mode: str
+    reranked: bool = Field(description="whether the rerank stage ordered and scored the results")
     results: list[SearchHitOut]
     took_ms: float
 

@@ -24,8 +24,10 @@ import torch
 
 from app.engine.backend import SearchRequest
 from app.engine.fields import FieldChoice
+from app.engine.rerank import Reranker
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
 from app.errors import InvalidInput
+from app.ingest.pipeline import passage_text
 from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.filters import compile_filter
@@ -100,6 +102,7 @@ class Searcher:
         encoder,
         run: Callable[..., Awaitable[Any]],
         metrics: EngineMetrics,
+        reranker: Reranker | None = None,
     ):
         self.settings = settings
         self.store = store
@@ -107,6 +110,7 @@ class Searcher:
         self.encoder = encoder
         self._run = run  # runs model calls and index scoring on the search thread
         self.metrics = metrics
+        self.reranker = reranker
 
     def request(self, k: int) -> SearchRequest:
         s = self.settings
@@ -193,6 +197,17 @@ class Searcher:
             signals["dense"] = [(int(p), float(v)) for p, v in zip(candidates, scores) if not torch.isnan(v)]
         return signals
 
+    async def _rerank(self, query: str, hits: list[SearchHit], k: int) -> list[SearchHit]:
+        """The top ``k`` of ``hits`` by the reranker's scores, which replace
+        retrieval's (equal scores keep retrieval's order). The reranker reads
+        what the encoder read: the title, then the chunk."""
+        if not hits or self.reranker is None:
+            return hits[:k]
+        texts = [passage_text(h.hit.title, h.hit.text, h.hit.field) for h in hits]
+        scores = await self._run(self.reranker.score, query, texts)
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])[:k]
+        return [SearchHit(hits[i].hit, scores[i], rank) for rank, i in enumerate(order, 1)]
+
     async def search(
         self,
         name: str,
@@ -205,17 +220,23 @@ class Searcher:
         *,
         fields: list[str] | None = None,
         field_weights: dict[str, float] | None = None,
+        rerank: bool | None = None,
     ) -> list[SearchHit]:
         """Ranked chunks. ``mode``: colbert | dense | keyword | hybrid (the
         settings' default when None); ``where``: a metadata filter applied
         before ranking; ``fusion`` and ``weights`` (hybrid): how the signals'
         scores make one; ``fields`` and ``field_weights``: the document fields
-        searched and each one's weight (:mod:`app.engine.fields`)."""
+        searched and each one's weight (:mod:`app.engine.fields`); ``rerank``:
+        False skips the rerank stage (None: on when a reranker is configured).
+        Field weights apply first and choose which candidates the reranker
+        sees; the reranker's order is the answer."""
         if not query or not query.strip():
             raise InvalidInput("query is empty")
         started = time.perf_counter()
         choice = FieldChoice.of(fields, field_weights)
-        wanted, k = k, choice.depth(k)  # field weights re-rank deeper candidates
+        reranking = self.reranker is not None and rerank is not False
+        # Retrieval's k: deeper when field weights re-rank, or a reranker re-scores, the candidates.
+        wanted, k = k, max(choice.depth(k), self.settings.rerank_depth if reranking else k)
         plan = self.plan(k, mode, fusion, weights)
         collection_id, cached = await self.snapshots.get(name)
         if where is not None:
@@ -245,6 +266,9 @@ class Searcher:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
-        out = choice.weigh(out, wanted)
+        if reranking:  # the weighted candidates, then the reranker's order
+            out = await self._rerank(query, choice.weigh(out, max(wanted, self.settings.rerank_depth)), wanted)
+        else:
+            out = choice.weigh(out, wanted)
         self.metrics.search_seconds.labels(plan.mode).observe(time.perf_counter() - started)
         return out

@@ -51,11 +51,13 @@ async def search(collection: CollectionName, body: SearchRequest, service: Servi
         weights,
         fields=body.fields,
         field_weights=body.field_weights,
+        rerank=body.rerank,
     )
     return {
         "query": body.query,
         "k": body.k,
         "mode": body.mode or settings.search_mode,
+        "reranked": service.reranks(body.rerank),
         "results": [_hit_out(h) for h in hits],
         "took_ms": round((time.perf_counter() - started) * 1000, 3),
     }
