@@ -42,6 +42,16 @@ class LivePassage:
 
 
 @dataclass(frozen=True)
+class LiveChunk:
+    """A live document's chunk with what tuning needs of its document."""
+
+    document_id: int
+    title: str | None
+    text: str
+    field: str
+
+
+@dataclass(frozen=True)
 class PendingChunk:
     id: int
     text: str
@@ -201,6 +211,20 @@ class IndexStateStore:
             (collection_id,),
         ).fetchall()
         return [LivePassage(**dict(r)) for r in rows]
+
+    def collection_id(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM collections WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row is not None else None
+
+    def live_chunks(self, collection_id: int) -> list[LiveChunk]:
+        """The chunks of the collection's live documents, indexed or not yet,
+        document by document in order."""
+        rows = self.conn.execute(
+            """SELECT c.document_id, d.title, c.text, c.field FROM chunks c JOIN documents d ON d.id = c.document_id
+               WHERE d.collection_id = ? AND d.state = 'live' ORDER BY c.document_id, c.ord""",
+            (collection_id,),
+        ).fetchall()
+        return [LiveChunk(**dict(r)) for r in rows]
 
     # -- writes ------------------------------------------------------------
 
