@@ -334,3 +334,32 @@ def test_tuning_the_top_layer_writes_it_beside_the_projection(encoder, checkpoin
 def test_too_few_pseudo_queries_are_refused(encoder):
     with pytest.raises(TuningError, match="pseudo-queries"):
         tune(encoder, topic_passages()[:3], SMALL)
+
+
+@pytest.mark.slow
+async def test_the_cli_tunes_a_collection_of_a_running_server(tmp_path, checkpoint_dir, capsys):
+    from tests.conftest import RunningApp, make_settings
+
+    data_dir = tmp_path / "data"
+    running = RunningApp(make_settings(data_dir, checkpoint_dir))
+    client = await running.start()
+    try:
+        assert (await client.post("/v1/collections", json={"name": "topics"})).status_code == 201
+        docs = [{"id": p.group, "text": p.text, **({"title": p.title} if p.title else {})} for p in topic_passages()]
+        r = await client.post("/v1/collections/topics/documents", json={"documents": docs, "wait": True})
+        assert r.status_code == 200, r.text
+        out = tmp_path / "tuned"
+        argv = ["tune", "--collection", "topics", "--steps", "3", "--batch", "8", "--data-dir", str(data_dir)]
+        code = cli.main([*argv, "--checkpoint", str(checkpoint_dir), "--out", str(out)])
+        printed = capsys.readouterr()
+        assert code == 0, printed.err
+        assert "held-out pseudo-query loss:" in printed.out and f"checkpoint written to {out}" in printed.out
+        assert "is not re-indexed" in printed.out
+        assert json.loads((out / "colbert_server.json").read_text())["tuning"]["collection"] == "topics"
+        # The server goes on searching its collection as before.
+        r = await client.post("/v1/collections/topics/search", json={"query": "lava eruption", "k": 1})
+        assert r.status_code == 200 and "volcano" in r.json()["results"][0]["text"]
+        assert cli.main([*argv, "--checkpoint", str(checkpoint_dir), "--out", str(out)]) == 2
+        assert "exists" in capsys.readouterr().err
+    finally:
+        await running.stop()
