@@ -390,11 +390,10 @@ def _mine_hard_negatives(data: _Data, rows: Sequence[int], count: int, depth: in
     docs = pooled(data.docs, candidates)
     queries = pooled(data.query_states, rows)
     sims = queries @ docs.T
-    for n, r in enumerate(rows):
-        group = data.queries[r].group
-        for m, d in enumerate(candidates):
-            if data.doc_groups[d] == group:
-                sims[n, m] = float("-inf")
+    group_ids: dict[str, int] = {}
+    query_group = torch.tensor([group_ids.setdefault(data.queries[r].group, len(group_ids)) for r in rows])
+    doc_group = torch.tensor([group_ids.setdefault(data.doc_groups[d], len(group_ids)) for d in candidates])
+    sims = sims.masked_fill(query_group[:, None] == doc_group[None, :], float("-inf"))
     top = sims.topk(min(depth, len(candidates)), dim=1)
     rng = random.Random(seed)
     for n, r in enumerate(rows):

@@ -363,3 +363,17 @@ async def test_the_cli_tunes_a_collection_of_a_running_server(tmp_path, checkpoi
         assert "exists" in capsys.readouterr().err
     finally:
         await running.stop()
+
+
+def test_hard_negatives_are_near_passages_of_other_documents():
+    from app.tune import States, _Data, _mine_hard_negatives
+
+    basis = torch.eye(4, dtype=torch.float16)
+    # Documents a, b, c; a's query looks most like b's passage, then like its own.
+    docs = States([basis[0:1], basis[1:2], basis[2:3]], None, None)
+    queries = [PseudoQuery("qa", "pa", "a", "sentence"), PseudoQuery("qb", "pb", "b", "sentence")]
+    query_states = States([(basis[1] * 2 + basis[0]).unsqueeze(0), basis[2:3]], None, None)
+    data = _Data(queries, query_states, docs, ["a", "b", "c"])
+    data.doc_of = [0, 1]
+    _mine_hard_negatives(data, [0, 1], count=1, depth=1, seed=0)
+    assert data.hard == [[1], [0]]  # b for a's query; for b's, the only other candidate
