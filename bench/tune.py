@@ -254,7 +254,14 @@ def main() -> None:
             rows[f"tuned-own seed {seed}"] = maxsim_runs(ds, tuned[(name, seed)])
             for other in others:
                 rows[f"tuned-other ({other}) seed {seed}"] = maxsim_runs(ds, tuned[(other, seed)])
-        out: dict = {"passages": len(ds.states), "judged_queries": {}, "ndcg@10": {}, "vs_base": {}, "per_query": {}}
+        out: dict = {
+            "passages": len(ds.states),
+            "judged_queries": {},
+            "ndcg@10": {},
+            "vs_base": {},
+            "over_seeds": {},
+            "per_query": {},
+        }
         for label, qrels in ds.judgments.items():
             judged = {q: r for q, r in qrels.items() if q in ds.query_states}
             out["judged_queries"][label] = len(judged)
@@ -262,6 +269,7 @@ def main() -> None:
             out["ndcg@10"][label] = {row: sum(s.values()) / len(s) for row, s in scores.items()}
             out["vs_base"][label] = {row: compare(s, scores["base"]) for row, s in scores.items() if row != "base"}
             out["per_query"][label] = {row: {q: round(v, 4) for q, v in s.items()} for row, s in scores.items()}
+            out["over_seeds"][label] = over_seeds(out["ndcg@10"][label])
         out["written_checkpoint_max_diff"] = check_written(
             ColBERTEncoder, EncoderOptions, checkpoint, tuned[(name, args.seeds[0])], tuning[first], ds
         )
@@ -275,21 +283,37 @@ def main() -> None:
     print(f"\nwritten to {path.relative_to(ROOT)}")
 
 
+def over_seeds(table: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each tuned row's nDCG@10 over its seeds: mean, lowest, highest."""
+    rows: dict[str, list[float]] = {}
+    for row, value in table.items():
+        if " seed " in row:
+            rows.setdefault(row.rsplit(" seed ", 1)[0], []).append(value)
+    return {row: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "seeds": len(v)} for row, v in rows.items()}
+
+
 def print_table(results: dict) -> None:
     for out in results["datasets"].values():
         for label, table in out["ndcg@10"].items():
             print(f"\n{label} ({out['judged_queries'][label]} judged queries, {out['passages']} passages)")
-            print(f"  {'row':<40} {'nDCG@10':>8} {'vs base':>8} {'better':>6} {'worse':>6} {'tied':>5}  95% CI")
+            print(f"  {'row':<46} {'nDCG@10':>8} {'vs base':>8} {'better':>6} {'worse':>6} {'tied':>5}  95% CI")
             for row, value in table.items():
                 if row == "base":
-                    print(f"  {row:<40} {value:>8.3f}")
+                    print(f"  {row:<46} {value:>8.3f}")
                     continue
                 c = out["vs_base"][label][row]
                 ci = f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
                 print(
-                    f"  {row:<40} {value:>8.3f} {c['mean_diff']:>+8.3f} {c['better']:>6} {c['worse']:>6} "
+                    f"  {row:<46} {value:>8.3f} {c['mean_diff']:>+8.3f} {c['better']:>6} {c['worse']:>6} "
                     f"{c['tied']:>5}  {ci}"
                 )
+            base = table["base"]
+            for row, summary in out.get("over_seeds", {}).get(label, {}).items():
+                if summary["seeds"] > 1:
+                    print(
+                        f"  {row + ' over ' + str(summary['seeds']) + ' seeds':<46} {summary['mean']:>8.3f} "
+                        f"{summary['mean'] - base:>+8.3f}  (seeds from {summary['min']:.3f} to {summary['max']:.3f})"
+                    )
         print(f"  written tuned checkpoint vs these vectors: max |diff| {out['written_checkpoint_max_diff']:.2e}")
 
 
