@@ -33,6 +33,7 @@ from app.settings import Settings
 from app.tune import TuneConfig
 
 TUNE_DEFAULTS = TuneConfig()
+PASSAGES_PER_QUERY = 4  # passages read from the store per pseudo-query wanted
 
 
 def collect(folder: Path) -> list[Path]:
@@ -81,9 +82,13 @@ async def ingest(settings: Settings, folder: Path, collection: str, metadata: di
         await service.astop()
 
 
-def collection_passages(settings: Settings, collection: str) -> list:
+def collection_passages(settings: Settings, collection: str, sample: int | None = None, seed: int = 0) -> list:
     """The collection's live passages as tuning reads them, from a read-only
-    connection to the store."""
+    connection to the store: all of them, or a seeded ``sample`` (a large
+    collection's texts need not all be read to draw a few thousand
+    pseudo-queries)."""
+    import random
+
     from app.store.index_state import IndexStateStore
     from app.store.schema import connect_read_only
     from app.tune import passages_from_chunks
@@ -99,7 +104,10 @@ def collection_passages(settings: Settings, collection: str) -> list:
         collection_id = store.collection_id(collection)
         if collection_id is None:
             raise CollectionNotFound(f"collection {collection!r} does not exist")
-        return passages_from_chunks(store.live_chunks(collection_id))
+        ids = store.live_chunk_ids(collection_id)
+        if sample is not None and len(ids) > sample:
+            ids = sorted(random.Random(seed).sample(ids, sample))
+        return passages_from_chunks(store.live_chunks(ids))
     finally:
         conn.close()
 
@@ -119,7 +127,10 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
     )
     try:
         config.check()
-        passages = collection_passages(settings, args.collection)
+        # Not every passage gives a pseudo-query (one sentence, too short):
+        # a sample several times the queries wanted is plenty.
+        sample = PASSAGES_PER_QUERY * config.max_queries
+        passages = collection_passages(settings, args.collection, sample, config.seed)
         if not passages:
             raise TuningError(f"collection {args.collection!r} has no indexed passages to tune on")
         checkpoint = Path(args.checkpoint or resolve_checkpoint(settings))

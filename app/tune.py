@@ -197,13 +197,19 @@ def title_query(passage: TunePassage) -> PseudoQuery | None:
 
 
 def pseudo_queries(passages: Sequence[TunePassage], seed: int, limit: int | None = None) -> list[PseudoQuery]:
-    """A sentence-vs-rest query from every passage that allows one, a
-    title-vs-body query from the first passage of each titled document that
-    allows one; shuffled, at most ``limit``."""
+    """Passages visited in a seeded order until ``limit`` queries are drawn:
+    a sentence-vs-rest query from each that allows one, a title-vs-body query
+    from the first visited passage of each titled document that allows one;
+    shuffled."""
     rng = random.Random(seed)
+    order = list(range(len(passages)))
+    rng.shuffle(order)
     out: list[PseudoQuery] = []
     titled: set[str] = set()
-    for passage in passages:
+    for i in order:
+        if limit is not None and len(out) >= limit:
+            break
+        passage = passages[i]
         query = sentence_query(passage, rng)
         if query is not None:
             out.append(query)
@@ -429,7 +435,6 @@ def tune(
     config.check()
     say = progress or (lambda message: logger.info("%s", message))
     started = time.perf_counter()
-    torch.manual_seed(config.seed)  # nothing here should draw from it; a guard for layers that might
     queries = pseudo_queries(passages, config.seed, config.max_queries)
     if len(queries) < MIN_PSEUDO_QUERIES:
         raise TuningError(
@@ -468,6 +473,7 @@ def tune(
         _mine_hard_negatives(data, train_rows, config.hard_negatives, depth=30, seed=config.seed)
 
     head = TunedHead(model.linear.weight, transformer_layers[first_trained:] if first_trained is not None else ())
+    head.eval()  # no dropout in the trained layers: a run is the same run every time
     batch = min(config.batch, len(train))
     before = _held_out_loss(head, data, held_rows, config, batch)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=0.0)

@@ -181,6 +181,9 @@ async def test_the_cli_reads_live_passages_with_their_titles_and_documents(tmp_p
     assert [(p.text, p.title) for p in passages] == [("red fox", "Animals"), ("blue whale", "Animals"), ("oak", None)]
     assert passages[0].group == passages[1].group != passages[2].group
     assert cli.collection_passages(settings, "other") == []
+    sampled = cli.collection_passages(settings, "docs", sample=2, seed=1)
+    assert len(sampled) == 2 and set(sampled) < set(passages)
+    assert cli.collection_passages(settings, "docs", sample=2, seed=1) == sampled
 
 
 def test_the_cli_refuses_an_unknown_collection(tmp_path, capsys):
