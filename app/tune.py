@@ -108,7 +108,9 @@ class TuneConfig:
     hard_negatives: int = 0  # mined per pseudo-query, beside the in-batch ones
     false_negative_ratio: float | None = 0.95  # a passage scoring above this share of the positive's is no negative
     max_queries: int = 2048  # pseudo-queries drawn at most (each costs two short forwards, once)
-    held_out: int = 256  # pseudo-queries of other documents, kept out of training to measure the loss on
+    max_held_out: int = (
+        256  # pseudo-queries of other documents kept out of training, to measure the loss on (at most a fifth)
+    )
 
     def check(self) -> None:
         if self.steps < 1 or self.batch < 2:
@@ -441,7 +443,7 @@ def tune(
             f"{len(passages)} passages give {len(queries)} pseudo-queries; tuning needs at least "
             f"{MIN_PSEUDO_QUERIES} (passages of two or more sentences, or titled documents)"
         )
-    held_count = min(config.held_out, len(queries) // 5)
+    held_count = min(config.max_held_out, len(queries) // 5)
     train, held = held_out_split(queries, held_count, config.seed)
     if len(train) < 2:
         raise TuningError("too few pseudo-queries left to train on once some are held out")

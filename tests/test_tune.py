@@ -242,7 +242,7 @@ def encoder(checkpoint_dir):
     return ColBERTEncoder(str(checkpoint_dir), EncoderOptions.for_checkpoint(str(checkpoint_dir)))
 
 
-SMALL = TuneConfig(steps=12, batch=8, held_out=8, learning_rate=3e-3)
+SMALL = TuneConfig(steps=12, batch=8, max_held_out=8, learning_rate=3e-3)
 
 
 @pytest.mark.slow
