@@ -1,11 +1,19 @@
-"""Command line: ingest a folder into a collection through the server's pipeline.
+"""Command line: ingest a folder into a collection, or tune the encoder to one.
 
     python -m app.cli ingest FOLDER --collection NAME [--metadata JSON]
+    python -m app.cli tune --collection NAME [--steps 200] [--batch 32] [--seed 0] [--out DIR] [--layers 0]
 
-Runs the same service as the server, on the same data directory (settings
-from ``COLBERT_SERVER_*``/``.env``). Files become one upload job; if a server
-is running on that directory its writer processes the job, otherwise this
-process does. Document ids are the files' paths relative to FOLDER.
+Both work on the server's data directory (settings from
+``COLBERT_SERVER_*``/``.env``). ``ingest`` runs the same service as the
+server: files become one upload job; if a server is running on that directory
+its writer processes the job, otherwise this process does. Document ids are
+the files' paths relative to FOLDER.
+
+``tune`` reads the collection's passages from the SQLite store, read-only
+(it needs no index, no writer lease and no server: a running one is not
+disturbed), trains the checkpoint's projection on them (``app/tune.py``) and
+writes a new checkpoint beside the configured one. Nothing is re-indexed: the
+collection keeps its vectors until it is re-indexed with the new checkpoint.
 """
 
 from __future__ import annotations
@@ -16,11 +24,16 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from app.errors import CollectionNotFound, ServerError
 from app.service import SearchService, UploadedFile
 from app.settings import Settings
+from app.tune import TuneConfig
+
+TUNE_DEFAULTS = TuneConfig()
+PASSAGES_PER_QUERY = 4  # passages read from the store per pseudo-query wanted
 
 
 def collect(folder: Path) -> list[Path]:
@@ -69,6 +82,93 @@ async def ingest(settings: Settings, folder: Path, collection: str, metadata: di
         await service.astop()
 
 
+def collection_passages(settings: Settings, collection: str, sample: int | None = None, seed: int = 0) -> list:
+    """The collection's live passages as tuning reads them, from a read-only
+    connection to the store: all of them, or a seeded ``sample`` (a large
+    collection's texts need not all be read to draw a few thousand
+    pseudo-queries)."""
+    import random
+
+    from app.store.index_state import IndexStateStore
+    from app.store.schema import connect_read_only
+    from app.tune import passages_from_chunks
+
+    try:
+        conn = connect_read_only(settings.database_path)
+    except FileNotFoundError:
+        raise CollectionNotFound(
+            f"collection {collection!r} does not exist (no server database in {settings.data_dir})"
+        ) from None
+    try:
+        store = IndexStateStore(conn)
+        collection_id = store.collection_id(collection)
+        if collection_id is None:
+            raise CollectionNotFound(f"collection {collection!r} does not exist")
+        ids = store.live_chunk_ids(collection_id)
+        if sample is not None and len(ids) > sample:
+            ids = sorted(random.Random(seed).sample(ids, sample))
+        return passages_from_chunks(store.live_chunks(ids))
+    finally:
+        conn.close()
+
+
+def tune(settings: Settings, args: argparse.Namespace) -> int:
+    from app.service import resolve_checkpoint
+    from app.tune import TuneConfig, TuningError, default_destination, write_checkpoint
+    from app.tune import tune as tune_projection
+
+    config = TuneConfig(
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        layers=args.layers,
+        max_queries=args.max_queries,
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+    )
+    try:
+        config.check()
+        # Not every passage gives a pseudo-query (one sentence, too short):
+        # a sample several times the queries wanted is plenty.
+        sample = PASSAGES_PER_QUERY * config.max_queries
+        passages = collection_passages(settings, args.collection, sample, config.seed)
+        if not passages:
+            raise TuningError(f"collection {args.collection!r} has no indexed passages to tune on")
+        checkpoint = Path(args.checkpoint or resolve_checkpoint(settings))
+        if not checkpoint.is_dir():
+            raise TuningError(f"tuning needs a checkpoint directory on this machine, not {checkpoint}")
+        dest = Path(args.out) if args.out else default_destination(checkpoint.resolve(), args.collection)
+        if dest.exists():
+            raise TuningError(f"{dest} exists: choose a new directory (a checkpoint in use must not change)")
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        from app.engine.encoder import ColBERTEncoder
+        from colbert_patches.model_loading import EncoderOptions
+
+        options = EncoderOptions.for_checkpoint(
+            str(checkpoint),
+            query_augmentation=settings.query_augmentation,
+            marker_tokens=settings.marker_tokens,
+            doc_maxlen=settings.doc_maxlen,
+            query_maxlen=settings.query_maxlen,
+        )
+        encoder = ColBERTEncoder(str(checkpoint), options, device="cuda" if torch.cuda.is_available() else "cpu")
+        result = tune_projection(encoder, passages, config, cache_dir=args.cache, progress=print)
+        write_checkpoint(checkpoint, dest, result.weights, result.provenance(str(checkpoint), args.collection))
+    except TuningError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"held-out pseudo-query loss: {result.held_out_before:.4f} before, {result.held_out_after:.4f} after "
+        f"({config.steps} steps; training loss {result.curve()[0]:.4f} -> {result.curve()[-1]:.4f})"
+    )
+    print(f"checkpoint written to {dest}")
+    print(
+        f"collection {args.collection!r} is not re-indexed: its passages were encoded with {checkpoint}; "
+        "search it with the new checkpoint only once it is re-indexed with it"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,12 +178,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metadata", help="JSON object added to every document's metadata")
     p.add_argument("--no-create", action="store_true", help="fail if the collection does not exist")
     p.add_argument("--data-dir", type=Path, help="overrides COLBERT_SERVER_DATA_DIR")
+    t = sub.add_parser("tune", help="tune the encoder's projection to a collection (no labels needed)")
+    t.add_argument("--collection", required=True)
+    t.add_argument("--steps", type=int, default=TUNE_DEFAULTS.steps)
+    t.add_argument("--batch", type=int, default=TUNE_DEFAULTS.batch, help="pseudo-queries per step")
+    t.add_argument("--seed", type=int, default=TUNE_DEFAULTS.seed)
+    t.add_argument("--layers", type=int, default=0, help="top transformer layers trained too (changes dense vectors)")
+    t.add_argument("--max-queries", type=int, default=TUNE_DEFAULTS.max_queries, help="pseudo-queries drawn at most")
+    t.add_argument("--learning-rate", type=float, help=f"default {TUNE_DEFAULTS.learning_rate}")
+    t.add_argument("--out", type=Path, help="new checkpoint directory (default: beside the current one)")
+    t.add_argument("--checkpoint", help="the checkpoint to start from (default: the server's)")
+    t.add_argument("--cache", type=Path, help="keep the computed hidden states here between runs")
+    t.add_argument("--data-dir", type=Path, help="overrides COLBERT_SERVER_DATA_DIR")
     args = parser.parse_args(argv)
     settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
-    metadata = json.loads(args.metadata) if args.metadata else None
-    if not args.folder.is_dir():
-        parser.error(f"{args.folder} is not a folder")
     try:
+        if args.command == "tune":
+            return tune(settings, args)
+        metadata = json.loads(args.metadata) if args.metadata else None
+        if not args.folder.is_dir():
+            parser.error(f"{args.folder} is not a folder")
         return asyncio.run(ingest(settings, args.folder, args.collection, metadata, not args.no_create))
     except ServerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

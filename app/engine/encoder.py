@@ -56,6 +56,7 @@ def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+QUERY_STATE_ROWS = 256  # queries per forward in ``token_states``
 
 
 class OnnxDocumentModel:
@@ -85,6 +86,22 @@ class EncodedPassages:
     embs: torch.Tensor  # packed token vectors (sum(doclens), dim) float16, L2-normalised rows
     doclens: list[int]
     dense: torch.Tensor | None  # (n, dense_dim) float16, L2-normalised; None: the checkpoint has no pooled head
+
+
+@dataclass
+class TokenStates:
+    """Hidden states of each text, as tuning reads them (``app/tune.py``).
+
+    Without ``layer``: the transformer's last hidden states at the positions
+    its token vectors come from (what the linear layer reads); ``attention``
+    and ``kept`` are None. With ``layer``: the states entering that layer at
+    every position of the text, which the layers from there on attend over
+    (``attention``), and which positions give token vectors (``kept``)."""
+
+    states: list[torch.Tensor]  # per text: (positions, hidden) float16
+    dense: torch.Tensor | None  # (n, hidden) float16, the pooled vector of the same forward; None: none or ``layer``
+    attention: list[torch.Tensor] | None = None  # per text: (positions,) bool
+    kept: list[torch.Tensor] | None = None  # per text: (positions,) bool
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -235,6 +252,55 @@ class ColBERTEncoder:
             if pooled is not None and P is not None:
                 pooled[torch.tensor(batch)] = P.to(torch.float16)
         return EncodedPassages(torch.cat(vectors), [int(v.size(0)) for v in vectors], pooled)
+
+    def token_states(self, texts: list[str], queries: bool = False, layer: int | None = None) -> TokenStates:
+        """The hidden states of ``texts`` encoded as queries or as passages:
+        the last ones at the positions ``encode_queries`` or
+        ``encode_passages`` keep, before the linear layer and normalisation;
+        or, with ``layer``, those entering transformer layer ``layer`` (0: the
+        embeddings' output). Always on torch (an ONNX int8 transformer's
+        states differ a little from the weights')."""
+        model = self.checkpoint
+        if queries:
+            with self._query_lock:
+                all_ids, all_mask = model.query_tokenizer.tensorize(list(texts))
+            rows = list(range(len(texts)))
+            batches = [rows[i : i + QUERY_STATE_ROWS] for i in range(0, len(rows), QUERY_STATE_ROWS)]
+        else:
+            with self._doc_lock:
+                token_ids = model.doc_tokenizer.token_ids(list(texts))
+            batches = length_batches([len(t) for t in token_ids], self.batch_tokens)
+        states: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        attention: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        kept_rows: list[torch.Tensor] = [torch.empty(0)] * len(texts)
+        dense = None
+        if self.dense_dim is not None and layer is None:
+            dense = torch.empty(len(texts), self.dense_dim, dtype=torch.float16)
+        for batch in batches:
+            if queries:
+                ids, mask = all_ids[batch], all_mask[batch]
+                kept = ids != self._pad_id  # as ColBERT.query: augmentation's [MASK]s count
+            else:
+                ids, mask = pad_batch([token_ids[i] for i in batch], self._pad_id)
+                kept = mask.bool() & ~torch.isin(ids, self._skiplist) & (ids != self._pad_id)
+            with torch.inference_mode(), model.amp_manager.context():
+                out = model.bert(
+                    ids.to(self.device), attention_mask=mask.to(self.device), output_hidden_states=layer is not None
+                )
+                hidden = (out.hidden_states[layer] if layer is not None else out[0]).float().cpu()
+            for row, i in enumerate(batch):
+                if layer is None:
+                    states[i] = hidden[row][kept[row]].to(torch.float16)
+                    continue
+                width = int(torch.nonzero(mask[row].bool() | kept[row]).max()) + 1
+                states[i] = hidden[row, :width].to(torch.float16)
+                attention[i] = mask[row, :width].bool()
+                kept_rows[i] = kept[row, :width]
+            if dense is not None:
+                dense[torch.tensor(batch, dtype=torch.int64)] = mean_pool(hidden, mask).to(torch.float16)
+        if layer is None:
+            return TokenStates(states, dense)
+        return TokenStates(states, None, attention, kept_rows)
 
     def maxsim(self, query: str, texts: list[str]) -> list[float]:
         """Exact ColBERT scores of ``texts`` for ``query`` (no index)."""

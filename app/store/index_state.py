@@ -42,6 +42,16 @@ class LivePassage:
 
 
 @dataclass(frozen=True)
+class LiveChunk:
+    """A live document's chunk with what tuning needs of its document."""
+
+    document_id: int
+    title: str | None
+    text: str
+    field: str
+
+
+@dataclass(frozen=True)
 class PendingChunk:
     id: int
     text: str
@@ -201,6 +211,32 @@ class IndexStateStore:
             (collection_id,),
         ).fetchall()
         return [LivePassage(**dict(r)) for r in rows]
+
+    def collection_id(self, name: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM collections WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row is not None else None
+
+    def live_chunk_ids(self, collection_id: int) -> list[int]:
+        """The chunk ids of the collection's live documents, in order."""
+        rows = self.conn.execute(
+            """SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id
+               WHERE d.collection_id = ? AND d.state = 'live' ORDER BY c.id""",
+            (collection_id,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def live_chunks(self, chunk_ids: list[int]) -> list[LiveChunk]:
+        """Those chunks with their documents' ids and titles, in the order of ``chunk_ids``."""
+        found: dict[int, LiveChunk] = {}
+        for start in range(0, len(chunk_ids), SQL_VARIABLES):
+            part = chunk_ids[start : start + SQL_VARIABLES]
+            rows = self.conn.execute(
+                f"""SELECT c.id, c.document_id, d.title, c.text, c.field FROM chunks c
+                    JOIN documents d ON d.id = c.document_id WHERE c.id IN ({",".join("?" * len(part))})""",
+                part,
+            ).fetchall()
+            found.update((r[0], LiveChunk(r[1], r[2], r[3], r[4])) for r in rows)
+        return [found[i] for i in chunk_ids if i in found]
 
     # -- writes ------------------------------------------------------------
 
