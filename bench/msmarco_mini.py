@@ -90,6 +90,18 @@ def dense_runs(corpus, queries) -> dict[str, list[str]]:
     return {q: [ids[i] for i in row] for q, row in zip(qids, top)}
 
 
+def wait_ready(client: httpx.Client, seconds: int = 900) -> None:
+    """Until the server's /ready answers 200 (its models loaded)."""
+    for _ in range(seconds):
+        try:
+            if client.get("/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise SystemExit("server did not become ready")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -119,15 +131,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{args.port}"
     try:
         with httpx.Client(base_url=base, timeout=600) as client:
-            for _ in range(600):
-                try:
-                    if client.get("/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(1)
-            else:
-                raise SystemExit("server did not become ready")
+            wait_ready(client)
 
             checkpoint = str(data_dir / "models" / "colbert-minilm-l6")
             results["raw_encoder_passages_per_s"] = raw_encoder_throughput(texts[: args.raw_sample], checkpoint)

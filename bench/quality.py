@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from bench.data import BUSINESS_REPORTS_REKEYED, DATA, load, mean_ndcg, ndcg_at_10, read_qrels
-from bench.msmarco_mini import bm25_runs, dense_runs
+from bench.msmarco_mini import bm25_runs, dense_runs, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"msmarco-mini": DATA, "business-reports": DATA.parent / "business-reports"}
@@ -65,17 +65,6 @@ def configurations() -> dict[str, dict]:
         for fusion in ("normalized", "sum"):
             out[f"hybrid {fusion} {c}:{d}:{k}"] = {"mode": "hybrid", "fusion": fusion, "weights": weights}
     return out
-
-
-def wait_ready(client: httpx.Client) -> None:
-    for _ in range(900):
-        try:
-            if client.get("/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server did not become ready")
 
 
 def ingest(client: httpx.Client, name: str, corpus: list[dict], batch: int) -> float:

@@ -260,9 +260,9 @@ class HybridWeights(Strict):
     keyword: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False)
 
 
-class SearchRequest(Strict):
-    query: NotBlankStr = Field(min_length=1, max_length=10_000)
-    k: SearchK = 10
+class RetrievalChoices(Strict):
+    """How a search or an answer retrieves: mode, filter, fusion, weights, fields."""
+
     mode: SearchMode | None = Field(default=None, description=MODE_HELP)
     filter: dict[str, Any] | None = None
     fusion: Literal["normalized", "sum", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
@@ -273,6 +273,11 @@ class SearchRequest(Strict):
         default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
     )
     field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
+
+
+class SearchRequest(RetrievalChoices):
+    query: NotBlankStr = Field(min_length=1, max_length=10_000)
+    k: SearchK = 10
     rerank: StrictBool | None = Field(
         default=None,
         description="false: skip the rerank stage; default: on when the server has a reranker configured "
@@ -286,8 +291,9 @@ class SearchHitOut(BaseModel):
     chunk_index: int
     text: str
     score: float = Field(
-        description="higher is better: ColBERT MaxSim (colbert, hybrid rescore), BM25 (keyword) or the fused "
-        "score (hybrid rrf, normalized); when the response says reranked, the reranker's score instead "
+        description="higher is better: ColBERT MaxSim (colbert, hybrid rescore), the dense cosine (dense), BM25 "
+        "(keyword) or the fused score (hybrid rrf, normalized, sum), times its field's weight when field_weights "
+        "are given; when the response says reranked, the reranker's score instead "
         "(a cross-encoder's logit, or an LLM reranker's probability of yes, 0..1)"
     )
     rank: int
@@ -359,19 +365,9 @@ class JobOut(BaseModel):
     files: list[JobFileOut]
 
 
-class AnswerRequest(Strict):
+class AnswerRequest(RetrievalChoices):
     question: NotBlankStr = Field(min_length=1, max_length=4_000)
     k: AnswerK | None = Field(default=None, description="passages to retrieve; default from settings")
-    mode: SearchMode | None = Field(default=None, description=MODE_HELP)
-    filter: dict[str, Any] | None = None
-    fusion: Literal["normalized", "sum", "rrf", "rescore"] | None = Field(default=None, description=FUSION_HELP)
-    weights: HybridWeights | None = Field(
-        default=None, description="hybrid: each signal's weight; default from the server's settings"
-    )
-    fields: list[FieldName] | None = Field(
-        default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
-    )
-    field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
     stream: StrictBool = Field(default=False, description="server-sent events: token, citations, hallucination, done")
 
 
