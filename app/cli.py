@@ -124,6 +124,7 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
         layers=args.layers,
         max_queries=args.max_queries,
         **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+        **({"layer_learning_rate": args.layer_learning_rate} if args.layer_learning_rate else {}),
     )
     try:
         config.check()
@@ -157,9 +158,10 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
     except TuningError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    kept = f"the weights of step {result.best_step}" if result.best_step else "the checkpoint's own weights"
     print(
         f"held-out pseudo-query loss: {result.held_out_before:.4f} before, {result.held_out_after:.4f} after "
-        f"({config.steps} steps; training loss {result.curve()[0]:.4f} -> {result.curve()[-1]:.4f})"
+        f"({config.steps} steps, {kept} kept; training loss {result.curve()[0]:.4f} -> {result.curve()[-1]:.4f})"
     )
     print(f"checkpoint written to {dest}")
     print(
@@ -185,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=TUNE_DEFAULTS.seed)
     t.add_argument("--layers", type=int, default=0, help="top transformer layers trained too (changes dense vectors)")
     t.add_argument("--max-queries", type=int, default=TUNE_DEFAULTS.max_queries, help="pseudo-queries drawn at most")
-    t.add_argument("--learning-rate", type=float, help=f"default {TUNE_DEFAULTS.learning_rate}")
+    t.add_argument("--learning-rate", type=float, help=f"the projection's (default {TUNE_DEFAULTS.learning_rate})")
+    t.add_argument(
+        "--layer-learning-rate", type=float, help=f"the layers' (default {TUNE_DEFAULTS.layer_learning_rate})"
+    )
     t.add_argument("--out", type=Path, help="new checkpoint directory (default: beside the current one)")
     t.add_argument("--checkpoint", help="the checkpoint to start from (default: the server's)")
     t.add_argument("--cache", type=Path, help="keep the computed hidden states here between runs")

@@ -24,7 +24,11 @@ layer: for ``layers=0`` that is what the server's encoder computes, and the
 run checks it against a tuned checkpoint written to a temporary directory and
 loaded with ``ColBERTEncoder``.
 
-    python -m bench.tune [--steps 200] [--batch 32] [--seeds 0] [--max-queries 2048]
+    python -m bench.tune [--steps 200] [--batch 32] [--seeds 0] [--max-queries 2048] [--layers 0]
+
+With ``--layers N`` the top N transformer layers are tuned too; the tuned
+rows then run those layers (as tuned) over cached states entering them, and
+the written-checkpoint check covers them as well.
 
 Writes ``bench/results/tune-<date>.json`` and prints a table.
 """
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own convention)
 
+from app.tune import LINEAR_KEY, States, TunedHead, states_of
 from bench.data import DATA, load, ndcg_at_10
 from bench.quality import read_qrels
 
@@ -52,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"msmarco-mini": DATA, "business-reports": DATA.parent / "business-reports"}
 REKEYED = {"business-reports": ("business-reports re-keyed", ROOT / "bench" / "qrels" / "business-reports-rekeyed.tsv")}
 SCORE_BLOCK = 65536  # document tokens scored per block
+EVAL_ROWS = 64  # texts per batch through tuned layers
 BOOTSTRAP = 10000
 
 
@@ -61,12 +67,14 @@ class Dataset:
     doc_ids: list[str]
     owner: torch.Tensor  # (chunks,) the corpus entry of each chunk
     passages: list  # app.tune.TunePassage per chunk
-    states: list[torch.Tensor]  # per chunk: (kept tokens, hidden) float16
+    states: States  # per chunk: the last hidden states at its kept tokens
     dense: torch.Tensor  # (chunks, hidden) float16
     queries: dict[str, str]  # the judged ones
-    query_states: dict[str, torch.Tensor]  # qid -> (tokens, hidden) float16
+    query_states: States  # per judged query, in the order of ``queries``
     query_dense: dict[str, torch.Tensor]
     judgments: dict[str, dict[str, dict[str, int]]]  # label -> qrels
+    layer_states: States | None = None  # with tuned layers: the states entering the first of them
+    query_layer_states: States | None = None
 
 
 def cached(path: Path, make):
@@ -79,7 +87,7 @@ def cached(path: Path, make):
     return value
 
 
-def prepare(encoder, name: str, cache: Path) -> Dataset:
+def prepare(encoder, name: str, cache: Path, layers: int = 0) -> Dataset:
     from app.ingest.pipeline import DocumentInput, DocumentPreparer, passage_text
     from app.tune import TunePassage
 
@@ -102,7 +110,13 @@ def prepare(encoder, name: str, cache: Path) -> Dataset:
     key = hashlib.sha256(json.dumps([encoder.checkpoint_name, texts]).encode()).hexdigest()[:16]
     encoded = cached(cache / f"corpus-{name}-{key}.pt", lambda: dataclasses.asdict(encoder.token_states(texts)))
     qids = list(judged)
-    q_encoded = encoder.token_states([judged[q] for q in qids], queries=True)
+    q_texts = [judged[q] for q in qids]
+    q_encoded = encoder.token_states(q_texts, queries=True)
+    layer_states = query_layer_states = None
+    if layers:
+        first = len(encoder.checkpoint.bert.encoder.layer) - layers
+        layer_states = states_of(encoder, texts, False, first, cache)
+        query_layer_states = states_of(encoder, q_texts, True, first, cache)
     print(
         f"{name}: {len(corpus)} entries, {len(texts)} passages, {sum(s.size(0) for s in encoded['states'])} tokens, "
         f"{len(qids)} judged queries ({time.perf_counter() - started:.0f}s)",
@@ -114,29 +128,52 @@ def prepare(encoder, name: str, cache: Path) -> Dataset:
         [d["_id"] for d in corpus],
         torch.tensor(owner),
         passages,
-        encoded["states"],
+        States(encoded["states"], None, None),
         encoded["dense"],
         judged,
-        dict(zip(qids, q_encoded.states, strict=True)),
+        States(q_encoded.states, None, None),
         dict(zip(qids, q_encoded.dense, strict=True)),
         judgments,
+        layer_states,
+        query_layer_states,
     )
 
 
-def project(weight: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    return F.normalize(states.float() @ weight.T.float(), p=2, dim=-1)
+def vectors(head: TunedHead, states: States) -> list[torch.Tensor]:
+    """Per text, its token vectors by ``head`` (at the kept positions)."""
+    with torch.no_grad():
+        if states.attention is None:
+            return [F.normalize(s.float() @ head.weight.T, p=2, dim=-1) for s in states.states]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(states.states)
+        order = sorted(range(len(states.states)), key=lambda i: states.states[i].size(0))
+        for start in range(0, len(order), EVAL_ROWS):
+            rows = order[start : start + EVAL_ROWS]
+            hidden, attention, kept = states.batch(rows)
+            encoded = head(hidden, attention, kept)
+            for n, row in enumerate(rows):
+                out[row] = encoded[n][kept[n]]
+        return out
 
 
-def maxsim_runs(ds: Dataset, weight: torch.Tensor, k: int = 10) -> dict[str, list[str]]:
+def head_states(ds: Dataset, head: TunedHead) -> tuple[States, States]:
+    """(passages, queries): the states ``head`` reads."""
+    if len(head.layers):
+        assert ds.layer_states is not None and ds.query_layer_states is not None
+        return ds.layer_states, ds.query_layer_states
+    return ds.states, ds.query_states
+
+
+def maxsim_runs(ds: Dataset, head: TunedHead, k: int = 10) -> dict[str, list[str]]:
     """Top-k corpus ids per judged query by exhaustive MaxSim; a document
     scores its best passage."""
-    lens = torch.tensor([s.size(0) for s in ds.states])
-    chunk_of = torch.repeat_interleave(torch.arange(len(ds.states)), lens)
-    docs = torch.cat([project(weight, s) for s in ds.states])
+    passage_states, query_states = head_states(ds, head)
+    per_passage = vectors(head, passage_states)
+    lens = torch.tensor([v.size(0) for v in per_passage])
+    chunk_of = torch.repeat_interleave(torch.arange(len(per_passage)), lens)
+    docs = torch.cat(per_passage)
     runs = {}
-    for qid, states in ds.query_states.items():
-        q = project(weight, states)
-        best = torch.full((len(ds.states), q.size(0)), -2.0)
+    for qid, q in zip(ds.queries, vectors(head, query_states), strict=True):
+        best = torch.full((len(per_passage), q.size(0)), -2.0)
         for start in range(0, docs.size(0), SCORE_BLOCK):
             sim = docs[start : start + SCORE_BLOCK] @ q.T
             index = chunk_of[start : start + SCORE_BLOCK, None].expand_as(sim)
@@ -146,6 +183,7 @@ def maxsim_runs(ds: Dataset, weight: torch.Tensor, k: int = 10) -> dict[str, lis
 
 
 def dense_runs(ds: Dataset, k: int = 10) -> dict[str, list[str]]:
+    """The mean-pooled vector of the base forward pass (what the server's dense signal is)."""
     docs = F.normalize(ds.dense.float(), dim=-1)
     return {qid: ranked(ds, docs @ F.normalize(v.float(), dim=0), k) for qid, v in ds.query_dense.items()}
 
@@ -173,21 +211,28 @@ def compare(row: dict[str, float], base: dict[str, float], seed: int = 0) -> dic
     }
 
 
-def check_written(encoder_cls, options_cls, base: Path, weight: torch.Tensor, tuning: dict, ds: Dataset) -> float:
+def check_written(encoder_cls, options_cls, base: Path, head: TunedHead, weights: dict, ds: Dataset) -> float:
     """Largest difference between the server's encoding of the judged
     queries with a written tuned checkpoint and this benchmark's vectors."""
-    from app.tune import LINEAR_KEY, write_checkpoint
+    from app.tune import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bench-tune-") as tmp:
-        dest = write_checkpoint(base, Path(tmp) / "tuned", {LINEAR_KEY: weight}, tuning)
+        dest = write_checkpoint(base, Path(tmp) / "tuned", weights, {"benchmark": "bench.tune"})
         encoder = encoder_cls(str(dest), options_cls.for_checkpoint(str(dest)))
-        qids = list(ds.queries)
-        served = encoder.encode_queries([ds.queries[q] for q in qids])
-        worst = 0.0
-        for row, qid in enumerate(qids):
-            mine = project(weight, ds.query_states[qid])
-            worst = max(worst, float((served[row, : mine.size(0)] - mine).abs().max()))
-        return worst
+        served = encoder.encode_queries(list(ds.queries.values()))
+        mine = vectors(head, head_states(ds, head)[1])
+        return max(float((served[row, : v.size(0)] - v).abs().max()) for row, v in enumerate(mine))
+
+
+def tuned_head(base: TunedHead, first: int, weights: dict[str, torch.Tensor]) -> TunedHead:
+    """``base`` (its layers from transformer layer ``first`` on) with the
+    trained tensors of ``weights``."""
+    head = TunedHead(weights[LINEAR_KEY], list(base.layers))
+    for offset, layer in enumerate(head.layers):
+        prefix = f"bert.encoder.layer.{first + offset}."
+        layer.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
+    head.eval()
+    return head
 
 
 def main() -> None:
@@ -198,25 +243,29 @@ def main() -> None:
     parser.add_argument("--max-queries", type=int, default=2048)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--hard-negatives", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=0, help="top transformer layers tuned with the projection")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "colbert-bench-tune")
     parser.add_argument("--checkpoint", help="default: the default checkpoint, built under --cache")
     args = parser.parse_args()
 
     from app.engine.encoder import ColBERTEncoder
-    from app.tune import LINEAR_KEY, TuneConfig, tune
+    from app.tune import TuneConfig, tune
     from colbert_patches.model_loading import EncoderOptions
     from models.build_default_checkpoint import ensure_default_checkpoint
 
     args.cache.mkdir(parents=True, exist_ok=True)
     checkpoint = Path(args.checkpoint or ensure_default_checkpoint(args.cache / "colbert-minilm-l6")).resolve()
     encoder = ColBERTEncoder(str(checkpoint), EncoderOptions.for_checkpoint(str(checkpoint)))
-    base = encoder.checkpoint.linear.weight.detach().clone().float()
-    data = {name: prepare(encoder, name, args.cache) for name in args.datasets}
+    transformer_layers = list(encoder.checkpoint.bert.encoder.layer)
+    first = len(transformer_layers) - args.layers
+    base = TunedHead(encoder.checkpoint.linear.weight, transformer_layers[first:])
+    base.eval()
+    data = {name: prepare(encoder, name, args.cache, args.layers) for name in args.datasets}
 
     defaults = TuneConfig()
     overrides = {"learning_rate": args.learning_rate} if args.learning_rate else {}
-    tuned: dict[tuple[str, int], torch.Tensor] = {}
+    tuned: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     tuning: dict[str, dict] = {}
     for name, ds in data.items():
         for seed in args.seeds:
@@ -227,14 +276,15 @@ def main() -> None:
                 seed=seed,
                 max_queries=args.max_queries,
                 hard_negatives=args.hard_negatives,
+                layers=args.layers,
                 **overrides,
             )
             result = tune(encoder, ds.passages, config, cache_dir=args.cache, progress=lambda m: print(f"  {m}"))
-            tuned[(name, seed)] = result.weights[LINEAR_KEY]
+            tuned[(name, seed)] = result.weights
             tuning[f"{name} seed {seed}"] = result.provenance(str(checkpoint), name)
             print(
                 f"tuned on {name} (seed {seed}): held-out pseudo-query loss {result.held_out_before:.4f} -> "
-                f"{result.held_out_after:.4f} in {result.seconds:.0f}s",
+                f"{result.held_out_after:.4f} (step {result.best_step} kept) in {result.seconds:.0f}s",
                 flush=True,
             )
 
@@ -246,16 +296,16 @@ def main() -> None:
         "tuning": tuning,
         "datasets": {},
     }
-    first = next(iter(tuning))
+    heads = {key: tuned_head(base, first, weights) for key, weights in tuned.items()}
     for name, ds in data.items():
         others = [o for o in data if o != name]
         rows: dict[str, dict[str, list[str]]] = {"base": maxsim_runs(ds, base), "dense (reference)": dense_runs(ds)}
         for seed in args.seeds:
-            rows[f"tuned-own seed {seed}"] = maxsim_runs(ds, tuned[(name, seed)])
+            rows[f"tuned-own seed {seed}"] = maxsim_runs(ds, heads[(name, seed)])
             for other in others:
-                rows[f"tuned-other ({other}) seed {seed}"] = maxsim_runs(ds, tuned[(other, seed)])
+                rows[f"tuned-other ({other}) seed {seed}"] = maxsim_runs(ds, heads[(other, seed)])
         out: dict = {
-            "passages": len(ds.states),
+            "passages": len(ds.states.states),
             "judged_queries": {},
             "ndcg@10": {},
             "vs_base": {},
@@ -263,15 +313,16 @@ def main() -> None:
             "per_query": {},
         }
         for label, qrels in ds.judgments.items():
-            judged = {q: r for q, r in qrels.items() if q in ds.query_states}
+            judged = {q: r for q, r in qrels.items() if q in ds.queries}
             out["judged_queries"][label] = len(judged)
             scores = {row: per_query(runs, judged) for row, runs in rows.items()}
             out["ndcg@10"][label] = {row: sum(s.values()) / len(s) for row, s in scores.items()}
             out["vs_base"][label] = {row: compare(s, scores["base"]) for row, s in scores.items() if row != "base"}
             out["per_query"][label] = {row: {q: round(v, 4) for q, v in s.items()} for row, s in scores.items()}
             out["over_seeds"][label] = over_seeds(out["ndcg@10"][label])
+        key = (name, args.seeds[0])
         out["written_checkpoint_max_diff"] = check_written(
-            ColBERTEncoder, EncoderOptions, checkpoint, tuned[(name, args.seeds[0])], tuning[first], ds
+            ColBERTEncoder, EncoderOptions, checkpoint, heads[key], tuned[key], ds
         )
         results["datasets"][name] = out
 

@@ -274,6 +274,8 @@ def test_tuning_lowers_the_loss_and_is_deterministic_with_a_seed(encoder):
     first = tune(encoder, passages, SMALL)
     assert first.queries["held_out"] >= 8 and first.queries["title"] > 0
     assert first.held_out_after < first.held_out_before
+    assert first.held_out_after == pytest.approx(min(loss for _, loss in first.held_out_checks), abs=1e-4)
+    assert first.best_step > 0 and first.held_out_checks[0][0] == 0 and first.held_out_checks[-1][0] == SMALL.steps
     steps = first.train_losses
     assert sum(steps[-4:]) / 4 < sum(steps[:4]) / 4
     again = tune(encoder, passages, SMALL)
