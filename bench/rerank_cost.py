@@ -12,10 +12,10 @@ none ships offline (the compute is the same; the scores mean nothing):
 Each query of msmarco-mini re-scores ``--candidates`` passages of its corpus
 (a fixed random draw: msmarco passages are of one kind, so their lengths are
 what a search's top candidates have), once per ``--batch-sizes`` value; the
-figures are medians over queries of the milliseconds per candidate, wall-clock
-and CPU time (all threads: less sensitive to other work on the machine).
+figures are medians over queries of the milliseconds per candidate (each
+query's fastest of ``--rounds`` runs), wall-clock and CPU time (all threads).
 
-Usage: python -m bench.rerank_cost [--queries 10] [--candidates 30] [--batch-sizes 8,16,32]
+Usage: python -m bench.rerank_cost [--queries 10] [--candidates 30] [--batch-sizes 8,16,32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -56,17 +56,23 @@ def workload(queries: int, candidates: int, seed: int) -> list[tuple[str, list[s
     return [(query_texts[q], rng.sample(texts, candidates)) for q in judged]
 
 
-def measure(reranker: Reranker, work: list[tuple[str, list[str]]], batch_size: int) -> tuple[list[float], list[float]]:
-    """Milliseconds per candidate, wall-clock and CPU (all threads), one figure per query each."""
+def measure(
+    reranker: Reranker, work: list[tuple[str, list[str]]], batch_size: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Milliseconds per candidate, wall-clock and CPU (all threads), one figure
+    per query each: its fastest of ``rounds`` runs (the least disturbed by
+    other work on the machine)."""
     reranker.batch_size = batch_size
     query, passages = work[0]
     reranker.score(query, passages)  # warm: allocator, kernels
-    wall, cpu = [], []
-    for query, passages in work:
-        started, started_cpu = time.perf_counter(), time.process_time()
-        reranker.score(query, passages)
-        wall.append((time.perf_counter() - started) * 1000 / len(passages))
-        cpu.append((time.process_time() - started_cpu) * 1000 / len(passages))
+    wall = [float("inf")] * len(work)
+    cpu = [float("inf")] * len(work)
+    for _ in range(rounds):
+        for n, (query, passages) in enumerate(work):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            reranker.score(query, passages)
+            wall[n] = min(wall[n], (time.perf_counter() - started) * 1000 / len(passages))
+            cpu[n] = min(cpu[n], (time.process_time() - started_cpu) * 1000 / len(passages))
     return wall, cpu
 
 
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--models", default="cross-encoder,llm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per query; each query's fastest counts")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default")
     options = parser.parse_args(argv)
     if options.threads:
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print("  batch  ms/candidate: wall median (min-max)  CPU median  ms per search (wall)")
         for batch_size in (int(b) for b in options.batch_sizes.split(",")):
-            wall, cpu = measure(reranker, work, batch_size)
+            wall, cpu = measure(reranker, work, batch_size, options.rounds)
             median = statistics.median(wall)
             print(
                 f"  {batch_size:>5}  {median:>19.1f} ({min(wall):.1f}-{max(wall):.1f})  "
