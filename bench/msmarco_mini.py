@@ -90,6 +90,23 @@ def dense_runs(corpus, queries) -> dict[str, list[str]]:
     return {q: [ids[i] for i in row] for q, row in zip(qids, top)}
 
 
+def start_server(data_dir: Path, port: int, **settings: str) -> subprocess.Popen:
+    """The server (uvicorn) on a fresh data directory; ``settings``: more
+    COLBERT_SERVER_* variables, by their lower-case names."""
+    env = {**os.environ, "COLBERT_SERVER_DATA_DIR": str(data_dir), "COLBERT_SERVER_LOG_LEVEL": "WARNING"}
+    env.update({f"COLBERT_SERVER_{name.upper()}": value for name, value in settings.items()})
+    command = [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(command, cwd=ROOT, env=env)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def wait_ready(client: httpx.Client, seconds: int = 900) -> None:
     """Until the server's /ready answers 200 (its models loaded)."""
     for _ in range(seconds):
@@ -121,12 +138,7 @@ def main() -> None:
     corpus, queries, qrels = load()
     texts = [passage_text(d) for d in corpus]
     data_dir = Path(tempfile.mkdtemp(prefix="colbert-bench-"))
-    env = {**os.environ, "COLBERT_SERVER_DATA_DIR": str(data_dir), "COLBERT_SERVER_LOG_LEVEL": "WARNING"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(args.port)],
-        cwd=ROOT,
-        env=env,
-    )
+    server = start_server(data_dir, args.port)
     results: dict = {}
     base = f"http://127.0.0.1:{args.port}"
     try:
@@ -186,11 +198,7 @@ def main() -> None:
             results["index_segments"] = index["segments"]
         results["server_peak_rss_mib"] = peak_rss_mib(server.pid)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     if not args.skip_baselines:
         results["ndcg@10_bm25"] = mean_ndcg(bm25_runs(corpus, queries), qrels)
         results["ndcg@10_dense_minilm"] = mean_ndcg(dense_runs(corpus, queries), qrels)

@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from bench.data import BUSINESS_REPORTS_REKEYED, DATA, load, mean_ndcg, ndcg_at_10, read_qrels
-from bench.msmarco_mini import bm25_runs, dense_runs, wait_ready
+from bench.msmarco_mini import bm25_runs, dense_runs, start_server, stop_server, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"msmarco-mini": DATA, "business-reports": DATA.parent / "business-reports"}
@@ -149,17 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = Path(tempfile.mkdtemp(prefix="colbert-quality-"))
-    env = {
-        **os.environ,
-        "COLBERT_SERVER_DATA_DIR": str(data_dir),
-        "COLBERT_SERVER_LOG_LEVEL": "WARNING",
-        "COLBERT_SERVER_ANSWER_PRELOAD": "false",  # search only
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(args.port)],
-        cwd=ROOT,
-        env=env,
-    )
+    server = start_server(data_dir, args.port, answer_preload="false")  # search only
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "datasets": {}}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=600) as client:
@@ -200,11 +186,7 @@ def main() -> None:
                     report["datasets"][label] = scored
                     print_dataset(label, scored)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     path = out / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
