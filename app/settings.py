@@ -95,7 +95,9 @@ class Settings(BaseSettings):
     # Uploaded files are parsed in a child process within these limits; a file
     # that breaks one fails with the reason and the queue moves on.
     extract_timeout_s: float = Field(default=120.0, gt=0, description="wall-clock limit of one file's extraction")
-    extract_memory_mb: int = Field(default=2048, ge=0, description="address space of the extractor process; 0: none")
+    extract_memory_mb: int = Field(
+        default=2048, ge=0, description="resident memory of the extractor process; past it the file fails; 0: none"
+    )
     extract_nice: int = Field(
         default=10,
         ge=0,

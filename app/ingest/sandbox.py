@@ -6,10 +6,18 @@ process such a file would stall the job queue, or take the whole process
 down with an out-of-memory kill, at every restart again. Here extraction runs
 in one long-lived child process (a fresh interpreter, so it shares no
 threads or locks with the server and never re-imports the server's main
-module) with an address-space limit, at a lower CPU priority than the
-server (parsing yields the cores to searches); a file that runs past the
-wall-clock limit, or kills the child, fails with that reason, the child is
-replaced, and the queue moves on.
+module) at a lower CPU priority than the server (parsing yields the cores to
+searches); a file that runs past the wall-clock limit or the memory limit,
+or kills the child, fails with that reason, the child is replaced, and the
+queue moves on.
+
+The memory limit is watched from the server: it reads the child's resident
+memory while it waits and kills the child past the limit. An address-space
+limit alone is not enough: CPython at a hard allocation limit can spin
+forever in its own error handling (every MemoryError while reporting the
+previous one allocates again), so the file would end only at the wall-clock
+limit. The child keeps an address-space limit well above the memory limit
+as a backstop for platforms without ``/proc``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,25 @@ from pathlib import Path
 from app.ingest.extract import ExtractedDocument, ExtractionError
 
 logger = logging.getLogger("app.ingest")
+
+WATCH_INTERVAL_S = 0.05  # how often the server reads the child's resident memory while it waits
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def address_space_backstop(memory_bytes: int) -> int:
+    """The child's address-space limit: far enough above ``memory_bytes``
+    (mapped but untouched memory, allocator arenas, thread stacks) that the
+    resident-memory watch fires first."""
+    return 2 * memory_bytes + 256 * 2**20 if memory_bytes else 0
+
+
+def resident_bytes(pid: int) -> int | None:
+    """A process's resident memory, or None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main(fd: int, memory_bytes: int, nice: int = 0, parent: int = 0) -> None:
@@ -58,8 +85,9 @@ def _serve(conn: Connection, memory_bytes: int, nice: int = 0) -> None:
     try:
         import resource
 
-        if memory_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        limit = address_space_backstop(memory_bytes)
+        if limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     except (ImportError, ValueError, OSError):  # not on this OS: the wall-clock limit still holds
         pass
     if nice:
@@ -108,9 +136,7 @@ class ExtractionSandbox:
             conn = self._start()
             try:
                 conn.send((filename, data, max_bytes))
-                if not conn.poll(self.timeout_s):
-                    self._stop()
-                    raise ExtractionError(f"extraction took longer than the {self.timeout_s:g} s limit")
+                self._wait(conn)
                 ok, payload = conn.recv()
             except (EOFError, OSError, BrokenPipeError):
                 code = self._process.poll() if self._process is not None else None
@@ -125,6 +151,22 @@ class ExtractionSandbox:
                 raise ExtractionError(str(payload))
             assert isinstance(payload, ExtractedDocument)
             return payload
+
+    def _wait(self, conn: Connection) -> None:
+        """Wait for the child's answer within the time and memory limits."""
+        assert self._process is not None
+        pid = self._process.pid
+        deadline = time.monotonic() + self.timeout_s
+        while not conn.poll(max(0.0, min(WATCH_INTERVAL_S, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                self._stop()
+                raise ExtractionError(f"extraction took longer than the {self.timeout_s:g} s limit")
+            resident = resident_bytes(pid) if self.memory_bytes else None
+            if resident is not None and resident > self.memory_bytes:
+                self._stop()
+                raise ExtractionError(
+                    f"extraction needed more memory than the {self.memory_bytes / 2**20:g} MiB limit allows"
+                )
 
     def _start(self) -> Connection:
         if self._closed:

@@ -113,3 +113,20 @@ def test_the_child_ends_when_the_server_is_killed_mid_file(tmp_path):
         time.sleep(0.1)
     os.kill(child, 9)
     raise AssertionError("the extraction child outlived its server by 5 s")
+
+
+def test_the_address_space_limit_is_a_backstop_well_above_the_memory_limit():
+    """The memory limit is the server's watch on resident memory; the
+    child's address-space limit sits far above it (CPython at a hard
+    allocation limit can spin in its own error handling until the wall-clock
+    limit instead of failing the file at once)."""
+    from app.ingest.sandbox import address_space_backstop
+
+    box = ExtractionSandbox(timeout_s=60, memory_bytes=300 * 2**20)
+    try:
+        box.extract("warm.txt", b"warm", 100)
+        limits = open(f"/proc/{box._process.pid}/limits").read()
+        line = next(line for line in limits.splitlines() if line.startswith("Max address space"))
+        assert int(line.split()[3]) == address_space_backstop(300 * 2**20) >= 2 * 300 * 2**20
+    finally:
+        box.close()
