@@ -1,7 +1,7 @@
 """Command line: ingest a folder into a collection, or tune the encoder to one.
 
     python -m app.cli ingest FOLDER --collection NAME [--metadata JSON]
-    python -m app.cli tune --collection NAME [--steps 200] [--batch 32] [--seed 0] [--out DIR] [--layers 0]
+    python -m app.cli tune --collection NAME [--steps 200] [--batch 32] [--seed 0] [--layers 0] [--reindex]
 
 Both work on the server's data directory (settings from
 ``COLBERT_SERVER_*``/``.env``). ``ingest`` runs the same service as the
@@ -11,9 +11,14 @@ the files' paths relative to FOLDER.
 
 ``tune`` reads the collection's passages from the SQLite store, read-only
 (it needs no index, no writer lease and no server: a running one is not
-disturbed), trains the checkpoint's projection on them (``app/tune.py``) and
-writes a new checkpoint beside the configured one. Nothing is re-indexed: the
-collection keeps its vectors until it is re-indexed with the new checkpoint.
+disturbed), trains the projection of the checkpoint the collection is
+indexed with on them (``app/tune.py``) and writes a new checkpoint under the
+data directory's ``checkpoints/``. With ``--reindex`` the collection is then
+re-indexed with it by the server's writer (``app/engine/reindex.py``; a
+server must be running on the data directory for that to happen); without,
+nothing changes until ``POST /v1/collections/NAME/reindex`` names it. The
+server's tuning jobs (``POST /v1/collections/NAME/tune``) run this command
+with ``--job``: it records its outcome in that job.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -112,11 +118,36 @@ def collection_passages(settings: Settings, collection: str, sample: int | None 
         conn.close()
 
 
-def tune(settings: Settings, args: argparse.Namespace) -> int:
+def collection_checkpoint(settings: Settings, collection: str) -> Path:
+    """The checkpoint the collection's index is encoded with, as a directory."""
+    from app.engine.encoders import checkpoint_root
     from app.service import resolve_checkpoint
-    from app.tune import TuneConfig, TuningError, default_destination, write_checkpoint
+    from app.store.index_state import IndexStateStore
+    from app.store.schema import connect_read_only
+
+    conn = connect_read_only(settings.database_path)
+    try:
+        store = IndexStateStore(conn)
+        collection_id = store.collection_id(collection)
+        col = store.collection(collection_id) if collection_id is not None else None
+    finally:
+        conn.close()
+    if col is not None and col.checkpoint:
+        return checkpoint_root(settings.data_dir) / col.checkpoint
+    return Path(resolve_checkpoint(settings))
+
+
+def tune(settings: Settings, args: argparse.Namespace) -> int:
+    from app import tuning_jobs
+    from app.engine.encoders import checkpoint_root
+    from app.tune import TuningError, default_destination, write_checkpoint
     from app.tune import tune as tune_projection
 
+    if args.nice:
+        try:
+            os.nice(args.nice)
+        except OSError:
+            pass
     config = TuneConfig(
         steps=args.steps,
         batch=args.batch,
@@ -126,6 +157,7 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
         **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
         **({"layer_learning_rate": args.layer_learning_rate} if args.layer_learning_rate else {}),
     )
+    root = checkpoint_root(settings.data_dir)
     try:
         config.check()
         # Not every passage gives a pseudo-query (one sentence, too short):
@@ -134,10 +166,12 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
         passages = collection_passages(settings, args.collection, sample, config.seed)
         if not passages:
             raise TuningError(f"collection {args.collection!r} has no indexed passages to tune on")
-        checkpoint = Path(args.checkpoint or resolve_checkpoint(settings))
+        checkpoint = Path(args.checkpoint) if args.checkpoint else collection_checkpoint(settings, args.collection)
         if not checkpoint.is_dir():
             raise TuningError(f"tuning needs a checkpoint directory on this machine, not {checkpoint}")
-        dest = Path(args.out) if args.out else default_destination(checkpoint.resolve(), args.collection)
+        dest = Path(args.out) if args.out else default_destination(root, args.collection)
+        if args.reindex and dest.resolve().parent != root.resolve():
+            raise TuningError(f"--reindex needs the new checkpoint under {root} (a collection names it there)")
         if dest.exists():
             raise TuningError(f"{dest} exists: choose a new directory (a checkpoint in use must not change)")
         if settings.torch_threads:
@@ -154,21 +188,78 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
         )
         encoder = ColBERTEncoder(str(checkpoint), options, device="cuda" if torch.cuda.is_available() else "cpu")
         result = tune_projection(encoder, passages, config, cache_dir=args.cache, progress=print)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         write_checkpoint(checkpoint, dest, result.weights, result.provenance(str(checkpoint), args.collection))
-    except TuningError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TuningError, ServerError) as exc:
+        message = exc.message if isinstance(exc, ServerError) else str(exc)
+        _record_failure(settings, args.job, message)
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        _record_failure(settings, args.job, f"{type(exc).__name__}: {exc}")
+        raise
     kept = f"the weights of step {result.best_step}" if result.best_step else "the checkpoint's own weights"
     print(
         f"held-out pseudo-query loss: {result.held_out_before:.4f} before, {result.held_out_after:.4f} after "
         f"({config.steps} steps, {kept} kept; training loss {result.curve()[0]:.4f} -> {result.curve()[-1]:.4f})"
     )
     print(f"checkpoint written to {dest}")
-    print(
-        f"collection {args.collection!r} is not re-indexed: its passages were encoded with {checkpoint}; "
-        "search it with the new checkpoint only once it is re-indexed with it"
-    )
+    under_root = dest.resolve().parent == root.resolve()
+    name = dest.name if under_root else str(dest)
+    reindex_id = _collection_id(settings, args.collection) if args.reindex else None
+    if args.job or reindex_id is not None:
+        from app.store.schema import connect
+
+        conn = connect(settings.database_path)
+        try:
+            figures = {
+                "held_out_before": round(result.held_out_before, 4),
+                "held_out_after": round(result.held_out_after, 4),
+                "kept_step": result.best_step,
+                "steps": config.steps,
+                "passages": result.passages,
+                "pseudo_queries": result.queries,
+                "seconds": round(result.seconds, 1),
+            }
+            if args.job:
+                tuning_jobs.finish(conn, args.job, name, figures, reindex_id)
+            elif reindex_id is not None:
+                tuning_jobs.start_reindex(conn, reindex_id, name)
+        finally:
+            conn.close()
+    if reindex_id is not None:
+        print(f"collection {args.collection!r} is re-indexed with {name} by the server's writer (its `reindex`)")
+    else:
+        print(
+            f"collection {args.collection!r} is not re-indexed: its passages were encoded with {checkpoint}; "
+            f"re-index it with this checkpoint (POST /v1/collections/{args.collection}/reindex "
+            f'{{"checkpoint": "{name}"}}) before its queries use it'
+        )
     return 0
+
+
+def _collection_id(settings: Settings, collection: str) -> int | None:
+    from app.store.index_state import IndexStateStore
+    from app.store.schema import connect_read_only
+
+    conn = connect_read_only(settings.database_path)
+    try:
+        return IndexStateStore(conn).collection_id(collection)
+    finally:
+        conn.close()
+
+
+def _record_failure(settings: Settings, job: str | None, message: str) -> None:
+    if not job:
+        return
+    from app import tuning_jobs
+    from app.store.schema import connect
+
+    conn = connect(settings.database_path)
+    try:
+        tuning_jobs.fail(conn, job, message)
+    finally:
+        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--layer-learning-rate", type=float, help=f"the layers' (default {TUNE_DEFAULTS.layer_learning_rate})"
     )
-    t.add_argument("--out", type=Path, help="new checkpoint directory (default: beside the current one)")
-    t.add_argument("--checkpoint", help="the checkpoint to start from (default: the server's)")
+    t.add_argument(
+        "--out", type=Path, help="new checkpoint directory (default: under the data directory's checkpoints/)"
+    )
+    t.add_argument(
+        "--checkpoint", help="the checkpoint to start from (default: the one the collection is indexed with)"
+    )
+    t.add_argument("--reindex", action="store_true", help="re-index the collection with the new checkpoint")
+    t.add_argument("--job", help=argparse.SUPPRESS)  # a server's tuning job: its outcome is recorded there
+    t.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
     t.add_argument("--cache", type=Path, help="keep the computed hidden states here between runs")
     t.add_argument("--data-dir", type=Path, help="overrides COLBERT_SERVER_DATA_DIR")
     args = parser.parse_args(argv)

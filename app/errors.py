@@ -47,6 +47,15 @@ class JobNotFound(NotFound):
     code = "job_not_found"
 
 
+class CheckpointNotFound(NotFound):
+    code = "checkpoint_not_found"
+
+
+class Conflict(ServerError):
+    status_code = 409
+    code = "conflict"
+
+
 class CollectionExists(ServerError):
     status_code = 409
     code = "collection_exists"

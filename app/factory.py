@@ -12,7 +12,7 @@ from app import __version__
 from app.answer.service import AnswerService
 from app.api.errors import install_error_handlers
 from app.api.middleware import install_middleware
-from app.api.routes import answer, collections, documents, files, health, search
+from app.api.routes import answer, collections, documents, files, health, search, tuning
 from app.api.routes.web import install_web
 from app.observability import Metrics, configure_logging
 from app.service import SearchService
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     app.state.settings = settings
     app.state.metrics = Metrics(app)
     install_error_handlers(app)
-    for module in (health, collections, documents, files, search, answer):
+    for module in (health, collections, documents, files, search, answer, tuning):
         app.include_router(module.router)
     install_web(app)
     install_middleware(app, settings, app.state.metrics)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -22,11 +24,14 @@ from pathlib import Path
 
 import torch
 
+from app import tuning_jobs
+
 # colbert (through these imports) is imported here, at start-up on the main
 # thread: transformers' lazy module can fail a first import made from a
 # worker thread while another thread imports from it.
 from app.engine.backend import IndexBackend
 from app.engine.encoder import ColBERTEncoder
+from app.engine.encoders import CHECKPOINT_NAME, Encoders, checkpoint_root
 from app.engine.plaid import PlaidBackend, PlaidConfig
 from app.engine.rerank import Reranker, load_reranker
 from app.engine.search import Searcher, SearchHit
@@ -39,7 +44,9 @@ from app.ingest.pipeline import DocumentInput, DocumentPreparer
 from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.jobs import summarise_job
+from app.store.schema import connect
 from app.store.store import CollectionRow, Store
+from app.tune import default_destination
 from app.validation import COLLECTION_NAME_PATTERN, COLLECTION_NAME_RULE, check_metadata
 from colbert_patches.model_loading import EncoderOptions
 from colbert_patches.scorer import load_extensions
@@ -73,11 +80,12 @@ def resolve_checkpoint(settings: Settings) -> str:
     return str(ensure_default_checkpoint(settings.default_checkpoint_dir))
 
 
-def load_encoder(settings: Settings):
-    """The configured ColBERT checkpoint, with colbert's kernels loaded first
-    (ColBERT's constructor would otherwise JIT-build its own, which needs a
-    compiler; the image has prebuilt ones)."""
-    checkpoint = resolve_checkpoint(settings)
+def load_encoder(settings: Settings, checkpoint: str | None = None):
+    """The configured ColBERT checkpoint (or the one at path ``checkpoint``),
+    with colbert's kernels loaded first (ColBERT's constructor would
+    otherwise JIT-build its own, which needs a compiler; the image has
+    prebuilt ones)."""
+    checkpoint = checkpoint or resolve_checkpoint(settings)
     options = EncoderOptions.for_checkpoint(
         checkpoint,
         query_augmentation=settings.query_augmentation,
@@ -104,7 +112,10 @@ class SearchService:
     ``backend_factory`` (settings, encoder -> an :class:`IndexBackend`) and
     ``reranker`` choose the models and the index engine; by default, the
     configured checkpoint, the PLAID backend and the configured reranker
-    (none unless ``reranker`` is set)."""
+    (none unless ``reranker`` is set). ``encoder_loader`` (a checkpoint
+    directory -> its encoder) loads the checkpoints collections are
+    re-indexed with; by default the way the configured one is loaded, and
+    none when ``encoder`` is given without it."""
 
     def __init__(
         self,
@@ -113,11 +124,15 @@ class SearchService:
         encoder=None,
         backend_factory=None,
         reranker: Reranker | None = None,
+        encoder_loader=None,
     ):
         self.settings = settings
         self.metrics = metrics or EngineMetrics()
         self.store = Store(settings.database_path)
         self.encoder = encoder
+        if encoder_loader is None and encoder is None:
+            encoder_loader = functools.partial(load_encoder, settings)
+        self._encoder_loader = encoder_loader
         self.reranker = reranker
         self._backend_factory = backend_factory or plaid_backend
         self.backend: IndexBackend | None = None
@@ -143,11 +158,12 @@ class SearchService:
         if self.reranker is None:
             self.reranker = await self._run(load_reranker, self.settings)
         self.backend = self._backend_factory(self.settings, self.encoder)
-        self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend)
+        self.encoders = Encoders(self.encoder, checkpoint_root(self.settings.data_dir), self._encoder_loader)
+        self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend, self.encoders)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
         self.snapshots = SnapshotCache(self.store, self.backend, self._load, self.settings.snapshot_cache_bytes)
         self.searcher = Searcher(
-            self.settings, self.store, self.snapshots, self.encoder, self._run, self.metrics, self.reranker
+            self.settings, self.store, self.snapshots, self.encoders, self._run, self.metrics, self.reranker
         )
         self.documents = DocumentIngest(self.settings, self.store, preparer, self.writer.notify)
         self._jobs = jobs = JobRunner(
@@ -215,6 +231,12 @@ class SearchService:
                 stats = self.backend.stats(row.id, row.manifest)
             except FileNotFoundError:  # a newer generation replaced it meanwhile
                 stats = None
+        reindex = None
+        if row.reindex_cursor is not None:
+            progress = min(row.reindex_cursor / row.next_pid, 1.0) if row.next_pid else 1.0
+            reindex = {"state": "running", "checkpoint": row.reindex_checkpoint, "progress": round(progress, 4)}
+        elif row.reindex_error is not None:
+            reindex = {"state": "failed", "checkpoint": None, "progress": 0.0, "error": row.reindex_error}
         return {
             "name": row.name,
             "description": row.description,
@@ -222,7 +244,82 @@ class SearchService:
             "generation": row.generation,
             **counts,
             "index": dataclasses.asdict(stats) if stats is not None else None,
+            "checkpoint": row.checkpoint,
+            "reindex": reindex,
         }
+
+    async def start_reindex(self, name: str, checkpoint: str | None) -> CollectionRow:
+        """Re-encode the collection with ``checkpoint`` (a directory name
+        under the data directory's checkpoints/; None: the configured one)
+        into a new index, served once complete (app/engine/reindex.py). The
+        checkpoint is loaded here first, so one that cannot serve this index
+        is refused at once."""
+        self._require_ready()
+        check_collection_name(name)
+        await self.store.get_collection(name)  # 404 before any model is loaded
+        if checkpoint is not None:
+            await self._load(self.encoders.get, checkpoint)
+        row = await self.store.start_reindex(name, checkpoint)
+        if self.writer is not None:
+            self.writer.notify()
+        return row
+
+    async def start_tuning(self, name: str, options: dict, reindex: bool) -> dict:
+        """A tuning job of the collection (app/tuning_jobs.py): its own
+        process, from the checkpoint the collection is indexed with, writing
+        a new checkpoint under the data directory's checkpoints/."""
+        self._require_ready()
+        row = await self.get_collection(name)
+        base = str(self.encoders.path(row.checkpoint)) if row.checkpoint else resolve_checkpoint(self.settings)
+        job_id = await self.store.create_tuning_job(row.id, options, reindex)
+        out = default_destination(checkpoint_root(self.settings.data_dir), name)
+        try:
+            process = await asyncio.to_thread(
+                tuning_jobs.start_process,
+                self.settings.data_dir,
+                name,
+                job_id,
+                base,
+                out,
+                {**options, "reindex": reindex},
+            )
+        except OSError as exc:
+            await asyncio.to_thread(self._record_tuning_failure, job_id, f"could not start: {exc}")
+            raise
+        await self.store.set_tuning_pid(job_id, process.pid)
+        return await self.store.tuning_job(row.id, job_id)
+
+    def _record_tuning_failure(self, job_id: str, message: str) -> None:
+        conn = connect(self.settings.database_path)
+        try:
+            tuning_jobs.fail(conn, job_id, message)
+        finally:
+            conn.close()
+
+    async def tuning_job(self, name: str, job_id: str) -> dict:
+        row = await self.get_collection(name)
+        return await self.store.tuning_job(row.id, job_id)
+
+    async def cancel_reindex(self, name: str) -> CollectionRow:
+        return await self.store.cancel_reindex(check_collection_name(name))
+
+    def list_checkpoints(self) -> list[dict]:
+        """The checkpoints collections may be re-indexed with: directories
+        under the data directory's checkpoints/, with their tuning provenance."""
+        root = checkpoint_root(self.settings.data_dir)
+        out = []
+        for path in sorted(root.iterdir()) if root.is_dir() else []:
+            if not path.is_dir() or not CHECKPOINT_NAME.fullmatch(path.name) or path.name.startswith("."):
+                continue
+            tuning = None
+            options = path / "colbert_server.json"
+            if options.is_file():
+                try:
+                    tuning = json.loads(options.read_text()).get("tuning")
+                except (OSError, ValueError):
+                    tuning = None
+            out.append({"name": path.name, "tuning": tuning, "created_at": path.stat().st_mtime})
+        return out
 
     async def list_collections(self) -> list[dict]:
         return [await self.describe_collection(row) for row in await self.store.list_collections()]

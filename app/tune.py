@@ -44,6 +44,7 @@ import logging
 import math
 import random
 import re
+import secrets
 import shutil
 import time
 from collections import Counter
@@ -545,10 +546,12 @@ def tune(
 # -- the checkpoint -------------------------------------------------------------
 
 
-def default_destination(base: Path, collection: str) -> Path:
-    """Beside ``base``: its name, the collection's, and the time (UTC); a new
-    path each run, so a checkpoint in use is never written over."""
-    return base.parent / f"{base.name}-tuned-{collection}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+def default_destination(root: Path, collection: str) -> Path:
+    """Under ``root`` (the data directory's checkpoints/): the collection's
+    name, the time (UTC) and a random tag; a new path each run, so a
+    checkpoint in use is never written over."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return root / f"{collection}-tuned-{stamp}-{secrets.token_hex(2)}"
 
 
 def write_checkpoint(base: Path, dest: Path, weights: dict[str, torch.Tensor], tuning: dict) -> Path:

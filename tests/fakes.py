@@ -52,10 +52,12 @@ class FakeEncoder:
     doc_maxlen = 40
     passage_token_budget = 40
 
-    def __init__(self) -> None:
+    def __init__(self, salt: int = 0) -> None:
+        """``salt``: another checkpoint's vectors (each word another vector)."""
         self.chunk_lock = threading.Lock()
         self._tokenizer = FakeTokenizer()
         self.documents_encoded = 0
+        self.salt = salt
 
     @property
     def tokenizer(self) -> FakeTokenizer:
@@ -65,7 +67,7 @@ class FakeEncoder:
         ids = self._tokenizer(text)["input_ids"][:limit] or [0]
         rows = []
         for token in ids:
-            generator = torch.Generator().manual_seed(token)
+            generator = torch.Generator().manual_seed(token ^ self.salt)
             rows.append(torch.randn(self.dim, generator=generator))
         return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
@@ -214,8 +216,8 @@ class FakeInMemoryBackend:
         for key in [key for key in self.generations if key[0] == collection_id and key[1] not in kept]:
             del self.generations[key]
 
-    def recover(self, committed: Mapping[int, str | None]) -> None:
-        for key in [key for key in self.generations if committed.get(key[0], "") != key[1]]:
+    def recover(self, committed: Mapping[int, Iterable[str | None]]) -> None:
+        for key in [key for key in self.generations if key[1] not in set(committed.get(key[0], ()))]:
             del self.generations[key]
 
     def drop(self, collection_id: int) -> None:

@@ -342,7 +342,17 @@ def test_too_few_pseudo_queries_are_refused(encoder):
 
 
 @pytest.mark.slow
-async def test_the_cli_tunes_a_collection_of_a_running_server(tmp_path, checkpoint_dir, capsys):
+async def test_a_tuning_job_writes_a_checkpoint_and_the_collection_is_reindexed_with_it(
+    tmp_path, checkpoint_dir, capsys
+):
+    """The whole loop through HTTP, with the real model: a tuning job (its
+    own process, the CLI) writes a checkpoint under the data directory, the
+    collection is re-indexed with it while searched, and its queries are
+    then encoded with it. The CLI, run by hand beside the server, writes
+    another and leaves the collection as it is."""
+    import asyncio
+    import time
+
     from tests.conftest import RunningApp, make_settings
 
     data_dir = tmp_path / "data"
@@ -353,18 +363,57 @@ async def test_the_cli_tunes_a_collection_of_a_running_server(tmp_path, checkpoi
         docs = [{"id": p.group, "text": p.text, **({"title": p.title} if p.title else {})} for p in topic_passages()]
         r = await client.post("/v1/collections/topics/documents", json={"documents": docs, "wait": True})
         assert r.status_code == 200, r.text
+
+        async def search_finds_volcano() -> None:
+            r = await client.post("/v1/collections/topics/search", json={"query": "lava eruption", "k": 1})
+            assert r.status_code == 200 and "volcano" in r.json()["results"][0]["text"], r.text
+
+        body = {"steps": 3, "max_queries": 32, "seed": 1, "reindex": True}
+        r = await client.post("/v1/collections/topics/tune", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["state"] == "running" and job["config"]["steps"] == 3
+        deadline = time.monotonic() + 300
+        while job["state"] == "running":
+            assert time.monotonic() < deadline, job
+            await search_finds_volcano()  # the server searches on meanwhile
+            await asyncio.sleep(0.5)
+            job = (await client.get(f"/v1/collections/topics/tune/{job['id']}")).json()
+        assert job["state"] == "done", job
+        figures = job["result"]
+        assert figures["held_out_before"] > 0 and figures["held_out_after"] <= figures["held_out_before"]
+        assert figures["steps"] == 3 and figures["passages"] == len(docs)
+        name = job["checkpoint"]
+        assert (data_dir / "checkpoints" / name / "model.safetensors").is_file()
+        listed = (await client.get("/v1/checkpoints")).json()["checkpoints"]
+        assert [c["name"] for c in listed] == [name] and listed[0]["tuning"]["collection"] == "topics"
+
+        # The job asked for the re-index: the collection moves to the new checkpoint.
+        while (col := (await client.get("/v1/collections/topics")).json())["checkpoint"] != name:
+            assert time.monotonic() < deadline, col
+            assert col["reindex"] is None or col["reindex"]["state"] == "running", col
+            await search_finds_volcano()
+            await asyncio.sleep(0.2)
+        assert col["reindex"] is None
+        await search_finds_volcano()
+        assert (await client.post("/v1/collections/topics/tune", json={"steps": 0})).status_code == 422
+        r = await client.get("/v1/collections/topics/tune/" + "0" * 32)
+        assert r.status_code == 404
+
+        # The CLI beside the running server: a checkpoint of its own, nothing re-indexed.
         out = tmp_path / "tuned"
         argv = ["tune", "--collection", "topics", "--steps", "3", "--batch", "8", "--data-dir", str(data_dir)]
-        code = cli.main([*argv, "--checkpoint", str(checkpoint_dir), "--out", str(out)])
+        code = cli.main([*argv, "--out", str(out)])
         printed = capsys.readouterr()
         assert code == 0, printed.err
         assert "held-out pseudo-query loss:" in printed.out and f"checkpoint written to {out}" in printed.out
         assert "is not re-indexed" in printed.out
-        assert json.loads((out / "colbert_server.json").read_text())["tuning"]["collection"] == "topics"
-        # The server goes on searching its collection as before.
-        r = await client.post("/v1/collections/topics/search", json={"query": "lava eruption", "k": 1})
-        assert r.status_code == 200 and "volcano" in r.json()["results"][0]["text"]
-        assert cli.main([*argv, "--checkpoint", str(checkpoint_dir), "--out", str(out)]) == 2
+        provenance = json.loads((out / "colbert_server.json").read_text())["tuning"]
+        assert provenance["collection"] == "topics" and provenance["base_checkpoint"] == str(
+            data_dir / "checkpoints" / name
+        )
+        assert (await client.get("/v1/collections/topics")).json()["checkpoint"] == name
+        assert cli.main([*argv, "--out", str(out)]) == 2
         assert "exists" in capsys.readouterr().err
     finally:
         await running.stop()

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.engine.encoders import CHECKPOINT_NAME_PATTERN
 from app.validation import (
     COLLECTION_NAME_PATTERN,
     COLLECTION_NAME_RULE,
@@ -137,6 +138,13 @@ class IndexOut(BaseModel):
     bytes: int = Field(description="index size on disk")
 
 
+class ReindexOut(BaseModel):
+    state: Literal["running", "failed"]
+    checkpoint: str | None = Field(description="the checkpoint it encodes with (null: the server's configured one)")
+    progress: float = Field(description="share of the collection's passage ids re-encoded so far (0 to 1)")
+    error: str | None = Field(default=None, description="why it stopped, when it failed")
+
+
 class CollectionOut(BaseModel):
     name: str
     description: str | None
@@ -146,6 +154,33 @@ class CollectionOut(BaseModel):
     pending_documents: int
     chunks: int
     index: IndexOut | None = Field(default=None, description="None until the models are loaded")
+    checkpoint: str | None = Field(
+        default=None,
+        description="the checkpoint its index and queries are encoded with: a directory under the data "
+        "directory's checkpoints/ (null: the server's configured checkpoint)",
+    )
+    reindex: ReindexOut | None = Field(
+        default=None, description="a re-index running (or the last one, if it failed); null: none"
+    )
+
+
+class ReindexRequest(Strict):
+    checkpoint: StrictStr | None = Field(
+        default=None,
+        pattern=CHECKPOINT_NAME_PATTERN,
+        description="a checkpoint directory's name under the data directory's checkpoints/ (e.g. one written by "
+        "tuning), of the same vector dimension; null: the server's configured checkpoint",
+    )
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    tuning: dict[str, Any] | None = Field(default=None, description="how it was tuned, if it was (its provenance)")
+    created_at: float
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointOut]
 
 
 class CollectionList(BaseModel):
@@ -414,3 +449,31 @@ class AnswerResponse(BaseModel):
     model: str | None
     took_ms: dict[str, float]
     note: str | None = None
+
+
+class TuneRequest(Strict):
+    steps: StrictInt = Field(default=200, ge=1, le=10_000, description="training steps")
+    seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1, description="what every random draw follows")
+    layers: StrictInt = Field(
+        default=0, ge=0, le=24, description="top transformer layers trained too (changes the dense vectors)"
+    )
+    max_queries: StrictInt = Field(default=2048, ge=8, le=100_000, description="pseudo-queries drawn at most")
+    reindex: StrictBool = Field(
+        default=False,
+        description="once written, re-index the collection with the new checkpoint. Tuning measured no gain on "
+        "either benchmark (BENCHMARKS.md): measure it on your own queries first",
+    )
+
+
+class TuningJobOut(BaseModel):
+    id: str
+    state: Literal["running", "done", "failed"]
+    config: dict[str, Any]
+    reindex: bool
+    checkpoint: str | None = Field(description="the checkpoint written (a name under checkpoints/), once done")
+    result: dict[str, Any] | None = Field(
+        description="held-out pseudo-query loss before and after, the step kept, passages and pseudo-queries used"
+    )
+    error: str | None
+    created_at: float
+    updated_at: float

@@ -181,9 +181,11 @@ class IndexBackend(Protocol):
         the new and the previous one: other processes may still load it)."""
         ...
 
-    def recover(self, committed: Mapping[int, str | None]) -> None:
+    def recover(self, committed: Mapping[int, Iterable[str | None]]) -> None:
         """At start-up: drop what was prepared but never committed, and the
-        data of collections that no longer exist."""
+        data of collections that no longer exist. ``committed``: each
+        collection's committed generations (the served one, and the one a
+        re-index builds)."""
         ...
 
     def drop(self, collection_id: int) -> None: ...

@@ -66,6 +66,11 @@ class Submitted:
     change: PreparedChange
     done: threading.Event = field(default_factory=threading.Event)
     outcome: str = ""
+    reindex: bool = False  # a step of the index a re-index builds, not of the served one
+    # The checkpoint that index was encoded with: a step (a codec trained on
+    # its vectors) applies to an index of that checkpoint only, never to the
+    # one a re-index put in its place meanwhile.
+    checkpoint: str | None = None
 
 
 class Maintainer:
@@ -79,7 +84,7 @@ class Maintainer:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._backoff: dict[int, tuple[float, float]] = {}  # collection -> (until, seconds)
+        self._backoff: dict[tuple[int, bool], tuple[float, float]] = {}  # (collection, re-index) -> (until, seconds)
         self.busy = False
         self.last_error: str | None = None
         self.steps_done = 0
@@ -115,10 +120,15 @@ class Maintainer:
         """Prepare and hand over at most one step per collection, waiting
         for the writer to fold each in."""
         did_work = False
-        for col in store.collections():
+        # The served indexes, and the ones re-indexes build (they grow like
+        # a bulk load: codecs trained, segments merged as they grow).
+        collections = store.collections()
+        targets = [(c.id, c.manifest, False, c.checkpoint) for c in collections]
+        targets += [(c.id, c.reindex_manifest, True, c.reindex_checkpoint) for c in collections if c.reindexing]
+        for collection_id, manifest, reindex, checkpoint in targets:
             if self._stop.is_set():
                 break
-            submitted = self.prepare_step(store, col.id, col.manifest)
+            submitted = self.prepare_step(store, collection_id, manifest, reindex, checkpoint)
             if submitted is None:
                 continue
             self.changes.put(submitted)
@@ -126,15 +136,23 @@ class Maintainer:
             while not submitted.done.wait(0.5):
                 if self._stop.is_set():
                     return did_work
-            self._backoff.pop(col.id, None)
+            self._backoff.pop((collection_id, reindex), None)
             self.steps_done += 1
             did_work = True
         return did_work
 
-    def prepare_step(self, store: IndexStateStore, collection_id: int, manifest: str | None) -> Submitted | None:
-        """Plan and prepare one step for a collection (None: nothing to do,
-        or it failed and backs off)."""
-        until, _ = self._backoff.get(collection_id, (0.0, 0.0))
+    def prepare_step(
+        self,
+        store: IndexStateStore,
+        collection_id: int,
+        manifest: str | None,
+        reindex: bool = False,
+        checkpoint: str | None = None,
+    ) -> Submitted | None:
+        """Plan and prepare one step for a collection's index (``reindex``:
+        the one its re-index builds); None: nothing to do, or it failed and
+        backs off."""
+        until, _ = self._backoff.get((collection_id, reindex), (0.0, 0.0))
         if time.monotonic() < until:
             return None
         try:
@@ -146,7 +164,7 @@ class Maintainer:
             started = time.perf_counter()
             change = self.backend.prepare(task, dead)
         except Exception as exc:  # back off; commits go on regardless
-            self._failed(collection_id, exc)
+            self._failed((collection_id, reindex), exc)
             return None
         finally:
             if self.busy:  # a step ran (or failed): it freed what it allocated
@@ -161,11 +179,11 @@ class Maintainer:
             time.perf_counter() - started,
         )
         self.last_error = None
-        return Submitted(change)
+        return Submitted(change, reindex=reindex, checkpoint=checkpoint)
 
-    def _failed(self, collection_id: int, exc: Exception) -> None:
-        logger.exception("index maintenance of collection %d failed", collection_id)
-        _, seconds = self._backoff.get(collection_id, (0.0, 2.5))
+    def _failed(self, key: tuple[int, bool], exc: Exception) -> None:
+        logger.exception("index maintenance of collection %d%s failed", key[0], " (its re-index)" if key[1] else "")
+        _, seconds = self._backoff.get(key, (0.0, 2.5))
         seconds = min(seconds * 2, MAX_BACKOFF_S)
-        self._backoff[collection_id] = (time.monotonic() + seconds, seconds)
+        self._backoff[key] = (time.monotonic() + seconds, seconds)
         self.last_error = type(exc).__name__

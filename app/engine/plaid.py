@@ -399,9 +399,11 @@ class PlaidBackend:
         self._pinned: dict[int, set[str]] = {}
         self._pin_lock = threading.Lock()
         self._centroid_counts: dict[tuple[int, str], int] = {}
-        # Each collection's current codec as compression uses it (with its
-        # centroid-assignment index, built once): codec files never change.
-        self._current_codecs: dict[int, tuple[str, object]] = {}
+        # Each collection's current codecs as compression uses them (with
+        # their centroid-assignment index, built once): codec files never
+        # change. Two per collection: the served index's and, while a
+        # re-index runs, the one of the index it builds.
+        self._current_codecs: dict[int, dict[str, object]] = {}
         self._codec_lock = threading.Lock()
 
     @property
@@ -412,12 +414,15 @@ class PlaidBackend:
         """The codec ``name`` of a collection, loaded once while it is the
         current one (commits and merges compress with it)."""
         with self._codec_lock:
-            cached = self._current_codecs.get(collection_id)
-        if cached is not None and cached[0] == name:
-            return cached[1]
+            cached = self._current_codecs.get(collection_id, {}).get(name)
+        if cached is not None:
+            return cached
         codec = codec_from_state(files.load(name))
         with self._codec_lock:
-            self._current_codecs[collection_id] = (name, codec)
+            held = self._current_codecs.setdefault(collection_id, {})
+            held[name] = codec
+            while len(held) > 2:  # the oldest goes
+                del held[next(iter(held))]
         return codec
 
     def files(self, collection_id: int) -> IndexFiles:
@@ -731,11 +736,12 @@ class PlaidBackend:
             pinned = set(self._pinned.get(collection_id, ()))
         files.remove_unreferenced(pinned.union(*(files.files_of(name) for name in keep)))
 
-    def recover(self, committed: Mapping[int, str | None]) -> None:
-        for collection_id, manifest in committed.items():
+    def recover(self, committed: Mapping[int, Iterable[str | None]]) -> None:
+        for collection_id, manifests in committed.items():
             files = self.files(collection_id)
             try:
-                files.remove_unreferenced(files.files_of(manifest), temp_files=True)
+                keep = set().union(*(files.files_of(m) for m in manifests))
+                files.remove_unreferenced(keep, temp_files=True)
             except FileNotFoundError:
                 pass  # collection deleted meanwhile
         root = self.config.index_root

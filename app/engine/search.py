@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from app.engine.backend import SearchRequest
+from app.engine.encoders import Encoders
 from app.engine.fields import FieldChoice
 from app.engine.rerank import Reranker
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
@@ -99,7 +100,7 @@ class Searcher:
         settings: Settings,
         store: Store,
         snapshots: SnapshotCache,
-        encoder,
+        encoders: Encoders,
         run: Callable[..., Awaitable[Any]],
         metrics: EngineMetrics,
         reranker: Reranker | None = None,
@@ -107,7 +108,7 @@ class Searcher:
         self.settings = settings
         self.store = store
         self.snapshots = snapshots
-        self.encoder = encoder
+        self.encoders = encoders  # each collection's queries are encoded with its index's checkpoint
         self._run = run  # runs model calls and index scoring on the search thread
         self.metrics = metrics
         self.reranker = reranker
@@ -119,7 +120,7 @@ class Searcher:
     @property
     def has_dense(self) -> bool:
         """Whether the encoder yields a dense vector (a pooled head)."""
-        return bool(getattr(self.encoder, "dense_dim", None))
+        return bool(getattr(self.encoders.default, "dense_dim", None))
 
     def default_weights(self) -> dict[str, float]:
         s = self.settings
@@ -148,9 +149,11 @@ class Searcher:
             raise InvalidInput("hybrid search needs a positive weight for at least one available signal")
         return Plan(mode, chosen, fusion, max(2 * k, self.settings.hybrid_depth))
 
-    def _encode(self, query: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, query: str, checkpoint: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The query encoded with ``checkpoint``: the one the searched
+        index was encoded with (a re-index swaps both in one commit)."""
         started = time.perf_counter()
-        Q, q = self.encoder.encode_query(query)
+        Q, q = self.encoders.get(checkpoint).encode_query(query)
         self.metrics.query_encode_seconds.observe(time.perf_counter() - started)
         return Q, q
 
@@ -167,7 +170,7 @@ class Searcher:
         signal's candidates, then (hybrid) the exact colbert and dense scores
         of every candidate of any signal, so that each signal scores the
         same set."""
-        Q, q = self._encode(query)
+        Q, q = self._encode(query, cached.checkpoint)
         snapshot, alive = cached.snapshot, cached.alive
         if plan.mode == "colbert":
             result = snapshot.search(Q, self.request(k), alive, allowed)

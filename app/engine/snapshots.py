@@ -48,6 +48,7 @@ class CachedSnapshot:
     name: str = ""
     version: int = -1
     alive: torch.Tensor | None = None  # the deleted mask at ``version``
+    checkpoint: str | None = None  # what the snapshot's passages were encoded with (None: the configured one)
 
 
 class SnapshotCache:
@@ -94,8 +95,9 @@ class SnapshotCache:
         raise AssertionError("unreachable")
 
     async def _current(self, name: str, searched: bool = True, state=None) -> tuple[int, CachedSnapshot]:
-        """``state``: the store's (id, generation, manifest, version) when the caller has just read it."""
-        collection_id, generation, manifest, version = state or await self.store.index_state(name)
+        """``state``: the store's (id, generation, manifest, version,
+        checkpoint) when the caller has just read it."""
+        collection_id, generation, manifest, version, checkpoint = state or await self.store.index_state(name)
         cached = self._cache.get(collection_id)
         if cached is None or cached.snapshot.generation != generation:
             async with self._locks.setdefault(collection_id, asyncio.Lock()):
@@ -103,7 +105,7 @@ class SnapshotCache:
                 if cached is None or cached.snapshot.generation < generation:
                     previous = cached.snapshot if cached is not None else None
                     snapshot = await self._load(self.backend.load, collection_id, generation, manifest, previous)
-                    cached = CachedSnapshot(snapshot, name)
+                    cached = CachedSnapshot(snapshot, name, checkpoint=checkpoint)
                     held = self._cache.get(collection_id)
                     if held is not None and held.snapshot.generation >= generation:
                         cached = held  # a newer one landed meanwhile (another lock, after a forget)

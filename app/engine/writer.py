@@ -42,8 +42,10 @@ from pathlib import Path
 import torch
 
 from app.engine.backend import IndexBackend, PassageBatch
+from app.engine.encoders import Encoders, checkpoint_root
 from app.engine.lease import WriterLease
 from app.engine.maintenance import Maintainer, Submitted
+from app.engine.reindex import Reindexer
 from app.errors import error_chain
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
@@ -95,6 +97,7 @@ class _Encoded:
     """A batch encoded by the writer, on its way to be landed."""
 
     collection_id: int
+    checkpoint: str | None  # what it was encoded with: it lands only if the index is still on it
     batch: _Batch
     vectors: list[torch.Tensor]
     dense: torch.Tensor | None  # (texts, dense dim) float16, in the batch's order; None: no dense head
@@ -166,10 +169,14 @@ class _Lander:
 
 
 class IndexWriter:
-    def __init__(self, settings: Settings, encoder, backend: IndexBackend):
+    def __init__(self, settings: Settings, encoder, backend: IndexBackend, encoders: Encoders | None = None):
         self.settings = settings
         self.encoder = encoder
         self.backend = backend
+        # Each collection's documents are encoded with its index's checkpoint.
+        self.encoders = encoders or Encoders(encoder, checkpoint_root(settings.data_dir))
+        self.reindexer = Reindexer(self)
+        self._reindex_turn = False  # pending documents and re-index batches take turns
         self.lease = WriterLease(settings.data_dir / "writer.lock")
         # The fencing token of the lease held (app/store/index_state.py); None
         # before any lease (unfenced: tests drive step() by hand), 0 once
@@ -281,10 +288,13 @@ class IndexWriter:
             store = IndexStateStore(conn)
             if store.pending_collections():
                 return False
+            collections = store.collections()
+            if any(c.reindexing for c in collections):
+                return False
             return all(
                 self.backend.plan(c.id, c.manifest, torch.tensor(store.dead_passage_ids(c.id), dtype=torch.int64))
                 is None
-                for c in store.collections()
+                for c in collections
             )
         finally:
             conn.close()
@@ -310,7 +320,7 @@ class IndexWriter:
                     recovered = False
                 try:
                     if not recovered:
-                        self.backend.recover({c.id: c.manifest for c in store.collections()})
+                        self.backend.recover({c.id: c.manifests() for c in store.collections()})
                         recovered = True
                     did_work = self.step(store, overlap=self.settings.writer_overlap)
                     self.last_error = None
@@ -381,6 +391,15 @@ class IndexWriter:
             return True
         purged = store.purge_dropped()  # one short batch of a deleted collection's rows
         pending = store.pending_collections()
+        reindexing = self.reindexer.due(store)
+        if reindexing is not None and (not pending or self._reindex_turn):
+            self._reindex_turn = False
+            self.busy = True
+            try:
+                return self.reindexer.step(store, reindexing.id, overlap)
+            finally:
+                self.busy = False
+        self._reindex_turn = True
         if not pending:
             self.degraded = None  # what it held back was deleted meanwhile
             return self.drain() or purged
@@ -433,20 +452,28 @@ class IndexWriter:
         try:
             col = store.collection(collection_id)
             manifest = None
-            if col is not None:
-                manifest = self.backend.apply(collection_id, col.manifest, col.generation + 1, change)
+            # A step of the served index, or of the one a re-index builds,
+            # if that index is still of the checkpoint it was prepared for.
+            base = None if col is None else col.reindex_manifest if submitted.reindex else col.manifest
+            if col is not None and (not submitted.reindex or col.reindexing):
+                checkpoint = col.reindex_checkpoint if submitted.reindex else col.checkpoint
+                if checkpoint == submitted.checkpoint:
+                    manifest = self.backend.apply(collection_id, base, col.generation + 1, change)
             if col is None or manifest is None:
                 self.backend.abandon(change)
                 submitted.outcome = "no longer applicable"
                 return
-            outcome = store.commit_maintenance(
-                collection_id, col.generation, col.generation + 1, manifest, change.dropped_pids.tolist()
-            )
+            if submitted.reindex:
+                outcome = store.commit_reindex_maintenance(collection_id, col.reindex_checkpoint, base, manifest)
+            else:
+                outcome = store.commit_maintenance(
+                    collection_id, col.generation, col.generation + 1, manifest, change.dropped_pids.tolist()
+                )
             submitted.outcome = outcome.value
             if outcome is Commit.COLLECTION_DELETED:
                 self.backend.drop(collection_id)
             elif outcome is Commit.LANDED:
-                self.backend.release(collection_id, [manifest, col.manifest])
+                self.backend.release(collection_id, [manifest, *col.manifests()])
         except Exception as exc:
             if isinstance(exc, LeaseLost):
                 self._lease_lost = True
@@ -520,6 +547,14 @@ class IndexWriter:
         for a whole bulk batch."""
         started = time.perf_counter()
         interleave = not priority_only
+        col = store.collection(collection_id)
+        if col is None:
+            return False
+        try:
+            encoder = self.encoders.get(col.checkpoint)
+        except Exception as exc:  # its checkpoint removed from the data directory, say: nothing fails
+            self._unavailable(collection_id, exc)
+            return False
         batch = self._next_batch(store, collection_id, priority_only, exclude)
         if not batch.documents:
             return False
@@ -530,7 +565,7 @@ class IndexWriter:
             # in arrival order ran 7% slower: bench.encoder_batches).
             order = sorted(range(len(batch.texts)), key=lambda i: len(batch.texts[i]))
             vectors: list[torch.Tensor] = [torch.empty(0)] * len(order)
-            dense_dim = getattr(self.encoder, "dense_dim", None)
+            dense_dim = getattr(encoder, "dense_dim", None)
             dense = torch.empty(len(order), dense_dim, dtype=torch.float16) if dense_dim else None
             done = 0
             own_s = 0.0  # this batch's own work, not the priority commits in between
@@ -538,7 +573,7 @@ class IndexWriter:
                 n = self._slice_chunks()
                 part = order[done : done + n]
                 sliced = time.perf_counter()
-                encoded_part = self.encoder.encode_passages([batch.texts[i] for i in part])
+                encoded_part = encoder.encode_passages([batch.texts[i] for i in part])
                 for i, rows in zip(part, torch.split(encoded_part.embs, encoded_part.doclens), strict=True):
                     vectors[i] = rows
                 if dense is not None and encoded_part.dense is not None:
@@ -553,7 +588,15 @@ class IndexWriter:
             self._failed(store, collection_id, batch.documents, exc)
             return True
         encoded = _Encoded(
-            collection_id, batch, vectors, dense, time.perf_counter() - started, own_s, priority_only, started
+            collection_id,
+            col.checkpoint,
+            batch,
+            vectors,
+            dense,
+            time.perf_counter() - started,
+            own_s,
+            priority_only,
+            started,
         )
         self._hand_over(store, encoded, overlap)
         return True
@@ -583,6 +626,13 @@ class IndexWriter:
             col = store.collection(collection_id)
             if col is None:
                 return
+            if col.checkpoint != encoded.checkpoint:
+                # A re-index went live since it was encoded: it is encoded
+                # again with the new checkpoint (its documents stay pending).
+                logger.info(
+                    "collection %d: a batch encoded before a re-index went live is encoded again", collection_id
+                )
+                return
             generation = col.generation + 1
             pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
             doclens = torch.tensor([v.size(0) for v in vectors], dtype=torch.int64)
@@ -607,7 +657,7 @@ class IndexWriter:
                 self.backend.drop(collection_id)
                 return
             # Keep the previous generation: other processes may be loading it.
-            self.backend.release(collection_id, [manifest, col.manifest])
+            self.backend.release(collection_id, [manifest, *col.manifests()])
         except Exception:
             logger.exception("cleaning up after generation %d of collection %d failed", generation, collection_id)
         self.maintainer.notify()
@@ -682,6 +732,13 @@ class IndexWriter:
         # taken apart the same way when its batch fails).
         with self._isolating_lock:
             self._isolating.pop(collection_id, None)
+
+    def _unavailable(self, collection_id: int, exc: Exception) -> None:
+        """A collection's checkpoint cannot be loaded: its documents stay
+        pending, the writer says so and tries again later."""
+        self.degraded = f"collection {collection_id}: its checkpoint cannot be loaded: {exc}"[:500]
+        logger.error("%s", self.degraded)
+        self._back_off(10.0)
 
     def _back_off(self, seconds: float) -> None:
         """Wait (or stop), with signs of life: backing off is not a stall."""

@@ -24,6 +24,21 @@ class IndexedCollection:
     generation: int
     manifest: str | None  # the committed manifest's name, None before the first commit
     next_pid: int
+    checkpoint: str | None = None  # what its index was encoded with (None: the server's configured checkpoint)
+    # While a re-index runs (``reindex_cursor`` not None): its target
+    # checkpoint, the new index built so far, and the first passage id it
+    # has still to re-encode.
+    reindex_checkpoint: str | None = None
+    reindex_manifest: str | None = None
+    reindex_cursor: int | None = None
+
+    @property
+    def reindexing(self) -> bool:
+        return self.reindex_cursor is not None
+
+    def manifests(self) -> list[str | None]:
+        """Every manifest whose files must stay: the served index's and the one a re-index builds."""
+        return [self.manifest, self.reindex_manifest]
 
 
 @dataclass(frozen=True)
@@ -111,15 +126,26 @@ class IndexStateStore:
 
     # -- reads -------------------------------------------------------------
 
+    _COLUMNS = "id, generation, manifest, next_pid, checkpoint, reindex_checkpoint, reindex_manifest, reindex_cursor"
+
     def collections(self) -> list[IndexedCollection]:
-        rows = self.conn.execute("SELECT id, generation, manifest, next_pid FROM collections ORDER BY id").fetchall()
+        rows = self.conn.execute(f"SELECT {self._COLUMNS} FROM collections ORDER BY id").fetchall()
         return [IndexedCollection(**dict(r)) for r in rows]
 
     def collection(self, collection_id: int) -> IndexedCollection | None:
-        row = self.conn.execute(
-            "SELECT id, generation, manifest, next_pid FROM collections WHERE id = ?", (collection_id,)
-        ).fetchone()
+        row = self.conn.execute(f"SELECT {self._COLUMNS} FROM collections WHERE id = ?", (collection_id,)).fetchone()
         return IndexedCollection(**dict(row)) if row is not None else None
+
+    def passages_from(self, collection_id: int, first_pid: int, limit: int) -> list[LivePassage]:
+        """Live passages from ``first_pid`` on, in passage-id order (what a
+        re-index encodes next)."""
+        rows = self.conn.execute(
+            """SELECT c.passage_id, c.text, d.title, c.field FROM chunks c JOIN documents d ON d.id = c.document_id
+               WHERE c.collection_id = ? AND c.passage_id >= ? AND d.state = 'live'
+               ORDER BY c.passage_id LIMIT ?""",
+            (collection_id, first_pid, limit),
+        ).fetchall()
+        return [LivePassage(**dict(r)) for r in rows]
 
     def pending_collections(self) -> list[tuple[int, bool]]:
         """(collection, has priority documents) for collections with pending
@@ -258,6 +284,7 @@ class IndexStateStore:
                 if self.conn.execute(sql, (cid, batch)).rowcount > 0:
                     return True
             self.conn.execute("DELETE FROM jobs WHERE collection_id = ?", (cid,))
+            self.conn.execute("DELETE FROM tuning_jobs WHERE collection_id = ?", (cid,))
             self.conn.execute("DELETE FROM dropped_collections WHERE id = ?", (cid,))
         return True
 
@@ -358,7 +385,9 @@ class IndexStateStore:
     ) -> Commit:
         """Swap in a generation from background maintenance and purge the
         deleted documents whose passages it dropped (a document's passages
-        always sit in one segment, so they go together)."""
+        always sit in one segment, so they go together). While a re-index
+        runs nothing is purged: the index it builds may still hold those
+        passages, and their rows are what marks them deleted there."""
         with self._writing():
             col = self.collection(collection_id)
             if col is None:
@@ -369,6 +398,8 @@ class IndexStateStore:
                 "UPDATE collections SET generation = ?, manifest = ?, version = version + 1 WHERE id = ?",
                 (generation, manifest, collection_id),
             )
+            if col.reindexing:
+                return Commit.LANDED
             self.conn.executemany(
                 """DELETE FROM documents WHERE state = 'deleted' AND id =
                    (SELECT document_id FROM chunks WHERE collection_id = ? AND passage_id = ?)""",
@@ -381,3 +412,75 @@ class IndexStateStore:
                 (collection_id,),
             )
         return Commit.LANDED
+
+    # -- re-indexing with another checkpoint (app/engine/reindex.py) --------
+
+    def _reindex_target(self, collection_id: int, checkpoint: str | None, manifest: str | None):
+        """The collection if the re-index to ``checkpoint`` whose index is
+        ``manifest`` so far is still the one running, else the commit's outcome."""
+        col = self.collection(collection_id)
+        if col is None:
+            return Commit.COLLECTION_DELETED
+        if not col.reindexing or col.reindex_checkpoint != checkpoint or col.reindex_manifest != manifest:
+            return Commit.STALE  # cancelled, restarted or moved on meanwhile
+        return col
+
+    def commit_reindex_batch(
+        self, collection_id: int, checkpoint: str | None, old_manifest: str | None, manifest: str, cursor: int
+    ) -> Commit:
+        """Record a batch re-encoded into the new index: its manifest, and
+        where the next batch starts. The served index does not change."""
+        with self._writing():
+            col = self._reindex_target(collection_id, checkpoint, old_manifest)
+            if not isinstance(col, IndexedCollection):
+                return col
+            self.conn.execute(
+                "UPDATE collections SET reindex_manifest = ?, reindex_cursor = ? WHERE id = ?",
+                (manifest, cursor, collection_id),
+            )
+        return Commit.LANDED
+
+    def commit_reindex_maintenance(
+        self, collection_id: int, checkpoint: str | None, old_manifest: str | None, manifest: str
+    ) -> Commit:
+        """A merge or codec of the index a re-index builds (nothing purged)."""
+        with self._writing():
+            col = self._reindex_target(collection_id, checkpoint, old_manifest)
+            if not isinstance(col, IndexedCollection):
+                return col
+            self.conn.execute("UPDATE collections SET reindex_manifest = ? WHERE id = ?", (manifest, collection_id))
+        return Commit.LANDED
+
+    def finish_reindex(
+        self, collection_id: int, checkpoint: str | None, manifest: str | None, old_generation: int, generation: int
+    ) -> Commit:
+        """Serve the new index, with its checkpoint, from ``generation`` on,
+        if it holds every live passage (STALE: some landed since it was
+        read; the next batch encodes them). One transaction: a search sees
+        the old index with the old checkpoint or the new with the new."""
+        with self._writing():
+            col = self._reindex_target(collection_id, checkpoint, manifest)
+            if not isinstance(col, IndexedCollection):
+                return col
+            if col.generation != old_generation:
+                raise RuntimeError("index generation moved under the writer")
+            assert col.reindex_cursor is not None
+            if self.passages_from(collection_id, col.reindex_cursor, 1):
+                return Commit.STALE
+            self.conn.execute(
+                """UPDATE collections SET generation = ?, manifest = ?, checkpoint = ?, version = version + 1,
+                   reindex_checkpoint = NULL, reindex_manifest = NULL, reindex_cursor = NULL, reindex_error = NULL
+                   WHERE id = ?""",
+                (generation, manifest, checkpoint, collection_id),
+            )
+        return Commit.LANDED
+
+    def fail_reindex(self, collection_id: int, checkpoint: str | None, error: str) -> None:
+        """Give up a re-index that cannot go on (its checkpoint unreadable,
+        of another dimension): the served index stays, the reason is kept."""
+        with self._writing():
+            self.conn.execute(
+                """UPDATE collections SET reindex_checkpoint = NULL, reindex_manifest = NULL, reindex_cursor = NULL,
+                   reindex_error = ? WHERE id = ? AND reindex_cursor IS NOT NULL AND reindex_checkpoint IS ?""",
+                (error[:1000], collection_id, checkpoint),
+            )

@@ -104,6 +104,22 @@ CREATE TABLE IF NOT EXISTS dropped_collections (
     id          INTEGER PRIMARY KEY,
     dropped_at  REAL NOT NULL
 );
+-- Tuning jobs (app/tuning_jobs.py): each runs as its own process, which
+-- records its outcome here itself, so it ends the same whether or not the
+-- server that started it is still there.
+CREATE TABLE IF NOT EXISTS tuning_jobs (
+    id            TEXT PRIMARY KEY,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    state         TEXT NOT NULL CHECK (state IN ('running', 'done', 'failed')),
+    config        TEXT NOT NULL,               -- the tuning's settings, as JSON
+    reindex       INTEGER NOT NULL DEFAULT 0,  -- 1: re-index the collection with the result
+    pid           INTEGER,                     -- the tuning process
+    checkpoint    TEXT,                        -- the checkpoint written (a name under checkpoints/)
+    result        TEXT,                        -- figures, as JSON
+    error         TEXT,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL
+);
 -- The writer lease's fencing token: each process that takes the lease
 -- raises the epoch, and every index commit checks, inside its transaction,
 -- that the epoch is still the one it took. A writer that lost the lease
@@ -224,6 +240,16 @@ ADDED_COLUMNS = [
     # Multi-field documents: every chunk of an older database is of the main field.
     ("documents", "fields", "TEXT"),
     ("chunks", "field", "TEXT NOT NULL DEFAULT 'text'"),
+    # Re-indexing with another checkpoint (app/engine/reindex.py): the
+    # checkpoint a collection's index was encoded with (NULL: the server's
+    # configured one) and, while a re-index runs, its target, the new index
+    # built so far beside the served one, and the first passage id it has
+    # still to re-encode.
+    ("collections", "checkpoint", "TEXT"),
+    ("collections", "reindex_checkpoint", "TEXT"),
+    ("collections", "reindex_manifest", "TEXT"),
+    ("collections", "reindex_cursor", "INTEGER"),
+    ("collections", "reindex_error", "TEXT"),
 ]
 AFTER_COLUMNS = """
 CREATE INDEX IF NOT EXISTS documents_pending_first

@@ -8,6 +8,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import aiosqlite
 
-from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, NotReady
+from app import tuning_jobs
+from app.errors import CollectionExists, CollectionNotFound, Conflict, DocumentNotFound, JobNotFound, NotReady
 from app.store import keyword_index
 from app.store.filters import FieldFilter, compile_field_filter, compile_filter
 from app.store.jobs import Jobs
@@ -36,6 +38,17 @@ class CollectionRow:
     generation: int
     manifest: str | None
     version: int
+    checkpoint: str | None = None  # what its index is encoded with (None: the server's configured checkpoint)
+    reindex_checkpoint: str | None = None  # while a re-index runs: its target
+    reindex_cursor: int | None = None  # while a re-index runs: the first passage id still to re-encode
+    reindex_error: str | None = None  # why the last re-index stopped, if it failed
+    next_pid: int = 0  # passage ids given so far
+
+
+COLLECTION_COLUMNS = (
+    "id, name, description, created_at, generation, manifest, version, checkpoint, reindex_checkpoint, "
+    "reindex_cursor, reindex_error, next_pid"
+)
 
 
 @dataclass
@@ -170,7 +183,7 @@ class Store:
 
     async def get_collection(self, name: str) -> CollectionRow:
         row = await self._one(
-            "SELECT id, name, description, created_at, generation, manifest, version FROM collections WHERE name = ?",
+            f"SELECT {COLLECTION_COLUMNS} FROM collections WHERE name = ?",
             (name,),
         )
         if row is None:
@@ -186,9 +199,7 @@ class Store:
         return dict(row) if row is not None else {"documents": 0, "pending_documents": 0, "chunks": 0}
 
     async def list_collections(self) -> list[CollectionRow]:
-        rows = await self._all(
-            "SELECT id, name, description, created_at, generation, manifest, version FROM collections ORDER BY name"
-        )
+        rows = await self._all(f"SELECT {COLLECTION_COLUMNS} FROM collections ORDER BY name")
         return [CollectionRow(**dict(r)) for r in rows]
 
     async def delete_collection(self, name: str) -> int:
@@ -362,12 +373,75 @@ class Store:
 
     # -- search support ----------------------------------------------------
 
-    async def index_state(self, name: str) -> tuple[int, int, str | None, int]:
-        """(collection id, generation, manifest, version) in one read."""
-        row = await self._one("SELECT id, generation, manifest, version FROM collections WHERE name = ?", (name,))
+    async def index_state(self, name: str) -> tuple[int, int, str | None, int, str | None]:
+        """(collection id, generation, manifest, version, checkpoint) in one
+        read: a generation and the checkpoint its index was encoded with
+        always go together."""
+        row = await self._one(
+            "SELECT id, generation, manifest, version, checkpoint FROM collections WHERE name = ?", (name,)
+        )
         if row is None:
             raise CollectionNotFound(f"collection {name!r} does not exist")
-        return row["id"], row["generation"], row["manifest"], row["version"]
+        return row["id"], row["generation"], row["manifest"], row["version"], row["checkpoint"]
+
+    async def start_reindex(self, name: str, checkpoint: str | None) -> CollectionRow:
+        """Ask the index writer to re-encode the collection with
+        ``checkpoint`` (None: the server's configured one) into a new index
+        beside the served one; a re-index already running starts over."""
+        async with self.transaction():
+            cur = await self.db.execute(
+                """UPDATE collections SET reindex_checkpoint = ?, reindex_manifest = NULL, reindex_cursor = 0,
+                   reindex_error = NULL WHERE name = ?""",
+                (checkpoint, name),
+            )
+            if cur.rowcount == 0:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+        return await self.get_collection(name)
+
+    async def create_tuning_job(self, collection_id: int, config: dict, reindex: bool) -> str:
+        """A tuning job of the collection (409 while another of it runs)."""
+        async with self.transaction():
+            rows = await self.db.execute_fetchall(
+                f"SELECT {tuning_jobs.COLUMNS} FROM tuning_jobs WHERE collection_id = ? AND state = 'running'",
+                (collection_id,),
+            )
+            running = [r for r in rows if tuning_jobs.describe(dict(r))["state"] == "running"]
+            if running:
+                raise Conflict(f"tuning job {running[0]['id']} of this collection is still running")
+            job_id = uuid.uuid4().hex
+            now = time.time()
+            await self.db.execute(
+                """INSERT INTO tuning_jobs(id, collection_id, state, config, reindex, created_at, updated_at)
+                   VALUES (?, ?, 'running', ?, ?, ?, ?)""",
+                (job_id, collection_id, json.dumps(config), int(reindex), now, now),
+            )
+        return job_id
+
+    async def set_tuning_pid(self, job_id: str, pid: int) -> None:
+        async with self.transaction():
+            await self.db.execute(
+                "UPDATE tuning_jobs SET pid = ?, updated_at = ? WHERE id = ?", (pid, time.time(), job_id)
+            )
+
+    async def tuning_job(self, collection_id: int, job_id: str) -> dict:
+        row = await self._one(
+            f"SELECT {tuning_jobs.COLUMNS} FROM tuning_jobs WHERE id = ? AND collection_id = ?", (job_id, collection_id)
+        )
+        if row is None:
+            raise JobNotFound(f"tuning job {job_id!r} of this collection does not exist")
+        return tuning_jobs.describe(dict(row))
+
+    async def cancel_reindex(self, name: str) -> CollectionRow:
+        """Stop a running re-index; the served index stays as it is."""
+        async with self.transaction():
+            cur = await self.db.execute(
+                """UPDATE collections SET reindex_checkpoint = NULL, reindex_manifest = NULL, reindex_cursor = NULL
+                   WHERE name = ?""",
+                (name,),
+            )
+            if cur.rowcount == 0:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+        return await self.get_collection(name)
 
     async def dead_passage_ids(self, collection_id: int) -> list[int]:
         rows = await self._all(

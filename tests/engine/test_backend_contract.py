@@ -217,7 +217,7 @@ def test_released_generations_are_gone_and_recover_drops_uncommitted_ones(backen
     third = commit(backend, 20, 30, second, 3)  # keeps the second and third
     assert backend.load(C, 2, second).num_passages == 20
     uncommitted = backend.write(C, third, 4, batch(30, TEXTS[30:40]))
-    backend.recover({C: third})
+    backend.recover({C: [third]})
     assert backend.load(C, 3, third).num_passages == 30
     with pytest.raises(FileNotFoundError):
         backend.load(C, 4, uncommitted)

@@ -86,7 +86,7 @@ def test_kill_9_during_background_maintenance(tmp_path, phase, where):
     try:
         collection_id = check_everything_live_is_found(state, backend, encoder)
         [col] = state.collections()
-        backend.recover({c.id: c.manifest for c in state.collections()})
+        backend.recover({c.id: c.manifests() for c in state.collections()})
         files = backend.files(collection_id)
         left = {p.name for p in files.root.iterdir()}
         assert left == files.files_of(col.manifest)  # no temporary or unreferenced file survives

@@ -50,10 +50,11 @@ def test_unknown_fusion_is_refused():
 
 
 def _searcher(tmp_path, encoder, **settings):
+    from app.engine.encoders import Encoders
     from app.engine.search import Searcher
     from tests.conftest import make_settings
 
-    return Searcher(make_settings(tmp_path, tmp_path, **settings), None, None, encoder, None, None)
+    return Searcher(make_settings(tmp_path, tmp_path, **settings), None, None, Encoders(encoder, tmp_path), None, None)
 
 
 def test_a_request_plan_takes_the_settings_defaults_and_its_own_choices(tmp_path):

@@ -240,7 +240,7 @@ async def test_a_failing_background_step_backs_off_and_commits_go_on(env):
     await store.delete_document(c, "d0")
     assert w.maintainer.prepare_step(state, c, state.collection(c).manifest) is None
     assert w.maintainer.last_error == "MemoryError"
-    assert c in w.maintainer._backoff  # not retried at once
+    assert (c, False) in w.maintainer._backoff  # not retried at once
     await store.insert_pending(c, [doc("e", "more notes")])
     assert w.step(state) is True
     assert state.collection(c).generation == 2
