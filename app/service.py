@@ -161,7 +161,9 @@ class SearchService:
         self.encoders = Encoders(self.encoder, checkpoint_root(self.settings.data_dir), self._encoder_loader)
         self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend, self.encoders)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
-        self.snapshots = SnapshotCache(self.store, self.backend, self._load, self.settings.snapshot_cache_bytes)
+        self.snapshots = SnapshotCache(
+            self.store, self.backend, self._load, self.settings.snapshot_cache_bytes, warm=self.encoders.get
+        )
         self.searcher = Searcher(
             self.settings, self.store, self.snapshots, self.encoders, self._run, self.metrics, self.reranker
         )

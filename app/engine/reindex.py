@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("app.engine")
 
+MAX_FAILURES = 3  # re-index batches of a collection failing in a row before it stops
+
 
 class Reindexer:
     """The index writer's re-index steps (on the writer thread)."""
@@ -60,6 +62,7 @@ class Reindexer:
         self.batches = 0  # landed since start
         self.passages = 0  # re-encoded since start
         self.finished = 0  # re-indexes that went live since start
+        self._failures: dict[int, int] = {}  # collection -> batches failed in a row
 
     def due(self, store: IndexStateStore) -> IndexedCollection | None:
         """A collection with a re-index running, if any (the lowest id first)."""
@@ -77,11 +80,40 @@ class Reindexer:
         assert col.reindex_cursor is not None
         try:
             encoder = w.encoders.get(col.reindex_checkpoint)
-        except ServerError as exc:  # gone, unreadable, of another dimension: nothing to retry
-            logger.error("re-index of collection %d stopped: %s", collection_id, exc.message)
-            store.fail_reindex(collection_id, col.reindex_checkpoint, exc.message)
+        except Exception as exc:  # gone, unreadable, of another dimension: nothing to retry
+            reason = exc.message if isinstance(exc, ServerError) else f"{type(exc).__name__}: {exc}"
+            logger.error("re-index of collection %d stopped: %s", collection_id, reason)
+            store.fail_reindex(collection_id, col.reindex_checkpoint, reason)
             return True
-        passages = store.passages_from(collection_id, col.reindex_cursor, w._batch_chunks())
+        try:
+            done = self._step(store, col, encoder, overlap)
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            from app.engine.writer import infrastructure_error
+
+            if infrastructure_error(exc):  # a full disk, a locked database: wait it out, as commits do
+                logger.exception("a re-index batch of collection %d failed for a cause outside it", collection_id)
+                w._back_off(10.0)
+                return True
+            # The served index is not touched; a batch that fails again and
+            # again (a passage the new checkpoint cannot encode) stops it.
+            failures = self._failures[collection_id] = self._failures.get(collection_id, 0) + 1
+            logger.exception("a re-index batch of collection %d failed (%d in a row)", collection_id, failures)
+            if failures >= MAX_FAILURES:
+                self._failures.pop(collection_id, None)
+                reason = f"a batch failed {failures} times: {type(exc).__name__}: {exc}"
+                store.fail_reindex(collection_id, col.reindex_checkpoint, reason)
+            else:
+                w._back_off(2.0**failures)
+            return True
+        self._failures.pop(collection_id, None)
+        return done
+
+    def _step(self, store: IndexStateStore, col: IndexedCollection, encoder, overlap: bool) -> bool:
+        w = self.writer
+        assert col.reindex_cursor is not None
+        passages = store.passages_from(col.id, col.reindex_cursor, w._batch_chunks())
         if not passages:
             return self._finish(store, col)
         started = time.perf_counter()

@@ -52,10 +52,20 @@ class CachedSnapshot:
 
 
 class SnapshotCache:
-    def __init__(self, store: Store, backend: IndexBackend, load: Callable[..., Awaitable[Any]], budget_bytes: int = 0):
+    def __init__(
+        self,
+        store: Store,
+        backend: IndexBackend,
+        load: Callable[..., Awaitable[Any]],
+        budget_bytes: int = 0,
+        warm: Callable[[str], Any] | None = None,
+    ):
         self.store = store
         self.backend = backend
         self._load = load  # runs blocking loads (on the loader thread, not the search thread)
+        # Loads a checkpoint's encoder (a re-indexed collection's) with its
+        # snapshot, so the first search after the switch does not wait for it.
+        self._warm = warm
         self.budget_bytes = budget_bytes  # 0: no limit
         self._cache: OrderedDict[int, CachedSnapshot] = OrderedDict()  # least recently searched first
         self._locks: dict[int, asyncio.Lock] = {}
@@ -105,6 +115,8 @@ class SnapshotCache:
                 if cached is None or cached.snapshot.generation < generation:
                     previous = cached.snapshot if cached is not None else None
                     snapshot = await self._load(self.backend.load, collection_id, generation, manifest, previous)
+                    if checkpoint is not None and self._warm is not None:
+                        await self._load(self._warm, checkpoint)
                     cached = CachedSnapshot(snapshot, name, checkpoint=checkpoint)
                     held = self._cache.get(collection_id)
                     if held is not None and held.snapshot.generation >= generation:

@@ -44,9 +44,16 @@ class SlowFakeEncoder(FakeEncoder):
         return super().encode_passages(texts)
 
 
+class BrokenFakeEncoder(FakeEncoder):
+    def encode_passages(self, texts):
+        raise ValueError("this checkpoint cannot encode passages")
+
+
 def loader(loaded: dict):
     def load(path: str):
         name = Path(path).name
+        if name == "broken":  # loads, then fails on every batch
+            return BrokenFakeEncoder(salt=2)
         if name == "narrow":  # vectors of another dimension
             encoder = FakeEncoder(salt=1)
             encoder.dim = 8
@@ -271,8 +278,16 @@ async def test_reindex_requests_that_cannot_be_served_are_refused_and_change_not
         assert "vanished" in state["reindex"]["error"] and state["checkpoint"] is None
         assert await found(c, 3)
 
+        # One whose batches fail again and again stops too, the served index untouched.
+        (tmp_path / "checkpoints" / "broken").mkdir()
+        assert (await c.post("/v1/collections/docs/reindex", json={"checkpoint": "broken"})).status_code == 202
+        await until(failed)
+        state = await collection(c)
+        assert "cannot encode passages" in state["reindex"]["error"] and state["checkpoint"] is None
+        assert await found(c, 3)
+
         r = await c.get("/v1/checkpoints")
-        assert r.status_code == 200 and [k["name"] for k in r.json()["checkpoints"]] == ["narrow"]
+        assert r.status_code == 200 and [k["name"] for k in r.json()["checkpoints"]] == ["broken", "narrow"]
 
 
 async def test_a_batch_encoded_before_a_reindex_went_live_is_encoded_again(tmp_path):
