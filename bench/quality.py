@@ -177,21 +177,32 @@ def main() -> None:
                         "baseline bm25s": bm25_runs(corpus, queries),
                         "baseline dense MiniLM": dense_runs(corpus, queries),
                     }
-                judgments = [(dataset, qrels)]
-                if dataset in REKEYED:
-                    label, path = REKEYED[dataset]
-                    judgments.append((label, read_qrels(path)))
-                for label, judged in judgments:
+                for label, judged in judgments_for(dataset, qrels):
                     scored = score(result, runs_by_config, baselines, judged)
                     report["datasets"][label] = scored
                     print_dataset(label, scored)
     finally:
         stop_server(server)
+    write_report("quality", report)
+
+
+def judgments_for(dataset: str, qrels: dict) -> list[tuple[str, dict]]:
+    """(label, judgments) a dataset's runs are scored under: its own, and
+    the re-keyed ones where the published ones are mis-keyed."""
+    judgments = [(dataset, qrels)]
+    if dataset in REKEYED:
+        label, path = REKEYED[dataset]
+        judgments.append((label, read_qrels(path)))
+    return judgments
+
+
+def write_report(prefix: str, report: dict) -> Path:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = out / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"written to {path}")
+    return path
 
 
 def print_dataset(dataset: str, result: dict) -> None:

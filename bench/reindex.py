@@ -27,7 +27,6 @@ Writes ``bench/results/reindex-<date>.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import threading
@@ -36,9 +35,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.data import load, mean_ndcg, read_qrels
+from bench.data import load, mean_ndcg
 from bench.msmarco_mini import start_server, stop_server, wait_ready
-from bench.quality import DATASETS, REKEYED, ROOT, ingest, run_queries, settle
+from bench.quality import DATASETS, ingest, judgments_for, run_queries, settle, write_report
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -179,10 +178,7 @@ def main() -> None:
             wait_ready(client)
             for dataset in args.datasets:
                 corpus, queries, qrels = load(DATASETS[dataset])
-                judgments = [(dataset, qrels)]
-                if dataset in REKEYED:
-                    label, path = REKEYED[dataset]
-                    judgments.append((label, read_qrels(path)))
+                judgments = judgments_for(dataset, qrels)
                 name = dataset.replace("-", "_")
                 long_docs = max(len(d["text"]) for d in corpus) > 2000
                 ingest_s = ingest(client, name, corpus, batch=50 if long_docs else 250)
@@ -213,11 +209,7 @@ def main() -> None:
                 print_dataset(dataset, result)
     finally:
         stop_server(server)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"reindex-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"written to {path}")
+    write_report("reindex", report)
 
 
 def print_dataset(dataset: str, r: dict) -> None:
