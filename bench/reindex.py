@@ -56,16 +56,16 @@ class Traffic(threading.Thread):
         self.latencies_ms: list[float] = []
         self.visible_s: list[float] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
     def run(self) -> None:
         with httpx.Client(base_url=self.base_url, timeout=120) as client:
             i, last_upsert, probe = 0, time.monotonic(), 0
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 if time.monotonic() - last_upsert >= self.upsert_every_s:
                     last_upsert = time.monotonic()
                     probe += 1
