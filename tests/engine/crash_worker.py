@@ -80,14 +80,48 @@ def slow_saves(phase: str) -> None:
     persistence.os.replace = replace
 
 
+ALT_SALT = 0x5A5A  # checkpoint "alt": the fake encoder with other word vectors
+
+
+def alt_encoders(settings: Settings):
+    """The encoders of a writer whose collections may move to checkpoint ``alt``."""
+    from app.engine.encoders import Encoders, checkpoint_root
+
+    return Encoders(FakeEncoder(), checkpoint_root(settings.data_dir), lambda path: FakeEncoder(salt=ALT_SALT))
+
+
+def reindex(settings: Settings) -> None:
+    """Phase ``reindex``: a re-index to ``alt`` under way, each file it puts
+    in place printed (``PHASE reindex written``) with a pause after it, so
+    the test can kill -9 between a batch's files and its commit."""
+    from app.tuning_jobs import start_reindex
+
+    (settings.data_dir / "checkpoints" / "alt").mkdir(parents=True, exist_ok=True)
+    conn = connect(settings.database_path)
+    start_reindex(conn, IndexStateStore(conn).collections()[0].id, "alt")
+    conn.close()
+    original = persistence.os.replace
+
+    def replace(src, dst):
+        original(src, dst)
+        print(f"PHASE reindex written {Path(dst).name}", flush=True)
+        time.sleep(0.3)
+
+    persistence.os.replace = replace
+    w = IndexWriter(settings, FakeEncoder(), backend_for(settings), alt_encoders(settings))
+    w.start()
+
+
 def main() -> None:
     data_dir, phase = Path(sys.argv[1]), sys.argv[2]
     settings = settings_for(data_dir)
     asyncio.run(fill(settings))
     print("FILLED", flush=True)
-    slow_saves(phase)
-    w = IndexWriter(settings, FakeEncoder(), backend_for(settings))
-    w.start()
+    if phase == "reindex":
+        reindex(settings)
+    else:
+        slow_saves(phase)
+        IndexWriter(settings, FakeEncoder(), backend_for(settings)).start()
     time.sleep(120)  # killed long before this
 
 
