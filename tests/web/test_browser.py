@@ -315,7 +315,9 @@ class FakeAnswerServer:
             record(request)
             now = time.time()
             row = {"name": self.COLLECTION, "description": None, "created_at": now, "generation": 1}
-            return {"collections": [{**row, "documents": 1, "pending_documents": 0, "chunks": 1}]}
+            counts = {"documents": 1, "pending_documents": 0, "chunks": 1, "checkpoint": "policies-tuned-1"}
+            reindex = {"state": "running", "checkpoint": None, "progress": 0.42, "error": None}
+            return {"collections": [{**row, **counts, "reindex": reindex}]}
 
         @app.get("/v1/collections/{collection}/documents/{document_id:path}")
         async def document(collection: str, document_id: str, request: Request):
@@ -389,6 +391,9 @@ def test_answer_streams_with_citations_and_score_and_sends_the_api_key(browser):
         wait_for(browser, lambda d: Select(by_id(d, "collection")).first_selected_option.text == fake.COLLECTION)
         assert fake.requests[-1]["auth"] is None
         before_key = len(fake.requests)
+        # The collection's checkpoint and a re-index under way show beside its counts.
+        info = by_id(browser, "collection-info").text
+        assert "checkpoint policies-tuned-1" in info and "re-indexing with the configured checkpoint: 42%" in info
 
         # The key is kept in the browser and sent as a bearer token.
         fill(browser, "api-key", "secret-key-1")

@@ -147,9 +147,18 @@ let collections = [];
 function describeCollection() {
   const info = $("collection-info");
   const c = collections.find((item) => item.name === $("collection").value);
-  info.textContent = c
-    ? `${c.documents} documents, ${c.chunks} chunks` + (c.pending_documents ? `, ${c.pending_documents} pending` : "")
-    : "";
+  if (!c) {
+    info.textContent = "";
+    return;
+  }
+  let text = `${c.documents} documents, ${c.chunks} chunks` + (c.pending_documents ? `, ${c.pending_documents} pending` : "");
+  if (c.checkpoint) text += `; checkpoint ${c.checkpoint}`;
+  if (c.reindex && c.reindex.state === "running") {
+    text += `; re-indexing with ${c.reindex.checkpoint || "the configured checkpoint"}: ${Math.round(100 * c.reindex.progress)}%`;
+  } else if (c.reindex && c.reindex.state === "failed") {
+    text += `; the last re-index failed: ${c.reindex.error}`;
+  }
+  info.textContent = text;
 }
 
 async function loadCollections(select) {
