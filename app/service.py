@@ -34,6 +34,7 @@ from app.engine.encoder import ColBERTEncoder
 from app.engine.encoders import CHECKPOINT_NAME, Encoders, checkpoint_root
 from app.engine.plaid import PlaidBackend, PlaidConfig
 from app.engine.rerank import Reranker, load_reranker
+from app.engine.retrieval import DEFAULT, Retrieval
 from app.engine.search import Searcher, SearchHit
 from app.engine.snapshots import SnapshotCache
 from app.engine.writer import IndexWriter, WriterState
@@ -353,33 +354,9 @@ class SearchService:
 
     # -- search ------------------------------------------------------------
 
-    async def search(
-        self,
-        name: str,
-        query: str,
-        k: int,
-        mode: str | None = None,
-        where: dict | None = None,
-        fusion: str | None = None,
-        weights: dict[str, float] | None = None,
-        *,
-        fields: list[str] | None = None,
-        field_weights: dict[str, float] | None = None,
-        rerank: bool | None = None,
-    ) -> list[SearchHit]:
+    async def search(self, name: str, query: str, k: int, retrieval: Retrieval = DEFAULT) -> list[SearchHit]:
         self._require_ready()
-        return await self.searcher.search(
-            check_collection_name(name),
-            query,
-            k,
-            mode,
-            where,
-            fusion,
-            weights,
-            fields=fields,
-            field_weights=field_weights,
-            rerank=rerank,
-        )
+        return await self.searcher.search(check_collection_name(name), query, k, retrieval)
 
     def reranks(self, rerank: bool | None = None) -> bool:
         """Whether a search with this ``rerank`` choice goes through the rerank stage."""

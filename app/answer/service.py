@@ -21,6 +21,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from app.answer.program import AnswerProgram, AnswerResult, may_become_lead_in, without_lead_in
+from app.engine.retrieval import DEFAULT, Retrieval
 from app.errors import ServerError
 from app.service import SearchHit, SearchService
 from app.settings import Settings
@@ -170,13 +171,6 @@ class AnswerService:
 
     # -- answering ---------------------------------------------------------
 
-    async def _retrieve(
-        self, collection: str, question: str, k: int, mode: str | None, where, fusion, weights, fields, field_weights
-    ) -> list[SearchHit]:
-        return await self.search.search(
-            collection, question, k, mode, where, fusion, weights, fields=fields, field_weights=field_weights
-        )
-
     def _passages(self, hits: list[SearchHit]) -> list[str]:
         cut = self.settings.answer_passage_chars
         out = []
@@ -254,21 +248,9 @@ class AnswerService:
                 details={"hallucination": {key: report[key] for key in ("score", "label", "threshold")}},
             )
 
-    async def answer(
-        self,
-        collection: str,
-        question: str,
-        k: int,
-        mode: str | None = None,
-        where=None,
-        fusion=None,
-        weights: dict[str, float] | None = None,
-        *,
-        fields: list[str] | None = None,
-        field_weights: dict[str, float] | None = None,
-    ) -> dict:
+    async def answer(self, collection: str, question: str, k: int, retrieval: Retrieval = DEFAULT) -> dict:
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights, fields, field_weights)
+        hits = await self.search.search(collection, question, k, retrieval)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:
@@ -326,24 +308,14 @@ class AnswerService:
             await asyncio.shield(producer)
 
     async def stream(
-        self,
-        collection: str,
-        question: str,
-        k: int,
-        mode: str | None = None,
-        where=None,
-        fusion=None,
-        weights: dict[str, float] | None = None,
-        *,
-        fields: list[str] | None = None,
-        field_weights: dict[str, float] | None = None,
+        self, collection: str, question: str, k: int, retrieval: Retrieval = DEFAULT
     ) -> AsyncIterator[tuple[str, object]]:
         """(event, data) pairs: ``token`` pieces, then ``citations``,
         ``hallucination`` and ``done`` (the full response). Under
         ``answer_unsupported=refuse`` tokens are held back until the check
         passes, since a refused answer must not have been sent already."""
         started = time.perf_counter()
-        hits = await self._retrieve(collection, question, k, mode, where, fusion, weights, fields, field_weights)
+        hits = await self.search.search(collection, question, k, retrieval)
         await self.ensure_loaded()
         t_retrieved = time.perf_counter()
         if not hits:

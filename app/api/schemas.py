@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from app.engine.encoders import CHECKPOINT_NAME_PATTERN
+from app.engine.retrieval import Retrieval
 from app.validation import (
     COLLECTION_NAME_PATTERN,
     COLLECTION_NAME_RULE,
@@ -308,6 +309,11 @@ class RetrievalChoices(Strict):
         default=None, min_length=1, max_length=MAX_CHOSEN_FIELDS, description=FIELDS_HELP
     )
     field_weights: FieldWeights | None = Field(default=None, description=FIELD_WEIGHTS_HELP)
+
+    def retrieval(self, rerank: bool | None = None) -> Retrieval:
+        """These choices as the searcher takes them."""
+        weights = self.weights.model_dump() if self.weights is not None else None
+        return Retrieval(self.mode, self.filter, self.fusion, weights, self.fields, self.field_weights, rerank)
 
 
 class SearchRequest(RetrievalChoices):

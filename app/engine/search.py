@@ -26,6 +26,7 @@ from app.engine.backend import SearchRequest
 from app.engine.encoders import Encoders
 from app.engine.fields import FieldChoice
 from app.engine.rerank import Reranker
+from app.engine.retrieval import DEFAULT, Retrieval
 from app.engine.snapshots import CachedSnapshot, SnapshotCache
 from app.errors import InvalidInput
 from app.ingest.pipeline import passage_text
@@ -211,36 +212,19 @@ class Searcher:
         order = sorted(range(len(hits)), key=lambda i: -scores[i])[:k]
         return [SearchHit(hits[i].hit, scores[i], rank) for rank, i in enumerate(order, 1)]
 
-    async def search(
-        self,
-        name: str,
-        query: str,
-        k: int,
-        mode: str | None = None,
-        where: dict | None = None,
-        fusion: str | None = None,
-        weights: dict[str, float] | None = None,
-        *,
-        fields: list[str] | None = None,
-        field_weights: dict[str, float] | None = None,
-        rerank: bool | None = None,
-    ) -> list[SearchHit]:
-        """Ranked chunks. ``mode``: colbert | dense | keyword | hybrid (the
-        settings' default when None); ``where``: a metadata filter applied
-        before ranking; ``fusion`` and ``weights`` (hybrid): how the signals'
-        scores make one; ``fields`` and ``field_weights``: the document fields
-        searched and each one's weight (:mod:`app.engine.fields`); ``rerank``:
-        False skips the rerank stage (None: on when a reranker is configured).
+    async def search(self, name: str, query: str, k: int, retrieval: Retrieval = DEFAULT) -> list[SearchHit]:
+        """Ranked chunks, retrieved as ``retrieval`` says (:class:`Retrieval`).
         Field weights apply first and choose which candidates the reranker
         sees; the reranker's order is the answer."""
         if not query or not query.strip():
             raise InvalidInput("query is empty")
         started = time.perf_counter()
-        choice = FieldChoice.of(fields, field_weights)
-        reranking = self.reranker is not None and rerank is not False
+        where = retrieval.where
+        choice = FieldChoice.of(retrieval.fields, retrieval.field_weights)
+        reranking = self.reranker is not None and retrieval.rerank is not False
         # Retrieval's k: deeper when field weights re-rank, or a reranker re-scores, the candidates.
         wanted, k = k, max(choice.depth(k), self.settings.rerank_depth if reranking else k)
-        plan = self.plan(k, mode, fusion, weights)
+        plan = self.plan(k, retrieval.mode, retrieval.fusion, retrieval.weights)
         collection_id, cached = await self.snapshots.get(name)
         if where is not None:
             compile_filter(where)  # refuse a bad filter before any work

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from asgi_lifespan import LifespanManager
 
 from app.engine.writer import IndexWriter, _Batch, _Encoded
@@ -113,13 +114,31 @@ async def upsert(c: httpx.AsyncClient, ids: list[int]) -> None:
 
 async def found(c: httpx.AsyncClient, i: int) -> bool:
     """Whether a search for document i's own word finds it among the first
-    three of 100+ (a query of the other checkpoint ranks it anywhere: 3% by
-    chance; within three, not first, since 2-bit residuals of random 16-dim
-    vectors, under a codec trained on the first few batches, can put a near
-    word first)."""
-    r = await c.post("/v1/collections/docs/search", json={"query": f"tag{i}", "k": 3})
+    ten of 100+ (a query of the other checkpoint ranks it anywhere: 8% by
+    chance; not first, since 2-bit residuals of random 16-dim vectors under
+    a codec trained on the first few batches can put near words first).
+    :func:`encoded_with` is the exact check."""
+    r = await c.post("/v1/collections/docs/search", json={"query": f"tag{i}", "k": 10})
     assert r.status_code == 200, r.text
     return f"d{i}" in [h["document_id"] for h in r.json()["results"]]
+
+
+async def encoded_with(service: SearchService, encoder: FakeEncoder) -> int:
+    """Every live passage of the served index holds ``encoder``'s vectors:
+    its stored dense vector is that encoder's vector of its text (another
+    checkpoint's points elsewhere). Returns how many were checked."""
+    collection_id = (await service.store.get_collection("docs")).id
+    _, cached = await service.snapshots.get("docs")
+    rows = await service.store._all(
+        """SELECT c.passage_id, c.text FROM chunks c JOIN documents d ON d.id = c.document_id
+           WHERE d.collection_id = ? AND d.state = 'live'""",
+        (collection_id,),
+    )
+    for pid, text in rows:
+        own = FakeEncoder(salt=encoder.salt).encode_passages([text]).dense.float()
+        score = float(cached.snapshot.dense_scores(own, torch.tensor([pid]))[0])
+        assert score > 0.99, (pid, text, score)
+    return len(rows)
 
 
 async def collection(c: httpx.AsyncClient) -> dict:
@@ -194,6 +213,7 @@ async def test_a_collection_is_reindexed_while_searches_and_writes_go_on(tmp_pat
         collection_id = (await service.store.get_collection("docs")).id
         assert service.snapshots.cached(collection_id).checkpoint == "alt"
         assert loaded["alt"].documents_encoded >= 120
+        assert await encoded_with(service, loaded["alt"]) == len(live)
         # Documents written after the switch are encoded with alt too.
         encoded = loaded["alt"].documents_encoded
         await upsert(c, [5000])
@@ -204,6 +224,8 @@ async def test_a_collection_is_reindexed_while_searches_and_writes_go_on(tmp_pat
         r = await c.post("/v1/collections/docs/reindex", json={"checkpoint": None})
         assert r.status_code == 202
         await until(lambda: _switched(c, None))
+        await until(lambda: settled(c))
+        assert await encoded_with(service, FakeEncoder()) == len(live) + 1  # d5000 too
         for i in rng.sample(sorted(live), 20):
             assert await found(c, i)
 

@@ -47,12 +47,10 @@ async def answer(collection: CollectionName, body: AnswerRequest, answers: Answe
     with the configured LM (DSPy program), cite the chunks used, and score how
     well they support the answer (per sentence and overall)."""
     k = body.k or answers.settings.answer_k
-    weights = body.weights.model_dump() if body.weights is not None else None
-    args = (collection, body.question, k, body.mode, body.filter, body.fusion, weights)
     if not body.stream:
-        return await answers.answer(*args, fields=body.fields, field_weights=body.field_weights)
+        return await answers.answer(collection, body.question, k, body.retrieval())
 
-    events = answers.stream(*args, fields=body.fields, field_weights=body.field_weights)
+    events = answers.stream(collection, body.question, k, body.retrieval())
     # Errors before the first event (unknown collection, no LM) are plain
     # JSON errors with their status; later ones become an `error` event.
     first = await anext(events)

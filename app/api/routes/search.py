@@ -40,19 +40,7 @@ def _hit_out(h) -> dict:
 @router.post("/v1/collections/{collection}/search", response_model=SearchResponse)
 async def search(collection: CollectionName, body: SearchRequest, service: ServiceDep, settings: SettingsDep):
     started = time.perf_counter()
-    weights = body.weights.model_dump() if body.weights is not None else None
-    hits = await service.search(
-        collection,
-        body.query,
-        body.k,
-        body.mode,
-        body.filter,
-        body.fusion,
-        weights,
-        fields=body.fields,
-        field_weights=body.field_weights,
-        rerank=body.rerank,
-    )
+    hits = await service.search(collection, body.query, body.k, body.retrieval(rerank=body.rerank))
     return {
         "query": body.query,
         "k": body.k,
