@@ -336,13 +336,23 @@ async def test_answers_retrieve_with_the_field_choice_and_cite_a_title_chunk_wit
             self.calls.append((args, kwargs))
             return [hit("title", "Green tea"), hit("summary", "How it is made.")]
 
+    from app.engine.retrieval import Retrieval
+
     search = RecordingSearch()
     answers = AnswerService(make_settings(tmp_path, tmp_path), search)  # type: ignore[arg-type]
-    hits = await answers._retrieve("docs", "tea?", 3, "colbert", None, None, None, ["title", "summary"], {"title": 2})
-    assert search.calls == [
-        (
-            ("docs", "tea?", 3, "colbert", None, None, None),
-            {"fields": ["title", "summary"], "field_weights": {"title": 2}},
-        )
-    ]
+    retrieval = Retrieval(mode="colbert", fields=["title", "summary"], field_weights={"title": 2})
+
+    async def no_model() -> None:  # retrieval is what is tested here, not generation
+        raise RuntimeError("retrieved; no model in this test")
+
+    answers.ensure_loaded = no_model  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="retrieved"):
+        await answers.answer("docs", "tea?", 3, retrieval)
+    assert search.calls == [(("docs", "tea?", 3, retrieval), {})]
+    hits = await search.search()
     assert answers._passages(hits) == ["Green tea", "Green tea: How it is made."]
+    # The HTTP request's choices reach the searcher as that one value.
+    from app.api.schemas import AnswerRequest
+
+    body = AnswerRequest(question="tea?", mode="colbert", fields=["title", "summary"], field_weights={"title": 2})
+    assert body.retrieval() == retrieval
