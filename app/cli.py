@@ -118,10 +118,8 @@ def collection_passages(settings: Settings, collection: str, sample: int | None 
         conn.close()
 
 
-def collection_checkpoint(settings: Settings, collection: str) -> Path:
-    """The checkpoint the collection's index is encoded with, as a directory."""
-    from app.engine.encoders import checkpoint_root
-    from app.service import resolve_checkpoint
+def indexed_collection(settings: Settings, collection: str):
+    """The collection's row as the index writer reads it (None: no such collection)."""
     from app.store.index_state import IndexStateStore
     from app.store.schema import connect_read_only
 
@@ -129,9 +127,16 @@ def collection_checkpoint(settings: Settings, collection: str) -> Path:
     try:
         store = IndexStateStore(conn)
         collection_id = store.collection_id(collection)
-        col = store.collection(collection_id) if collection_id is not None else None
+        return store.collection(collection_id) if collection_id is not None else None
     finally:
         conn.close()
+
+
+def collection_checkpoint(settings: Settings, col) -> Path:
+    """The checkpoint a collection's index is encoded with, as a directory."""
+    from app.engine.encoders import checkpoint_root
+    from app.service import resolve_checkpoint
+
     if col is not None and col.checkpoint:
         return checkpoint_root(settings.data_dir) / col.checkpoint
     return Path(resolve_checkpoint(settings))
@@ -166,7 +171,8 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
         passages = collection_passages(settings, args.collection, sample, config.seed)
         if not passages:
             raise TuningError(f"collection {args.collection!r} has no indexed passages to tune on")
-        checkpoint = Path(args.checkpoint) if args.checkpoint else collection_checkpoint(settings, args.collection)
+        col = indexed_collection(settings, args.collection)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else collection_checkpoint(settings, col)
         if not checkpoint.is_dir():
             raise TuningError(f"tuning needs a checkpoint directory on this machine, not {checkpoint}")
         dest = Path(args.out) if args.out else default_destination(root, args.collection)
@@ -206,7 +212,7 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
     print(f"checkpoint written to {dest}")
     under_root = dest.resolve().parent == root.resolve()
     name = dest.name if under_root else str(dest)
-    reindex_id = _collection_id(settings, args.collection) if args.reindex else None
+    reindex_id = col.id if args.reindex and col is not None else None
     if args.job or reindex_id is not None:
         from app.store.schema import connect
 
@@ -238,28 +244,11 @@ def tune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _collection_id(settings: Settings, collection: str) -> int | None:
-    from app.store.index_state import IndexStateStore
-    from app.store.schema import connect_read_only
-
-    conn = connect_read_only(settings.database_path)
-    try:
-        return IndexStateStore(conn).collection_id(collection)
-    finally:
-        conn.close()
-
-
 def _record_failure(settings: Settings, job: str | None, message: str) -> None:
-    if not job:
-        return
-    from app import tuning_jobs
-    from app.store.schema import connect
+    if job:
+        from app import tuning_jobs
 
-    conn = connect(settings.database_path)
-    try:
-        tuning_jobs.fail(conn, job, message)
-    finally:
-        conn.close()
+        tuning_jobs.record_failure(settings.database_path, job, message)
 
 
 def main(argv: list[str] | None = None) -> int:

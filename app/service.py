@@ -45,7 +45,6 @@ from app.ingest.pipeline import DocumentInput, DocumentPreparer
 from app.observability import EngineMetrics
 from app.settings import Settings
 from app.store.jobs import summarise_job
-from app.store.schema import connect
 from app.store.store import CollectionRow, Store
 from app.tune import default_destination
 from app.validation import COLLECTION_NAME_PATTERN, COLLECTION_NAME_RULE, check_metadata
@@ -287,17 +286,12 @@ class SearchService:
                 {**options, "reindex": reindex},
             )
         except OSError as exc:
-            await asyncio.to_thread(self._record_tuning_failure, job_id, f"could not start: {exc}")
+            await asyncio.to_thread(
+                tuning_jobs.record_failure, self.settings.database_path, job_id, f"could not start: {exc}"
+            )
             raise
         await self.store.set_tuning_pid(job_id, process.pid)
         return await self.store.tuning_job(row.id, job_id)
-
-    def _record_tuning_failure(self, job_id: str, message: str) -> None:
-        conn = connect(self.settings.database_path)
-        try:
-            tuning_jobs.fail(conn, job_id, message)
-        finally:
-            conn.close()
 
     async def tuning_job(self, name: str, job_id: str) -> dict:
         row = await self.get_collection(name)

@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from app.store.schema import transaction
+from app.store.schema import START_REINDEX_SQL, connect, transaction
 
 logger = logging.getLogger("app.tune")
 
@@ -50,11 +50,16 @@ def start_reindex(conn: sqlite3.Connection, collection_id: int, checkpoint: str)
 
 
 def _start_reindex(conn: sqlite3.Connection, collection_id: int, checkpoint: str) -> None:
-    conn.execute(
-        """UPDATE collections SET reindex_checkpoint = ?, reindex_manifest = NULL, reindex_cursor = 0,
-           reindex_error = NULL WHERE id = ?""",
-        (checkpoint, collection_id),
-    )
+    conn.execute(START_REINDEX_SQL + " WHERE id = ?", (checkpoint, collection_id))
+
+
+def record_failure(database_path: Path, job_id: str, message: str) -> None:
+    """``fail`` on a connection of its own (the tune command, the server)."""
+    conn = connect(database_path)
+    try:
+        fail(conn, job_id, message)
+    finally:
+        conn.close()
 
 
 def fail(conn: sqlite3.Connection, job_id: str, error: str) -> None:

@@ -137,8 +137,8 @@ class IndexStateStore:
         return IndexedCollection(**dict(row)) if row is not None else None
 
     def passages_from(self, collection_id: int, first_pid: int, limit: int) -> list[LivePassage]:
-        """Live passages from ``first_pid`` on, in passage-id order (what a
-        re-index encodes next)."""
+        """Live passages from ``first_pid`` on, in passage-id order, at most
+        ``limit`` (-1: all); what a re-index encodes next."""
         rows = self.conn.execute(
             """SELECT c.passage_id, c.text, d.title, c.field FROM chunks c JOIN documents d ON d.id = c.document_id
                WHERE c.collection_id = ? AND c.passage_id >= ? AND d.state = 'live'
@@ -230,13 +230,7 @@ class IndexStateStore:
         return [r[0] for r in rows]
 
     def live_passages(self, collection_id: int) -> list[LivePassage]:
-        rows = self.conn.execute(
-            """SELECT c.passage_id, c.text, d.title, c.field FROM chunks c JOIN documents d ON d.id = c.document_id
-               WHERE d.collection_id = ? AND d.state = 'live' AND c.passage_id IS NOT NULL
-               ORDER BY c.passage_id""",
-            (collection_id,),
-        ).fetchall()
-        return [LivePassage(**dict(r)) for r in rows]
+        return self.passages_from(collection_id, 0, -1)
 
     def collection_id(self, name: str) -> int | None:
         row = self.conn.execute("SELECT id FROM collections WHERE name = ?", (name,)).fetchone()

@@ -233,6 +233,11 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+# A collection's re-index (app/engine/reindex.py) started, or started over,
+# with checkpoint ``?``: the caller adds which collection.
+START_REINDEX_SQL = """UPDATE collections SET reindex_checkpoint = ?, reindex_manifest = NULL, reindex_cursor = 0,
+    reindex_error = NULL"""
+
 # Columns added after a table's first release: (table, column, definition),
 # then what depends on them.
 ADDED_COLUMNS = [

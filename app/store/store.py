@@ -21,7 +21,7 @@ from app.errors import CollectionExists, CollectionNotFound, Conflict, DocumentN
 from app.store import keyword_index
 from app.store.filters import FieldFilter, compile_field_filter, compile_filter
 from app.store.jobs import Jobs
-from app.store.schema import PRAGMAS, SQL_VARIABLES, connect, initialise, transaction
+from app.store.schema import PRAGMAS, SQL_VARIABLES, START_REINDEX_SQL, connect, initialise, transaction
 from app.validation import MAIN_FIELD
 
 # A keyword query becomes one FTS5 phrase per distinct term: the first this
@@ -389,11 +389,7 @@ class Store:
         ``checkpoint`` (None: the server's configured one) into a new index
         beside the served one; a re-index already running starts over."""
         async with self.transaction():
-            cur = await self.db.execute(
-                """UPDATE collections SET reindex_checkpoint = ?, reindex_manifest = NULL, reindex_cursor = 0,
-                   reindex_error = NULL WHERE name = ?""",
-                (checkpoint, name),
-            )
+            cur = await self.db.execute(START_REINDEX_SQL + " WHERE name = ?", (checkpoint, name))
             if cur.rowcount == 0:
                 raise CollectionNotFound(f"collection {name!r} does not exist")
         return await self.get_collection(name)
