@@ -103,7 +103,13 @@ def load_encoder(settings: Settings, checkpoint: str | None = None):
     return encoder
 
 
-def plaid_backend(settings: Settings, encoder) -> IndexBackend:
+def index_backend(settings: Settings, encoder) -> IndexBackend:
+    """The configured index backend (``index_backend``: plaid or qdrant)."""
+    if settings.index_backend == "qdrant":
+        from app.engine.qdrant import QdrantBackend, QdrantConfig
+
+        dense_dim = getattr(encoder, "dense_dim", None)
+        return QdrantBackend(QdrantConfig.from_settings(settings, encoder.dim, dense_dim))
     return PlaidBackend(PlaidConfig.from_settings(settings, encoder.dim, encoder.nbits))
 
 
@@ -111,7 +117,7 @@ class SearchService:
     """``encoder`` (anything with :class:`ColBERTEncoder`'s methods),
     ``backend_factory`` (settings, encoder -> an :class:`IndexBackend`) and
     ``reranker`` choose the models and the index engine; by default, the
-    configured checkpoint, the PLAID backend and the configured reranker
+    configured checkpoint, the configured backend and reranker
     (none unless ``reranker`` is set). ``encoder_loader`` (a checkpoint
     directory -> its encoder) loads the checkpoints collections are
     re-indexed with; by default the way the configured one is loaded, and
@@ -134,7 +140,7 @@ class SearchService:
             encoder_loader = functools.partial(load_encoder, settings)
         self._encoder_loader = encoder_loader
         self.reranker = reranker
-        self._backend_factory = backend_factory or plaid_backend
+        self._backend_factory = backend_factory or index_backend
         self.backend: IndexBackend | None = None
         self.writer: IndexWriter | None = None
         self.ready = False
@@ -190,6 +196,9 @@ class SearchService:
         await self.store.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self._loader.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.backend, "close", None)  # a client's connections (Qdrant)
+        if close is not None:
+            close()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -35,6 +35,29 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0, description="0: torch's default")
     encoder_runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
 
+    # Where vectors live (app/engine/backend.py). ``plaid``: PLAID segment
+    # files under data_dir. ``qdrant``: a Qdrant server or cluster
+    # (``qdrant_url``) or qdrant-client's embedded local mode in a directory
+    # (``qdrant_path``: tests and single-process trials; one process only).
+    index_backend: Literal["plaid", "qdrant"] = "plaid"
+    qdrant_url: str = ""
+    qdrant_path: Path | None = None
+    qdrant_api_key: str = ""
+    qdrant_prefix: str = Field(default="colbert", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Qdrant collection name prefix")
+    qdrant_shards: int = Field(default=1, ge=1, le=1024)
+    qdrant_replication_factor: int = Field(default=1, ge=1, le=16)
+    qdrant_write_consistency: str = Field(
+        default="1", pattern=r"^([1-9][0-9]?|majority|all)$", description="replicas that acknowledge a write: a number, majority or all"
+    )
+    qdrant_on_disk: bool = Field(default=False, description="token vectors and payload on disk (memory-mapped) rather than in RAM")
+    qdrant_vector_storage: Literal["float32", "float16", "int8"] = Field(
+        default="float16", description="token vectors: float32, float16, or float16 plus int8 scalar quantization held in RAM"
+    )
+    qdrant_prefetch: int = Field(
+        default=256, ge=1, le=10_000, description="candidates from each first stage (dense, sparse) that MaxSim rescores"
+    )
+    qdrant_timeout_s: int = Field(default=60, ge=1)
+
     # Index lifecycle.
     exact_search_max_passages: int = Field(default=1024, ge=0)
     rebuild_growth_factor: float = Field(default=4.0, gt=0)
@@ -194,6 +217,10 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.models_dir = Path(self.models_dir).expanduser().resolve()
+        if self.index_backend == "qdrant" and bool(self.qdrant_url) == (self.qdrant_path is not None):
+            raise ValueError("index_backend qdrant needs one of qdrant_url (a server or cluster) or qdrant_path")
+        if self.qdrant_path is not None:
+            self.qdrant_path = Path(self.qdrant_path).expanduser().resolve()
         return self
 
     @property

@@ -34,12 +34,15 @@ import torch
 @dataclass(frozen=True)
 class PassageBatch:
     """Encoded passages: ids ascending, packed token vectors, tokens per
-    passage, and each passage's dense vector when the encoder has a pooled head."""
+    passage, each passage's dense vector when the encoder has a pooled head,
+    and the text that was encoded (for a backend that keeps its own keyword
+    vectors; PLAID does not)."""
 
     pids: torch.Tensor  # int64 (n,)
     embs: torch.Tensor  # float16 (sum(doclens), dim)
     doclens: torch.Tensor  # int64 (n,)
     dense: torch.Tensor | None = None  # float16 (n, dense dim), L2-normalised
+    texts: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.pids.numel())
@@ -56,12 +59,17 @@ class PassageBatch:
 @dataclass(frozen=True)
 class SearchRequest:
     """Per-call search parameters (never shared state between queries).
-    ``None`` leaves a knob to the backend's default for ``k``."""
+    ``None`` leaves a knob to the backend's default for ``k``. ``dense`` and
+    ``text`` (the query's pooled vector and its words) let a backend that
+    gathers MaxSim's candidates from first stages (Qdrant) use them; PLAID
+    gathers its own from centroids."""
 
     k: int
     ncells: int | None = None
     centroid_score_threshold: float | None = None
     ndocs: int | None = None
+    dense: torch.Tensor | None = None  # (1, dense dim)
+    text: str | None = None
 
 
 @dataclass

@@ -137,7 +137,9 @@ class Reindexer:
         pids = torch.tensor([p.passage_id for p in passages], dtype=torch.int64)
         doclens = torch.tensor([v.size(0) for v in vectors], dtype=torch.int64)
         dense = torch.cat(dense_parts).to(torch.float16) if len(dense_parts) else None
-        batch = PassageBatch(pids, torch.cat(vectors), doclens, dense if dense is not None and len(dense) else None)
+        batch = PassageBatch(
+            pids, torch.cat(vectors), doclens, dense if dense is not None and len(dense) else None, tuple(texts)
+        )
         return self._land(store, col, batch, int(pids[-1]) + 1, time.perf_counter() - started)
 
     def _land(

@@ -114,9 +114,9 @@ class Searcher:
         self.metrics = metrics
         self.reranker = reranker
 
-    def request(self, k: int) -> SearchRequest:
+    def request(self, k: int, query: str | None = None, q: torch.Tensor | None = None) -> SearchRequest:
         s = self.settings
-        return SearchRequest(k, s.ncells, s.centroid_score_threshold, s.ndocs)
+        return SearchRequest(k, s.ncells, s.centroid_score_threshold, s.ndocs, dense=q, text=query)
 
     @property
     def has_dense(self) -> bool:
@@ -174,7 +174,7 @@ class Searcher:
         Q, q = self._encode(query, cached.checkpoint)
         snapshot, alive = cached.snapshot, cached.alive
         if plan.mode == "colbert":
-            result = snapshot.search(Q, self.request(k), alive, allowed)
+            result = snapshot.search(Q, self.request(k, query, q), alive, allowed)
             return {"colbert": list(zip(result.passage_ids, result.scores))}
         if plan.mode == "dense":
             assert q is not None
@@ -182,7 +182,7 @@ class Searcher:
             return {"dense": list(zip(result.passage_ids, result.scores))}
         union = {pid for pid, _ in keyword}
         if plan.uses("colbert"):
-            result = snapshot.search(Q, self.request(plan.depth), alive, allowed)
+            result = snapshot.search(Q, self.request(plan.depth, query, q), alive, allowed)
             union.update(result.passage_ids)
         if plan.uses("dense") and q is not None:
             result = snapshot.dense_search(q, plan.depth, alive, allowed)
@@ -192,7 +192,7 @@ class Searcher:
         candidates = torch.tensor(sorted(union), dtype=torch.int64)
         signals: dict[str, Ranking] = {}
         if plan.uses("colbert") or plan.fusion == "rescore":
-            exact = snapshot.search(Q, self.request(len(union)), alive, candidates)
+            exact = snapshot.search(Q, self.request(len(union), query, q), alive, candidates)
             # MaxSim sums a cosine per query vector: per vector, it is on the dense cosine's scale.
             per_vector = 1.0 / max(int((Q[0].abs().sum(-1) > 0).sum()), 1) if plan.fusion == "sum" else 1.0
             signals["colbert"] = [(pid, score * per_vector) for pid, score in zip(exact.passage_ids, exact.scores)]

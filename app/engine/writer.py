@@ -637,7 +637,7 @@ class IndexWriter:
             pids = torch.arange(col.next_pid, col.next_pid + len(batch.texts), dtype=torch.int64)
             doclens = torch.tensor([v.size(0) for v in vectors], dtype=torch.int64)
             embs = torch.cat(vectors) if vectors else torch.empty(0, self.encoder.dim)
-            passages = PassageBatch(pids, embs, doclens, encoded.dense)
+            passages = PassageBatch(pids, embs, doclens, encoded.dense, tuple(batch.texts))
             manifest = self.backend.write(collection_id, col.manifest, generation, passages)
             write_s = time.perf_counter() - landed
             outcome = store.commit_append(

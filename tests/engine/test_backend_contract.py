@@ -1,14 +1,20 @@
 """The index-backend contract (app/engine/backend.py), run against every
 implementation: PLAID in its exact tier, PLAID past its first codec (its
-background steps run at once), and the in-memory fake. No model: passages are encoded by the fake encoder."""
+background steps run at once), Qdrant (qdrant-client's local mode in memory
+and in a directory; a real server too when QDRANT_URL is set), and the
+in-memory fake. No model: passages are encoded by the fake encoder."""
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import pytest
 import torch
 
 from app.engine.backend import PassageBatch, SearchRequest
 from app.engine.plaid import PlaidBackend, PlaidConfig
+from app.engine.qdrant import QdrantBackend, QdrantConfig
 from tests.fakes import FakeEncoder, FakeInMemoryBackend
 
 ANIMALS = [
@@ -57,13 +63,36 @@ def plaid(tmp_path, exact_max: int, settled: bool = False) -> PlaidBackend:
     )
 
 
-@pytest.fixture(params=["plaid-exact", "plaid-built", "fake-in-memory"])
+def qdrant(tmp_path, where: str) -> QdrantBackend:
+    """Qdrant in memory, in a directory, or the server at QDRANT_URL (each
+    test's collections under a prefix of their own, dropped after it)."""
+    encoder = FakeEncoder()
+    options: dict = {"path": tmp_path / "qdrant"} if where == "path" else {}
+    if where == "server":
+        options = {"url": os.environ["QDRANT_URL"], "api_key": os.environ.get("QDRANT_API_KEY", "")}
+    prefix = f"contract{uuid.uuid4().hex[:8]}"
+    return QdrantBackend(QdrantConfig(dim=encoder.dim, dense_dim=encoder.dense_dim, prefix=prefix, **options))
+
+
+QDRANT_SERVER = pytest.param(
+    "qdrant-server", marks=pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="QDRANT_URL is not set")
+)
+
+
+@pytest.fixture(params=["plaid-exact", "plaid-built", "qdrant-memory", "qdrant-path", QDRANT_SERVER, "fake-in-memory"])
 def backend(request, tmp_path):
     if request.param == "plaid-exact":
-        return plaid(tmp_path, exact_max=10_000)
-    if request.param == "plaid-built":
-        return plaid(tmp_path, exact_max=20, settled=True)  # past 20 passages: a codec, segments compressed
-    return FakeInMemoryBackend()
+        yield plaid(tmp_path, exact_max=10_000)
+    elif request.param == "plaid-built":
+        yield plaid(tmp_path, exact_max=20, settled=True)  # past 20 passages: a codec, segments compressed
+    elif request.param.startswith("qdrant"):
+        b = qdrant(tmp_path, request.param.removeprefix("qdrant-"))
+        yield b
+        if not b.closed:  # (a restart test closed it)
+            b.drop(C)
+            b.close()
+    else:
+        yield FakeInMemoryBackend()
 
 
 ENCODER = FakeEncoder()
@@ -268,3 +297,68 @@ def test_dense_vectors_survive_maintenance_and_passages_without_them_are_not_ran
     assert after.dense_scores(q, kept).tolist() == pytest.approx(before.dense_scores(q, kept).tolist(), abs=1e-3)
     old = after.dense_scores(q, torch.tensor([5]))
     assert torch.isnan(old[0]) or float(old[0]) == 0.0  # no vector: never a positive cosine
+
+
+def test_a_retried_write_leaves_no_duplicates(backend):
+    base = commit(backend, 0, 30, None, 1)
+    again = batch(30, TEXTS[30:40])
+    backend.write(C, base, 2, again)  # its commit failed: the writer writes it again
+    name = backend.write(C, base, 2, again)
+    backend.release(C, [name, base])
+    snapshot = backend.load(C, 2, name)
+    assert snapshot.num_passages == 40
+    hits = search(snapshot, TEXTS[35], k=40)
+    assert len(hits) == len(set(hits)) == 40
+    assert hits[0] == 35
+
+
+def test_first_stage_hints_find_what_maxsim_alone_finds(backend):
+    """With the query's dense vector and words (a backend may gather MaxSim's
+    candidates from them), the best hits and their scores are MaxSim's."""
+    name = commit(backend, 0, 120, None, 1)
+    snapshot = backend.load(C, 1, name)
+    dead = torch.tensor([7, 27], dtype=torch.int64)
+    alive = snapshot.deleted_mask(dead)
+    for query in ("the otter is ochre number 94", "the heron is amber and number 7 of the herd", "camel"):
+        Q, q = ENCODER.encode_query(query)
+        plain = snapshot.search(ENCODER.encode_queries([query]), SearchRequest(5), alive)
+        hinted = snapshot.search(ENCODER.encode_queries([query]), SearchRequest(5, dense=q, text=query), alive)
+        assert hinted.passage_ids[:1] == plain.passage_ids[:1]
+        assert hinted.scores == pytest.approx(plain.scores, abs=1e-3)
+        assert not set(hinted.passage_ids) & {7, 27}
+    allowed = torch.tensor([3, 50, 119], dtype=torch.int64)  # few allowed, none near the query's words
+    Q, q = ENCODER.encode_query("the otter is ochre number 94")
+    hinted = snapshot.search(Q, SearchRequest(5, dense=q, text="zebra"), alive, allowed)
+    assert sorted(hinted.passage_ids) == [3, 50, 119]
+
+
+def reopened(backend, tmp_path):
+    """The same storage opened by a new backend (a restarted server), or None
+    for a backend that keeps nothing past its process."""
+    if isinstance(backend, PlaidBackend):
+        return type(backend)(backend.config)
+    if isinstance(backend, QdrantBackend) and backend.config.path is not None:
+        backend.close()
+        return QdrantBackend(backend.config)
+    if isinstance(backend, QdrantBackend) and backend.config.url:
+        return QdrantBackend(backend.config)
+    return None
+
+
+def test_committed_generations_survive_a_restart(backend, tmp_path):
+    first = commit(backend, 0, 50, None, 1)
+    second = commit(backend, 50, 60, first, 2)
+    uncommitted = backend.write(C, second, 3, batch(60, TEXTS[60:70]))
+    restarted = reopened(backend, tmp_path)
+    if restarted is None:
+        pytest.skip("keeps nothing past its process")
+    restarted.recover({C: [second]})
+    snapshot = restarted.load(C, 2, second)
+    assert snapshot.num_passages == 60
+    assert search(snapshot, TEXTS[55], k=1) == [55]
+    assert max(search(snapshot, TEXTS[65], k=60)) < 60  # the uncommitted write is gone
+    with pytest.raises(FileNotFoundError):
+        restarted.load(C, 3, uncommitted)
+    if isinstance(restarted, QdrantBackend):
+        restarted.drop(C)
+        restarted.close()
