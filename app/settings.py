@@ -43,18 +43,28 @@ class Settings(BaseSettings):
     qdrant_url: str = ""
     qdrant_path: Path | None = None
     qdrant_api_key: str = ""
-    qdrant_prefix: str = Field(default="colbert", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Qdrant collection name prefix")
+    qdrant_prefix: str = Field(
+        default="colbert", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Qdrant collection name prefix"
+    )
     qdrant_shards: int = Field(default=1, ge=1, le=1024)
     qdrant_replication_factor: int = Field(default=1, ge=1, le=16)
     qdrant_write_consistency: str = Field(
-        default="1", pattern=r"^([1-9][0-9]?|majority|all)$", description="replicas that acknowledge a write: a number, majority or all"
+        default="1",
+        pattern=r"^([1-9][0-9]?|majority|all)$",
+        description="replicas that acknowledge a write: a number, majority or all",
     )
-    qdrant_on_disk: bool = Field(default=False, description="token vectors and payload on disk (memory-mapped) rather than in RAM")
+    qdrant_on_disk: bool = Field(
+        default=False, description="token vectors and payload on disk (memory-mapped) rather than in RAM"
+    )
     qdrant_vector_storage: Literal["float32", "float16", "int8"] = Field(
-        default="float16", description="token vectors: float32, float16, or float16 plus int8 scalar quantization held in RAM"
+        default="float16",
+        description="token vectors: float32, float16, or float16 plus int8 scalar quantization held in RAM",
     )
     qdrant_prefetch: int = Field(
-        default=256, ge=1, le=10_000, description="candidates from each first stage (dense, sparse) that MaxSim rescores"
+        default=256,
+        ge=1,
+        le=10_000,
+        description="candidates from each first stage (dense, sparse) that MaxSim rescores",
     )
     qdrant_timeout_s: int = Field(default=60, ge=1)
 
