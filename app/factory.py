@@ -26,13 +26,22 @@ def _log_startup_failure(task: asyncio.Task) -> None:
         logger.error("start-up failed; /ready stays 503", exc_info=task.exception())
 
 
+def service_for(settings: Settings, metrics) -> SearchService:
+    """The single-node service, or the stateless tier's (``stateless``)."""
+    if settings.stateless:
+        from app.stateless import StatelessService
+
+        return StatelessService(settings, metrics)
+    return SearchService(settings, metrics)
+
+
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = service or SearchService(settings, app.state.metrics.engine)
+        svc = service or service_for(settings, app.state.metrics.engine)
         app.state.service = svc
         app.state.answers = AnswerService(settings, svc)
         # Load models in the background: /health answers at once, /ready

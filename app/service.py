@@ -150,6 +150,7 @@ class SearchService:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-load")
         self._job_runner: asyncio.Task | None = None
         self._jobs: JobRunner | None = None
+        self.has_writer = True  # runs an index writer (readiness waits for it)
         self._refresher: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -177,8 +178,11 @@ class SearchService:
         self._jobs = jobs = JobRunner(
             self.settings, self.store, preparer, self.writer.notify, lambda: writer.lease.held
         )
-        self.writer.start()
-        self._job_runner = asyncio.create_task(jobs.run())
+        if self.settings.server_role == "api":  # serves only: a process of another role indexes
+            self.has_writer = False
+        else:
+            self.writer.start()
+            self._job_runner = asyncio.create_task(jobs.run())
         if self.settings.snapshot_refresh_s:
             self._refresher = asyncio.create_task(self._refresh_snapshots(self.settings.snapshot_refresh_s))
         self.ready = True

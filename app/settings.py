@@ -62,11 +62,19 @@ class Settings(BaseSettings):
     )
     qdrant_prefetch: int = Field(
         default=256,
-        ge=1,
+        ge=0,
         le=10_000,
-        description="candidates from each first stage (dense, sparse) that MaxSim rescores",
+        description="candidates from each first stage (dense, sparse) that MaxSim rescores; 0: MaxSim scans every passage",
     )
     qdrant_timeout_s: int = Field(default=60, ge=1)
+    # The stateless tier (app/stateless.py): collections, documents and chunks
+    # in Qdrant too, so any number of servers share them; needs index_backend qdrant.
+    stateless: bool = False
+    # What this process does: ``all``; ``api`` (serves requests, takes no
+    # upload jobs, and with the single-node catalog never takes the writer
+    # lease); ``ingest`` (drains the upload jobs of its data directory, and
+    # with the single-node catalog indexes).
+    server_role: Literal["all", "api", "ingest"] = "all"
 
     # Index lifecycle.
     exact_search_max_passages: int = Field(default=1024, ge=0)
@@ -229,6 +237,8 @@ class Settings(BaseSettings):
         self.models_dir = Path(self.models_dir).expanduser().resolve()
         if self.index_backend == "qdrant" and bool(self.qdrant_url) == (self.qdrant_path is not None):
             raise ValueError("index_backend qdrant needs one of qdrant_url (a server or cluster) or qdrant_path")
+        if self.stateless and self.index_backend != "qdrant":
+            raise ValueError("stateless needs index_backend qdrant (collections and documents live in Qdrant)")
         if self.qdrant_path is not None:
             self.qdrant_path = Path(self.qdrant_path).expanduser().resolve()
         return self

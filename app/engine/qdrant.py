@@ -197,6 +197,143 @@ def _close_client(config: QdrantConfig, client: QdrantClient) -> None:
             client.close()
 
 
+def vectors_config(config: QdrantConfig, dense_dim: int | None) -> tuple[dict, dict]:
+    """A collection's named vectors (token multivector, dense) and its sparse one (bm25)."""
+    c = config
+    storage = qm.Datatype.FLOAT32 if c.vector_storage == "float32" else qm.Datatype.FLOAT16
+    quantization = None
+    if c.vector_storage == "int8":
+        quantization = qm.ScalarQuantization(
+            scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)
+        )
+    vectors = {
+        COLBERT: qm.VectorParams(
+            size=c.dim,
+            distance=qm.Distance.DOT,  # unit vectors: MaxSim of cosines, exactly PLAID's score
+            datatype=storage,
+            multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
+            hnsw_config=qm.HnswConfigDiff(m=0),  # rescoring only: no graph over token vectors
+            quantization_config=quantization,
+            on_disk=c.on_disk,
+        )
+    }
+    if dense_dim:
+        vectors[DENSE] = qm.VectorParams(size=dense_dim, distance=qm.Distance.DOT, on_disk=c.on_disk)
+    sparse = {SPARSE: qm.SparseVectorParams(modifier=qm.Modifier.IDF, index=qm.SparseIndexParams(on_disk=c.on_disk))}
+    return vectors, sparse
+
+
+def point_vectors(
+    embs: torch.Tensor, dense: torch.Tensor | None, text: str | None, with_dense: bool = True
+) -> dict[str, object]:
+    """One point's vectors: its token vectors, its dense vector, its words."""
+    vector: dict[str, object] = {COLBERT: embs.float().numpy().tolist()}
+    if with_dense and dense is not None:
+        vector[DENSE] = dense.float().numpy().tolist()
+    if text is not None and (terms := bm25_document(text)).indices:
+        vector[SPARSE] = terms
+    return vector
+
+
+def query_vectors(Q: torch.Tensor) -> list[list[float]]:
+    """A query's token vectors for MaxSim (1 x L x dim; padding rows dropped)."""
+    vectors = Q[0].float()
+    return vectors[vectors.abs().sum(-1) > 0].numpy().tolist()
+
+
+def is_missing(exc: Exception) -> bool:
+    """Whether a client error says the collection does not exist."""
+    return isinstance(exc, (ValueError, KeyError)) or getattr(exc, "status_code", None) == 404
+
+
+class QdrantStorage:
+    """A client (shared per local-mode directory), its calls serialised in
+    local mode, and the reads and writes both Qdrant layers make."""
+
+    def __init__(self, config: QdrantConfig, client: QdrantClient | None = None):
+        self.config = config
+        self._owns_client = client is None
+        self.closed = False
+        self.client = client if client is not None else _open_client(config)
+        self._calls = _LOCAL_CALLS if config.local else contextlib.nullcontext()
+        self._consistency = None if config.local else config.read_factor
+
+    def close(self) -> None:
+        if self._owns_client and not self.closed:
+            _close_client(self.config, self.client)
+        self.closed = True
+
+    def _create_collection(self, name: str, dense_dim: int | None, metadata: dict | None = None) -> None:
+        c = self.config
+        vectors, sparse = vectors_config(c, dense_dim)
+        with self._calls:
+            self.client.create_collection(
+                name,
+                vectors_config=vectors,
+                sparse_vectors_config=sparse,
+                shard_number=c.shards,
+                replication_factor=c.replication_factor,
+                write_consistency_factor=c.write_factor,
+                on_disk_payload=c.on_disk,
+                timeout=c.timeout_s,
+                metadata=metadata,
+            )
+
+    def _payload_index(self, collection: str, key: str, schema) -> None:
+        """An index on a payload key that filters use (a server only: local mode has none)."""
+        if self.config.local:
+            return
+        with self._calls:
+            self.client.create_payload_index(collection, key, schema, wait=True)
+
+    def _upsert_points(self, collection: str, points: list[qm.PointStruct]) -> None:
+        for start in range(0, len(points), UPSERT_POINTS):
+            with self._calls:
+                self.client.upsert(
+                    collection, points[start : start + UPSERT_POINTS], wait=True, ordering=qm.WriteOrdering.MEDIUM
+                )
+
+    def _delete(self, collection: str, selector: qm.PointIdsList | qm.FilterSelector) -> None:
+        with self._calls:
+            self.client.delete(collection, points_selector=selector, wait=True, ordering=qm.WriteOrdering.MEDIUM)
+
+    def _count(self, collection: str, where: qm.Filter | None) -> int:
+        with self._calls:
+            return int(self.client.count(collection, count_filter=where, exact=True).count)
+
+    def _query(
+        self,
+        collection: str,
+        *,
+        query,
+        using: str | None,
+        where: qm.Filter | None,
+        k: int,
+        prefetch: list[qm.Prefetch] | None = None,
+        with_payload: bool | list[str] = False,
+        offset: int | None = None,
+    ) -> list[qm.ScoredPoint]:
+        with self._calls:
+            return self.client.query_points(
+                collection,
+                query=query,
+                using=using,
+                prefetch=prefetch or None,
+                query_filter=where,
+                limit=k,
+                offset=offset,
+                with_payload=with_payload,
+                timeout=self.config.timeout_s,
+                consistency=self._consistency,
+            ).points
+
+    def _retrieve(self, collection: str, ids: list, payload: bool | list[str], vectors: bool | list[str] = False):
+        with self._calls:
+            return self.client.retrieve(
+                collection, ids, with_payload=payload, with_vectors=vectors, consistency=self._consistency
+            )
+
+
 @dataclass(frozen=True)
 class Manifest:
     lineage: str  # the Qdrant collection
@@ -263,16 +400,16 @@ class QdrantSnapshot:
             return SearchResult([], [])
         if allowed_pids is not None and allowed_pids.numel() == 0:
             return SearchResult([], [])
-        vectors = Q[0].float()
-        query = vectors[vectors.abs().sum(-1) > 0].numpy().tolist()
+        query = query_vectors(Q)
         where = self._filter(alive, allowed_pids)
         depth = max(self.backend.config.prefetch, request.k)
         prefetch: list[qm.Prefetch] = []
-        if request.dense is not None and self.has_dense:
-            dense = request.dense.reshape(-1).float().numpy().tolist()
-            prefetch.append(qm.Prefetch(query=dense, using=DENSE, filter=where, limit=depth))
-        if request.text and (terms := bm25_query(request.text)).indices:
-            prefetch.append(qm.Prefetch(query=terms, using=SPARSE, filter=where, limit=depth))
+        if self.backend.config.prefetch:  # (0: configured to scan)
+            if request.dense is not None and self.has_dense:
+                dense = request.dense.reshape(-1).float().numpy().tolist()
+                prefetch.append(qm.Prefetch(query=dense, using=DENSE, filter=where, limit=depth))
+            if request.text and (terms := bm25_query(request.text)).indices:
+                prefetch.append(qm.Prefetch(query=terms, using=SPARSE, filter=where, limit=depth))
         b = self.backend
         if prefetch:
             points = b._query(
@@ -317,22 +454,12 @@ class QdrantSnapshot:
         return out
 
 
-class QdrantBackend:
+class QdrantBackend(QdrantStorage):
     """:class:`app.engine.backend.IndexBackend` over a Qdrant server, cluster or local store."""
 
     def __init__(self, config: QdrantConfig, client: QdrantClient | None = None):
-        self.config = config
-        self._owns_client = client is None
-        self.closed = False
-        self.client = client if client is not None else _open_client(config)
-        self._calls = _LOCAL_CALLS if config.local else contextlib.nullcontext()
+        super().__init__(config, client)
         self._dense: dict[str, bool] = {}  # lineage -> has a dense vector field
-        self._consistency = None if config.local else config.read_factor
-
-    def close(self) -> None:
-        if self._owns_client and not self.closed:
-            _close_client(self.config, self.client)
-        self.closed = True
 
     # -- Qdrant calls ----------------------------------------------------------------
 
@@ -355,10 +482,8 @@ class QdrantBackend:
         try:
             with self._calls:
                 info = self.client.get_collection(lineage)
-        except (ValueError, KeyError) as exc:  # local mode: no such collection
-            raise FileNotFoundError(lineage) from exc
         except Exception as exc:
-            if getattr(exc, "status_code", None) == 404:
+            if is_missing(exc):
                 raise FileNotFoundError(lineage) from exc
             raise
         self._dense[lineage] = isinstance(info.config.params.vectors, dict) and DENSE in info.config.params.vectors
@@ -374,112 +499,37 @@ class QdrantBackend:
             self.client.update_collection(lineage, metadata={"live": sorted(set(live))})
 
     def _create(self, collection_id: int, lineage: str, dense_dim: int | None, generation: int) -> None:
-        c = self.config
-        storage = qm.Datatype.FLOAT32 if c.vector_storage == "float32" else qm.Datatype.FLOAT16
-        quantization = None
-        if c.vector_storage == "int8":
-            quantization = qm.ScalarQuantization(
-                scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)
-            )
-        vectors = {
-            COLBERT: qm.VectorParams(
-                size=c.dim,
-                distance=qm.Distance.DOT,  # unit vectors: MaxSim of cosines, exactly PLAID's score
-                datatype=storage,
-                multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
-                hnsw_config=qm.HnswConfigDiff(m=0),  # rescoring only: no graph over token vectors
-                quantization_config=quantization,
-                on_disk=c.on_disk,
-            )
-        }
-        if dense_dim:
-            vectors[DENSE] = qm.VectorParams(size=dense_dim, distance=qm.Distance.DOT, on_disk=c.on_disk)
-        with self._calls:
-            self.client.create_collection(
-                lineage,
-                vectors_config=vectors,
-                sparse_vectors_config={
-                    SPARSE: qm.SparseVectorParams(
-                        modifier=qm.Modifier.IDF, index=qm.SparseIndexParams(on_disk=c.on_disk)
-                    )
-                },
-                shard_number=c.shards,
-                replication_factor=c.replication_factor,
-                write_consistency_factor=c.write_factor,
-                on_disk_payload=c.on_disk,
-                timeout=c.timeout_s,
-                metadata={"collection_id": collection_id, "live": [], "first": generation},
-            )
-            if not c.local:  # local mode has no payload indexes (and warns)
-                self.client.create_payload_index(
-                    lineage,
-                    "g",
-                    qm.IntegerIndexParams(type=qm.IntegerIndexType.INTEGER, lookup=False, range=True),
-                    wait=True,
-                )
+        self._create_collection(lineage, dense_dim, {"collection_id": collection_id, "live": [], "first": generation})
+        self._payload_index(
+            lineage, "g", qm.IntegerIndexParams(type=qm.IntegerIndexType.INTEGER, lookup=False, range=True)
+        )
         self._dense[lineage] = bool(dense_dim)
 
     def _upsert(self, lineage: str, batch: PassageBatch, generation: int) -> None:
         has_dense = self._has_dense(lineage)
-        embs = torch.split(batch.embs.float(), batch.doclens.tolist())
-        points = []
-        for i, pid in enumerate(_ids(batch.pids)):
-            vector: dict = {COLBERT: embs[i].numpy().tolist()}
-            if has_dense and batch.dense is not None:
-                vector[DENSE] = batch.dense[i].float().numpy().tolist()
-            if batch.texts is not None:
-                terms = bm25_document(batch.texts[i])
-                if terms.indices:
-                    vector[SPARSE] = terms
-            points.append(qm.PointStruct(id=pid, vector=vector, payload={"g": generation}))
-        for start in range(0, len(points), UPSERT_POINTS):
-            with self._calls:
-                self.client.upsert(
-                    lineage, points[start : start + UPSERT_POINTS], wait=True, ordering=qm.WriteOrdering.MEDIUM
-                )
-
-    def _delete(self, lineage: str, selector: qm.PointIdsList | qm.FilterSelector) -> None:
-        with self._calls:
-            self.client.delete(lineage, points_selector=selector, wait=True, ordering=qm.WriteOrdering.MEDIUM)
-
-    def _count(self, lineage: str, where: qm.Filter) -> int:
-        with self._calls:
-            return int(self.client.count(lineage, count_filter=where, exact=True).count)
-
-    def _query(
-        self,
-        lineage: str,
-        *,
-        query,
-        using: str,
-        where: qm.Filter,
-        k: int,
-        prefetch: list[qm.Prefetch] | None = None,
-    ) -> list[qm.ScoredPoint]:
-        with self._calls:
-            return self.client.query_points(
-                lineage,
-                query=query,
-                using=using,
-                prefetch=prefetch or None,
-                query_filter=where,
-                limit=k,
-                with_payload=False,
-                timeout=self.config.timeout_s,
-                consistency=self._consistency,
-            ).points
+        embs = torch.split(batch.embs, batch.doclens.tolist())
+        points = [
+            qm.PointStruct(
+                id=pid,
+                vector=point_vectors(
+                    embs[i],
+                    batch.dense[i] if batch.dense is not None else None,
+                    batch.texts[i] if batch.texts is not None else None,
+                    with_dense=has_dense,
+                ),
+                payload={"g": generation},
+            )
+            for i, pid in enumerate(_ids(batch.pids))
+        ]
+        self._upsert_points(lineage, points)
 
     def _vectors(self, lineage: str, pids: list[int], generation: int) -> dict[int, list[float]]:
         """The dense vectors of those of ``pids`` that ``generation`` holds."""
-        with self._calls:
-            records = self.client.retrieve(
-                lineage, pids, with_payload=["g"], with_vectors=[DENSE], consistency=self._consistency
-            )
         out: dict[int, list[float]] = {}
-        for r in records:
-            vector = (r.vector or {}).get(DENSE) if isinstance(r.vector, dict) else None
+        for r in self._retrieve(lineage, pids, ["g"], [DENSE]):
+            vector = r.vector.get(DENSE) if isinstance(r.vector, dict) else None
             if isinstance(vector, list) and (r.payload or {}).get("g", math.inf) <= generation:
-                out[int(r.id)] = vector  # type: ignore[assignment]
+                out[int(r.id)] = vector
         return out
 
     def _live(self, manifest: Manifest) -> list[int]:
@@ -563,7 +613,7 @@ class QdrantBackend:
             self._drop_lineage(lineage)
 
     def load(
-        self, collection_id: int, generation: int, manifest: str | None, previous: QdrantSnapshot | None = None
+        self, collection_id: int, generation: int, manifest: str | None, previous: object | None = None
     ) -> QdrantSnapshot:
         if not manifest:
             return QdrantSnapshot(self, generation, None, 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from app.errors import CollectionNotFound, InvalidInput
@@ -62,12 +62,16 @@ class JobRunner:
         preparer: DocumentPreparer,
         notify: Callable[[], None],
         is_writer: Callable[[], bool],
+        index: Callable[[QueuedFile, list], Awaitable[None]] | None = None,
     ):
         self.settings = settings
         self.store = store
         self.preparer = preparer
         self.notify = notify
         self.is_writer = is_writer
+        # Where a file's prepared document goes: by default the store's
+        # pending rows, which the index writer takes (the stateless tier: Qdrant).
+        self.index = index or self._insert_pending
         self._served: dict[str, int] = {}  # files taken per job with files still queued: uploads take turns
         self.sandbox = ExtractionSandbox(
             settings.extract_timeout_s, settings.extract_memory_mb * 1024 * 1024, settings.extract_nice
@@ -119,6 +123,9 @@ class JobRunner:
                 await self.store.jobs.fail_file(item.id, f"processing failed: {type(exc).__name__}: {exc}"[:500])
             await asyncio.sleep(min(2**item.attempts, 10))
             return
+        await self.index(item, prepared)
+
+    async def _insert_pending(self, item: QueuedFile, prepared: list) -> None:
         try:
             await self.store.insert_pending(item.collection_id, prepared, job_file=item.id)
         except CollectionNotFound:

@@ -157,6 +157,14 @@ class Jobs:
                 "UPDATE job_files SET state = 'failed', error = ?, data = NULL WHERE id = ?", (error, file_id)
             )
 
+    async def finish_file(self, file_id: int, state: str, chunks: int) -> None:
+        """A file whose document is indexed elsewhere (the stateless tier:
+        acknowledged by Qdrant): ``added`` or ``unchanged``, its data dropped."""
+        async with self.store.transaction() as db:
+            await db.execute(
+                "UPDATE job_files SET state = ?, chunks = ?, data = NULL WHERE id = ?", (state, chunks, file_id)
+            )
+
     async def get(self, job_id: str) -> dict:
         job = await self.store._one(
             """SELECT j.id, j.created_at, c.name AS collection FROM jobs j JOIN collections c ON c.id = j.collection_id

@@ -181,6 +181,18 @@ class Store:
             raise CollectionExists(f"collection {name!r} already exists") from None
         return await self.get_collection(name)
 
+    async def local_collection(self, name: str) -> int:
+        """The id of a row of this name, created when missing: what the
+        stateless tier queues upload jobs under (its collections live in Qdrant)."""
+        try:
+            return (await self.create_collection(name, None)).id
+        except CollectionExists:
+            return (await self.get_collection(name)).id
+
+    async def collection_name(self, collection_id: int) -> str | None:
+        row = await self._one("SELECT name FROM collections WHERE id = ?", (collection_id,))
+        return None if row is None else row["name"]
+
     async def get_collection(self, name: str) -> CollectionRow:
         row = await self._one(
             f"SELECT {COLLECTION_COLUMNS} FROM collections WHERE name = ?",

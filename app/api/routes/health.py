@@ -45,7 +45,8 @@ def readiness(request: Request) -> tuple[bool, str, dict]:
         return False, f"start-up failed ({type(startup.exception()).__name__}); see the server log", details
     if not details["models_loaded"]:
         return False, "models are still loading", details
-    if writer is None or not writer.alive:
+    # (The stateless tier has no writer; nor does a process of the api role.)
+    if getattr(service, "has_writer", True) and (writer is None or not writer.alive):
         return False, "the index writer thread is not running", details
     return True, "", details
 

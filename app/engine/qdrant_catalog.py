@@ -1,0 +1,457 @@
+"""Collections, documents and chunks kept in Qdrant with their vectors
+(``STATELESS=true``): all that a server reads and writes lives in the
+cluster, so any number of servers, on any machines, serve the same data.
+
+Two Qdrant collections under the prefix:
+
+- ``<prefix>_collections``: one point (no vectors) per server collection:
+  its name, description, creation time and a random id (a collection deleted
+  and created again is a new id: writes still in flight for the old one land
+  nowhere anyone reads);
+- ``<prefix>_chunks``: every collection's points (Qdrant's advice for many
+  tenants: one collection, a tenant key ``c`` with its own index). Per chunk
+  one point, id ``uuid5(collection, document, chunk index)``, with the token
+  vectors (MaxSim), the dense vector, BM25 words, and a payload of the chunk
+  and its document's title, metadata and field; per document one point
+  without vectors (``kind: doc``) holding its fields, hash and chunk count.
+
+A write is idempotent (the same ids and payload again) and waits for the
+configured replicas. A replace writes the new chunks over the old ones' ids,
+then deletes the document's chunks from older writes (``v``, the write's
+time in microseconds, below its own): between the two, a search may see the new chunks
+with old ones past the new count. Concurrent writes of one document through
+two servers converge on the later one once both finish.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from qdrant_client import models as qm
+
+from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantStorage, bm25_query, point_vectors
+from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidInput
+from app.ingest.pipeline import passage_text
+from app.store.filters import FieldFilter, compile_filter
+from app.store.store import Hit, NewDocument
+
+NAMESPACE = uuid.UUID("9b4f6c52-8d1e-4b7a-9f57-3c2e1d0a6b18")
+SCROLL = 256
+
+
+def point_id(collection_id: str, document_id: str, chunk: int | None = None) -> str:
+    """A chunk's (or, with no chunk, its document's) point id: the same for every retry."""
+    key = f"{collection_id}\0{document_id}" + ("" if chunk is None else f"\0{chunk}")
+    return str(uuid.uuid5(NAMESPACE, key))
+
+
+def short_id(point: str | int) -> int:
+    """A point's id as a JSON-safe integer (53 bits) for ``chunk_id``."""
+    return uuid.UUID(str(point)).int >> 75
+
+
+@dataclass(frozen=True)
+class CatalogCollection:
+    id: str
+    name: str
+    description: str | None
+    created_at: float
+
+
+def _match(key: str, value: Any) -> qm.Condition:
+    if isinstance(value, float) and not value.is_integer():
+        return qm.FieldCondition(key=key, range=qm.Range(gte=value, lte=value))
+    if isinstance(value, float):
+        value = int(value)
+    return qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
+
+
+def _key(name: str) -> str:
+    return "doc" if name == "$document_id" else f"metadata.{name}"
+
+
+def _range(key: str, op: str, value: Any) -> qm.Condition:
+    if isinstance(value, str) or isinstance(value, bool):
+        raise InvalidInput(f"filter {key}.{op}: this server compares numbers only (Qdrant ranges are numeric)")
+    bound = {"$gt": "gt", "$gte": "gte", "$lt": "lt", "$lte": "lte"}[op]
+    return qm.FieldCondition(key=_key(key), range=qm.Range(**{bound: value}))
+
+
+def _condition(name: str, spec: Any) -> qm.Filter:
+    key = _key(name)
+    if name == "$document_id" and isinstance(spec, list):
+        spec = {"$in": spec}
+    if not isinstance(spec, dict):
+        return qm.Filter(must=[_match(key, spec)])
+    must: list[qm.Condition] = []
+    for op, value in spec.items():
+        if op == "$eq":
+            must.append(_match(key, value))
+        elif op == "$ne":  # as SQL's != does: a document without the key does not match
+            must.append(
+                qm.Filter(must_not=[_match(key, value), qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))])
+            )
+        elif op == "$in":
+            must.append(qm.Filter(should=[_match(key, v) for v in value]))
+        elif op == "$nin":  # a document without the key matches, as in SQL's IS NULL OR NOT IN
+            must.append(qm.Filter(must_not=[_match(key, v) for v in value]))
+        else:
+            must.append(_range(name, op, value))
+    return qm.Filter(must=must)
+
+
+def _translate(node: dict) -> qm.Filter:
+    must: list[qm.Condition] = []
+    for key, value in node.items():
+        if key == "$and":
+            must.extend(_translate(v) for v in value)
+        elif key == "$or":
+            must.append(qm.Filter(should=[_translate(v) for v in value]))
+        else:
+            must.append(_condition(key, value))
+    return qm.Filter(must=must)
+
+
+def metadata_filter(where: dict | None) -> qm.Filter | None:
+    """A Chroma-style filter (:mod:`app.store.filters`, checked there first) as a Qdrant filter."""
+    if where is None:
+        return None
+    compile_filter(where)  # the same grammar and limits as the SQLite catalog: refused with the same errors
+    return _translate(where)
+
+
+def chunk_filter(collection_id: str, where: dict | None = None, fields: FieldFilter | None = None) -> qm.Filter:
+    """A collection's chunks, under a metadata filter and a choice of fields."""
+    must: list[qm.Condition] = [
+        qm.FieldCondition(key="c", match=qm.MatchValue(value=collection_id)),
+        qm.FieldCondition(key="kind", match=qm.MatchValue(value="chunk")),
+    ]
+    translated = metadata_filter(where)
+    if translated is not None:
+        must.append(translated)
+    must_not: list[qm.Condition] = []
+    if fields is not None and fields.include is not None:
+        must.append(qm.FieldCondition(key="field", match=qm.MatchAny(any=list(fields.include))))
+    if fields is not None and fields.exclude:
+        must_not.append(qm.FieldCondition(key="field", match=qm.MatchAny(any=list(fields.exclude))))
+    return qm.Filter(must=must, must_not=must_not or None)
+
+
+def _document_filter(collection_id: str, document_id: str | None = None, kind: str | None = None) -> qm.Filter:
+    must: list[qm.Condition] = [qm.FieldCondition(key="c", match=qm.MatchValue(value=collection_id))]
+    if document_id is not None:
+        must.append(qm.FieldCondition(key="doc", match=qm.MatchValue(value=document_id)))
+    if kind is not None:
+        must.append(qm.FieldCondition(key="kind", match=qm.MatchValue(value=kind)))
+    return qm.Filter(must=must)
+
+
+def hit_of(point) -> Hit:
+    p = point.payload or {}
+    return Hit(
+        passage_id=short_id(point.id),
+        chunk_id=short_id(point.id),
+        chunk_index=int(p["i"]),
+        text=p["text"],
+        char_start=int(p["char_start"]),
+        char_end=int(p["char_end"]),
+        page=p.get("page"),
+        heading=p.get("heading"),
+        document_id=p["doc"],
+        title=p.get("title"),
+        metadata=p.get("metadata") or {},
+        field=p["field"],
+    )
+
+
+class QdrantCatalog(QdrantStorage):
+    """What the SQLite store and the PLAID index hold between them, in Qdrant."""
+
+    def open(self) -> None:
+        """Create the two collections when missing (any server may be the
+        first), and check the chunks' vectors fit this server's encoder."""
+        c = self.config
+        self.registry, self.chunks = f"{c.prefix}_collections", f"{c.prefix}_chunks"
+        with self._calls:
+            registry_exists = self.client.collection_exists(self.registry)
+            chunks_exists = self.client.collection_exists(self.chunks)
+        if not registry_exists:
+            self._create_if_missing(self.registry, self._create_registry)
+        if not chunks_exists:
+            self._create_if_missing(
+                self.chunks, lambda: self._create_collection(self.chunks, c.dense_dim, {"format": 1})
+            )
+            for key, schema in (
+                ("c", qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True)),
+                ("doc", qm.PayloadSchemaType.KEYWORD),
+                ("kind", qm.PayloadSchemaType.KEYWORD),
+                ("field", qm.PayloadSchemaType.KEYWORD),
+                ("v", qm.PayloadSchemaType.INTEGER),
+            ):
+                self._payload_index(self.chunks, key, schema)
+        with self._calls:
+            vectors = self.client.get_collection(self.chunks).config.params.vectors
+        if not isinstance(vectors, dict) or COLBERT not in vectors or vectors[COLBERT].size != c.dim:
+            raise RuntimeError(f"Qdrant collection {self.chunks} holds token vectors of another size than {c.dim}")
+        stored_dense = vectors[DENSE].size if DENSE in vectors else None
+        if stored_dense != c.dense_dim:
+            raise RuntimeError(
+                f"Qdrant collection {self.chunks} holds dense vectors of size {stored_dense}, "
+                f"this encoder makes {c.dense_dim}"
+            )
+        self._indexed: set[str] = set()
+
+    def _create_registry(self) -> None:
+        with self._calls:
+            self.client.create_collection(
+                self.registry,
+                vectors_config={},
+                replication_factor=self.config.replication_factor,
+                write_consistency_factor=self.config.write_factor,
+            )
+
+    def _create_if_missing(self, name: str, create) -> None:
+        try:
+            create()
+        except Exception:
+            with self._calls:
+                if not self.client.collection_exists(name):
+                    raise  # not another server's creation racing ours
+
+    # -- collections -----------------------------------------------------------------
+
+    def _row(self, point) -> CatalogCollection:
+        p = point.payload
+        return CatalogCollection(p["id"], p["name"], p.get("description"), p["created_at"])
+
+    def create_collection(self, name: str, description: str | None) -> CatalogCollection:
+        key = str(uuid.uuid5(NAMESPACE, name))
+        if self._retrieve(self.registry, [key], True):
+            raise CollectionExists(f"collection {name!r} already exists")
+        payload = {"id": uuid.uuid4().hex, "name": name, "description": description, "created_at": time.time()}
+        self._upsert_points(self.registry, [qm.PointStruct(id=key, vector={}, payload=payload)])
+        return self.get_collection(name)  # another server's creation of the same name may have won
+
+    def get_collection(self, name: str) -> CatalogCollection:
+        found = self._retrieve(self.registry, [str(uuid.uuid5(NAMESPACE, name))], True)
+        if not found:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return self._row(found[0])
+
+    def list_collections(self) -> list[CatalogCollection]:
+        rows: list[CatalogCollection] = []
+        offset = None
+        while True:
+            with self._calls:
+                points, offset = self.client.scroll(self.registry, limit=SCROLL, offset=offset, with_payload=True)
+            rows.extend(self._row(p) for p in points)
+            if offset is None:
+                return sorted(rows, key=lambda r: r.name)
+
+    def delete_collection(self, name: str) -> None:
+        row = self.get_collection(name)
+        self._delete(self.registry, qm.PointIdsList(points=[str(uuid.uuid5(NAMESPACE, name))]))
+        self._delete(self.chunks, qm.FilterSelector(filter=_document_filter(row.id)))
+
+    def counts(self, collection_id: str) -> dict:
+        return {
+            "documents": self._count(self.chunks, _document_filter(collection_id, kind="doc")),
+            "pending_documents": 0,
+            "chunks": self._count(self.chunks, _document_filter(collection_id, kind="chunk")),
+        }
+
+    # -- documents -------------------------------------------------------------------
+
+    def content_hashes(self, collection_id: str, document_ids: list[str]) -> dict[str, str]:
+        ids = [point_id(collection_id, d) for d in document_ids]
+        found = self._retrieve(self.chunks, ids, ["doc", "content_hash"]) if ids else []
+        return {p.payload["doc"]: p.payload["content_hash"] for p in found}
+
+    def write_document(
+        self, collection_id: str, doc: NewDocument, embs: list[torch.Tensor], dense: torch.Tensor | None
+    ) -> None:
+        """A document's chunks then its record, then what is left of older writes."""
+        version = time.time_ns() // 1000  # microseconds: exact in a Qdrant range (a float64)
+        now = time.time()
+        common = {"c": collection_id, "doc": doc.external_id, "v": version}
+        points = []
+        for i, (chunk, vectors) in enumerate(zip(doc.chunks, embs, strict=True)):
+            payload = {
+                **common,
+                "kind": "chunk",
+                "i": i,
+                "text": chunk.text,
+                "char_start": chunk.char_start,
+                "char_end": chunk.char_end,
+                "page": chunk.page,
+                "heading": chunk.heading,
+                "field": chunk.field,
+                "title": doc.title,
+                "metadata": doc.metadata,
+            }
+            text = passage_text(doc.title, chunk.text, chunk.field)
+            vector = point_vectors(vectors, dense[i] if dense is not None else None, text)
+            points.append(
+                qm.PointStruct(id=point_id(collection_id, doc.external_id, i), vector=vector, payload=payload)
+            )
+        created = self._retrieve(self.chunks, [point_id(collection_id, doc.external_id)], ["created_at"])
+        record = {
+            **common,
+            "kind": "doc",
+            "title": doc.title,
+            "metadata": doc.metadata,
+            "fields": doc.fields or {},
+            "content_hash": doc.content_hash,
+            "chunks": len(points),
+            "created_at": created[0].payload["created_at"] if created else now,
+            "updated_at": now,
+        }
+        points.append(qm.PointStruct(id=point_id(collection_id, doc.external_id), vector={}, payload=record))
+        self._upsert_points(self.chunks, points)
+        older = qm.Filter(
+            must=[
+                _document_filter(collection_id, doc.external_id),
+                qm.FieldCondition(key="v", range=qm.Range(lt=version)),
+            ]
+        )
+        self._delete(self.chunks, qm.FilterSelector(filter=older))
+
+    def delete_document(self, collection_id: str, document_id: str) -> None:
+        if not self._retrieve(self.chunks, [point_id(collection_id, document_id)], False):
+            raise DocumentNotFound(f"document {document_id!r} does not exist")
+        self._delete(self.chunks, qm.FilterSelector(filter=_document_filter(collection_id, document_id)))
+
+    def _scroll(self, where: qm.Filter) -> list:
+        out, offset = [], None
+        while True:
+            with self._calls:
+                points, offset = self.client.scroll(
+                    self.chunks, scroll_filter=where, limit=SCROLL, offset=offset, with_payload=True
+                )
+            out.extend(points)
+            if offset is None:
+                return out
+
+    def get_document(self, collection_id: str, document_id: str) -> dict:
+        found = self._retrieve(self.chunks, [point_id(collection_id, document_id)], True)
+        if not found:
+            raise DocumentNotFound(f"document {document_id!r} does not exist")
+        record = found[0].payload
+        chunks = sorted(
+            (p for p in self._scroll(_document_filter(collection_id, document_id, "chunk"))),
+            key=lambda p: p.payload["i"],
+        )
+        return {
+            "external_id": document_id,
+            "title": record.get("title"),
+            "metadata": record.get("metadata") or {},
+            "fields": record.get("fields") or {},
+            "content_hash": record["content_hash"],
+            "state": "live",
+            "error": None,
+            "created_at": record["created_at"],
+            "updated_at": record["updated_at"],
+            "chunks": [
+                {
+                    "id": short_id(p.id),
+                    "ord": p.payload["i"],
+                    **{k: p.payload.get(k) for k in ("text", "char_start", "char_end", "page", "heading", "field")},
+                }
+                for p in chunks
+            ],
+        }
+
+    def list_documents(self, collection_id: str, limit: int, offset: int) -> tuple[list[dict], int]:
+        """A page of documents in the order of their point ids (stable, not by name)."""
+        where = _document_filter(collection_id, kind="doc")
+        points = self._query(
+            self.chunks, query=None, using=None, where=where, k=limit, offset=offset, with_payload=True
+        )
+        docs = []
+        for point in points:
+            p = point.payload or {}
+            docs.append(
+                {
+                    "external_id": p["doc"],
+                    "title": p.get("title"),
+                    "metadata": p.get("metadata") or {},
+                    "state": "live",
+                    "created_at": p["created_at"],
+                    "updated_at": p["updated_at"],
+                    "chunks": p["chunks"],
+                }
+            )
+        return docs, self._count(self.chunks, where)
+
+    # -- search ----------------------------------------------------------------------
+
+    def ensure_indexes(self, where: dict | None) -> None:
+        """Payload indexes for the metadata keys a filter uses (a server builds them
+        in the background; filters work before they exist, only slower)."""
+        if self.config.local or where is None:
+            return
+        for key, value in _keys(where):
+            if key in self._indexed:
+                continue
+            schema = (
+                qm.PayloadSchemaType.BOOL
+                if isinstance(value, bool)
+                else qm.PayloadSchemaType.FLOAT
+                if isinstance(value, (int, float))
+                else qm.PayloadSchemaType.KEYWORD
+            )
+            try:
+                self._payload_index(self.chunks, f"metadata.{key}", schema)
+            except Exception:  # e.g. another type under the same key: the filter still works
+                pass
+            self._indexed.add(key)
+
+    def search(
+        self,
+        using: str,
+        query,
+        k: int,
+        where: qm.Filter,
+        prefetch: list[qm.Prefetch] | None = None,
+    ) -> list[tuple[Hit, float, str]]:
+        """(hit, score, point id), best first."""
+        points = self._query(
+            self.chunks, query=query, using=using, where=where, k=k, prefetch=prefetch, with_payload=True
+        )
+        return [(hit_of(p), float(p.score), str(p.id)) for p in points]
+
+    def first_stages(self, q: torch.Tensor | None, text: str, where: qm.Filter, depth: int) -> list[qm.Prefetch]:
+        """The dense and the BM25 stages whose union MaxSim rescores."""
+        stages = []
+        if q is not None:
+            stages.append(
+                qm.Prefetch(query=q.reshape(-1).float().numpy().tolist(), using=DENSE, filter=where, limit=depth)
+            )
+        terms = bm25_query(text)
+        if terms.indices:
+            stages.append(qm.Prefetch(query=terms, using=SPARSE, filter=where, limit=depth))
+        return stages
+
+
+def _keys(node: Any):
+    """(metadata key, an example value) of each condition in a filter."""
+    if isinstance(node, list):
+        for v in node:
+            yield from _keys(v)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("$and", "$or"):
+            yield from _keys(value)
+        elif not key.startswith("$"):
+            example = value
+            if isinstance(value, dict):
+                example = next(iter(value.values()), None)
+            if isinstance(example, list):
+                example = example[0] if example else None
+            yield key, example

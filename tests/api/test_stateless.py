@@ -1,0 +1,150 @@
+"""The stateless tier: two server instances, each with its own data
+directory, over one Qdrant store (qdrant-client's local mode, shared in this
+process; with QDRANT_URL, a real server), through HTTP with the real model.
+Each sees the other's writes at once, and one restarting loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+from tests.api.test_api import assert_error
+from tests.api.test_files import upload, wait_job
+from tests.conftest import RunningApp, make_settings
+
+pytestmark = pytest.mark.slow
+
+TOPICS = ["astronomy", "cooking", "football", "chemistry", "music", "geology", "sailing", "poetry"]
+
+
+def docs(n: int, prefix: str = "doc") -> list[dict]:
+    return [
+        {
+            "id": f"{prefix}-{i}",
+            "text": f"Report {i} covers {TOPICS[i % 8]}. The {TOPICS[i % 8]} committee met in year {2000 + i % 20}.",
+            "metadata": {"year": 2000 + i % 20, "lang": ["en", "de"][i % 2], "public": i % 3 == 0},
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+async def pair(tmp_path_factory, checkpoint_dir):
+    """Instances a and b over one Qdrant store."""
+    store = tmp_path_factory.mktemp("qdrant-store")
+    if os.environ.get("QDRANT_URL"):
+        qdrant = {"qdrant_url": os.environ["QDRANT_URL"], "qdrant_api_key": os.environ.get("QDRANT_API_KEY", "")}
+    else:
+        qdrant = {"qdrant_path": store}
+    common = {"index_backend": "qdrant", "stateless": True, "qdrant_prefix": f"t{uuid.uuid4().hex[:8]}", **qdrant}
+    apps = {}
+    for name in ("a", "b"):
+        settings = make_settings(tmp_path_factory.mktemp(f"instance-{name}"), checkpoint_dir, **common)
+        apps[name] = RunningApp(settings)
+        await apps[name].start()
+    yield apps
+    for app in apps.values():
+        await app.stop()
+
+
+async def search(client, collection: str, **body) -> list[dict]:
+    r = await client.post(f"/v1/collections/{collection}/search", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+async def test_each_instance_sees_the_others_writes_at_once(pair):
+    a, b = pair["a"].client, pair["b"].client
+    assert (await a.post("/v1/collections", json={"name": "shared"})).status_code == 201
+    assert_error(await b.post("/v1/collections", json={"name": "shared"}), 409)
+    r = await a.post("/v1/collections/shared/documents", json={"documents": docs(60)})
+    assert r.status_code == 200, r.text
+    assert {x["status"] for x in r.json()["results"]} == {"indexed"}
+    for mode in ("colbert", "dense", "keyword", "hybrid"):  # through b, right after a's acknowledgement
+        hits = await search(b, "shared", query="Report 37 covers geology", k=5, mode=mode)
+        assert len(hits) == 5, mode
+        assert hits[0]["document_id"] == "doc-37", (mode, hits[:2])
+    info = (await b.get("/v1/collections/shared")).json()
+    assert info["documents"] == 60 and info["index"]["kind"] == "qdrant"
+    assert [c["name"] for c in (await b.get("/v1/collections")).json()["collections"]] == ["shared"]
+    doc = (await b.get("/v1/collections/shared/documents/doc-5")).json()
+    assert doc["metadata"]["year"] == 2005 and doc["chunks"][0]["text"].startswith("Report 5 covers")
+    page = (await b.get("/v1/collections/shared/documents", params={"limit": 25, "offset": 50})).json()
+    assert page["total"] == 60 and len(page["documents"]) == 10
+    r = await b.post("/v1/collections/shared/documents", json={"documents": docs(60)})  # the same content again
+    assert {x["status"] for x in r.json()["results"]} == {"unchanged"}
+
+    # b replaces one and deletes another: a sees both at once.
+    r = await b.post(
+        "/v1/collections/shared/documents",
+        json={"documents": [{"id": "doc-5", "text": "Zeppelins are airships held up by lifting gas."}]},
+    )
+    assert r.status_code == 200, r.text
+    assert (await b.delete("/v1/collections/shared/documents/doc-6")).status_code == 204
+    hits = await search(a, "shared", query="airships and lifting gas", k=3)
+    assert hits[0]["document_id"] == "doc-5" and "Zeppelins" in hits[0]["text"]
+    assert len([h for h in hits if h["document_id"] == "doc-5"]) == 1  # the old chunk is gone
+    hits = await search(a, "shared", query="Report 6 covers sailing", k=60, mode="keyword")
+    assert "doc-6" not in {h["document_id"] for h in hits}
+    assert_error(await a.get("/v1/collections/shared/documents/doc-6"), 404)
+    assert (await a.get("/v1/collections/shared")).json()["documents"] == 59
+
+
+async def test_filters_and_fields_hold_on_both(pair):
+    a, b = pair["a"].client, pair["b"].client
+    assert (await a.post("/v1/collections", json={"name": "filtered"})).status_code == 201
+    assert (await a.post("/v1/collections/filtered/documents", json={"documents": docs(80)})).status_code == 200
+    by_id = {d["id"]: d["metadata"] for d in docs(80)}
+    cases = [
+        ({"lang": "de", "year": {"$gte": 2010}}, lambda m: m["lang"] == "de" and m["year"] >= 2010),
+        ({"lang": {"$in": ["de"]}, "public": True}, lambda m: m["lang"] == "de" and m["public"]),
+        ({"$or": [{"year": 2001}, {"year": {"$gt": 2017}}]}, lambda m: m["year"] == 2001 or m["year"] > 2017),
+        ({"lang": {"$nin": ["en"]}, "year": {"$lte": 2003}}, lambda m: m["lang"] != "en" and m["year"] <= 2003),
+        ({"year": {"$ne": 2004}, "public": False}, lambda m: m["year"] != 2004 and not m["public"]),
+        ({"$document_id": ["doc-1", "doc-2", "doc-79"]}, lambda m: False),
+    ]
+    for where, predicate in cases:
+        expected = {i for i, m in by_id.items() if predicate(m)} or {"doc-1", "doc-2", "doc-79"}
+        for mode in ("colbert", "keyword", "hybrid"):
+            hits = await search(b, "filtered", query="the committee report", k=20, mode=mode, filter=where)
+            assert len(hits) == min(20, len(expected)), (where, mode)
+            assert {h["document_id"] for h in hits} <= expected, (where, mode)
+    assert_error(await b.post("/v1/collections/filtered/search", json={"query": "x", "filter": {"$not": {}}}), 422)
+    r = await a.post(
+        "/v1/collections/filtered/documents",
+        json={"documents": [{"id": "f", "text": "A plain body.", "fields": {"summary": "Glaciers carve fjords."}}]},
+    )
+    assert r.status_code == 200, r.text
+    hits = await search(b, "filtered", query="glaciers and fjords", k=3, fields=["summary"])
+    assert [(h["document_id"], h["field"]) for h in hits] == [("f", "summary")]
+
+
+async def test_an_instance_restarting_loses_nothing_and_uploads_land_for_both(pair):
+    a, b = pair["a"], pair["b"]
+    before = await search(b.client, "shared", query="the chemistry committee in 2003", k=10)
+    await a.stop()
+    assert len(await search(b.client, "shared", query="the chemistry committee in 2003", k=10)) == 10
+    await a.start()
+    after = await search(a.client, "shared", query="the chemistry committee in 2003", k=10)
+    assert [h["document_id"] for h in after] == [h["document_id"] for h in before]
+    assert [h["score"] for h in after] == pytest.approx([h["score"] for h in before], abs=1e-3)
+
+    files = {"lighthouse.txt": b"The lighthouse keeper climbed 217 steps each night to light the lamp."}
+    job = await wait_job(a.client, (await upload(a.client, "shared", files, metadata=json.dumps({"t": 1})))["id"])
+    assert job["state"] == "done" and job["counts"]["added"] == 1, job
+    hits = await search(b.client, "shared", query="how many steps did the lighthouse keeper climb", k=1)
+    assert hits[0]["document_id"] == job["files"][0]["document_id"]
+    assert hits[0]["metadata"]["t"] == 1
+
+
+async def test_reindexing_is_refused_and_deleting_a_collection_is_seen_by_both(pair):
+    a, b = pair["a"].client, pair["b"].client
+    assert_error(await a.post("/v1/collections/filtered/reindex", json={}), 409)
+    assert (await b.delete("/v1/collections/filtered")).status_code == 204
+    assert_error(await a.get("/v1/collections/filtered"), 404)
+    assert_error(await a.post("/v1/collections/filtered/search", json={"query": "committee"}), 404)
+    assert (await a.post("/v1/collections", json={"name": "filtered"})).status_code == 201
+    assert (await b.get("/v1/collections/filtered")).json()["documents"] == 0
