@@ -71,6 +71,13 @@ class NotReady(ServerError):
     code = "not_ready"
 
 
+class BackendUnavailable(ServerError):
+    """The index backend (a Qdrant cluster) did not answer: retry later."""
+
+    status_code = 503
+    code = "backend_unavailable"
+
+
 class IndexingFailed(ServerError):
     status_code = 500
     code = "indexing_failed"

@@ -151,6 +151,7 @@ class SearchService:
         self._job_runner: asyncio.Task | None = None
         self._jobs: JobRunner | None = None
         self.has_writer = True  # runs an index writer (readiness waits for it)
+        self.waiting_for: str | None = None  # what start-up waits for (the stateless tier: its cluster)
         self._refresher: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------

@@ -39,12 +39,12 @@ from qdrant_client import models as qm
 from app.engine.backend import IndexStats
 from app.engine.encoders import Encoders, checkpoint_root
 from app.engine.fields import FieldChoice
-from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, query_vectors
+from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, qdrant_errors, query_vectors
 from app.engine.qdrant_catalog import CatalogCollection, QdrantCatalog, chunk_filter
 from app.engine.rerank import load_reranker
 from app.engine.retrieval import DEFAULT, Retrieval
 from app.engine.search import Ranking, Searcher, SearchHit, fuse
-from app.errors import CollectionNotFound, Conflict, InvalidInput
+from app.errors import BackendUnavailable, CollectionNotFound, Conflict, InvalidInput
 from app.ingest.documents import DocumentIngest
 from app.ingest.jobs import JobRunner, UploadedFile, job_files
 from app.ingest.pipeline import DocumentInput, DocumentPreparer, passage_text
@@ -55,6 +55,7 @@ from app.validation import check_metadata
 
 logger = logging.getLogger("app.engine")
 
+QDRANT_RETRY_S = 2.0
 NOT_STATELESS = "re-indexing and tuning need the single-node catalog (STATELESS=false)"
 
 
@@ -111,10 +112,11 @@ class StatelessSearcher(Searcher):
         reranking = self.reranker is not None and retrieval.rerank is not False
         wanted, k = k, max(choice.depth(k), self.settings.rerank_depth if reranking else k)
         plan = self.plan(k, retrieval.mode, retrieval.fusion, retrieval.weights)
-        collection = await asyncio.to_thread(self.catalog.get_collection, name)
-        if retrieval.where is not None:
-            await asyncio.to_thread(self.catalog.ensure_indexes, retrieval.where)
-        signals, hits = await self._run(self._signals, query, plan, collection, retrieval.where, choice, k)
+        with qdrant_errors():
+            collection = await asyncio.to_thread(self.catalog.get_collection, name)
+            if retrieval.where is not None:
+                await asyncio.to_thread(self.catalog.ensure_indexes, retrieval.where)
+            signals, hits = await self._run(self._signals, query, plan, collection, retrieval.where, choice, k)
         if plan.mode != "hybrid":
             ranked = signals.get(plan.mode, [])[:k]
         elif plan.fusion == "rescore":
@@ -153,7 +155,16 @@ class StatelessService(SearchService):
             self.reranker = await self._run(load_reranker, s)
         config = QdrantConfig.from_settings(s, self.encoder.dim, getattr(self.encoder, "dense_dim", None))
         self.catalog = QdrantCatalog(config)
-        await asyncio.to_thread(self.catalog.open)
+        while True:  # a cluster still starting (or unreachable) is waited for; /ready says 503 meanwhile
+            try:
+                with qdrant_errors():
+                    await asyncio.to_thread(self.catalog.open)
+                break
+            except BackendUnavailable as exc:
+                self.waiting_for = str(exc)
+                logger.warning("waiting for the Qdrant cluster: %s", exc)
+                await asyncio.sleep(QDRANT_RETRY_S)
+        self.waiting_for = None
         self.encoders = Encoders(self.encoder, checkpoint_root(s.data_dir), self._encoder_loader)
         self.preparer = DocumentPreparer(self.encoder, s.chunker)
         self.documents = DocumentIngest(s, self.store, self.preparer, lambda: None)
@@ -179,17 +190,22 @@ class StatelessService(SearchService):
     def writer_state(self):
         return None
 
+    async def _catalog(self, fn, *args):
+        """A catalog call off the event loop, Qdrant's failures as the API's errors."""
+        with qdrant_errors():
+            return await asyncio.to_thread(fn, *args)
+
     # -- collections -----------------------------------------------------------------
 
     # (The routes pass a collection row back to describe_collection only: here, a Qdrant one.)
     async def create_collection(self, name: str, description: str | None) -> CatalogCollection:  # type: ignore[override]
-        return await asyncio.to_thread(self.catalog.create_collection, check_collection_name(name), description)
+        return await self._catalog(self.catalog.create_collection, check_collection_name(name), description)
 
     async def get_collection(self, name: str) -> CatalogCollection:  # type: ignore[override]
-        return await asyncio.to_thread(self.catalog.get_collection, check_collection_name(name))
+        return await self._catalog(self.catalog.get_collection, check_collection_name(name))
 
     async def describe_collection(self, row: CatalogCollection) -> dict:  # type: ignore[override]
-        counts = await asyncio.to_thread(self.catalog.counts, row.id)
+        counts = await self._catalog(self.catalog.counts, row.id)
         return {
             "name": row.name,
             "description": row.description,
@@ -202,11 +218,11 @@ class StatelessService(SearchService):
         }
 
     async def list_collections(self) -> list[dict]:
-        rows = await asyncio.to_thread(self.catalog.list_collections)
+        rows = await self._catalog(self.catalog.list_collections)
         return [await self.describe_collection(row) for row in rows]
 
     async def delete_collection(self, name: str) -> None:
-        await asyncio.to_thread(self.catalog.delete_collection, check_collection_name(name))
+        await self._catalog(self.catalog.delete_collection, check_collection_name(name))
 
     async def start_reindex(self, name: str, checkpoint: str | None):
         raise Conflict(NOT_STATELESS)
@@ -243,7 +259,8 @@ class StatelessService(SearchService):
         ]
 
     async def _ingest(self, collection: CatalogCollection, prepared: list[NewDocument]) -> list[dict]:
-        return await asyncio.get_running_loop().run_in_executor(self._ingester, self._write, collection, prepared)
+        with qdrant_errors():
+            return await asyncio.get_running_loop().run_in_executor(self._ingester, self._write, collection, prepared)
 
     async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
         """Acknowledged once Qdrant holds them (``wait`` has nothing to wait for)."""
@@ -255,15 +272,15 @@ class StatelessService(SearchService):
 
     async def get_document(self, name: str, document_id: str) -> dict:
         collection = await self.get_collection(name)
-        return await asyncio.to_thread(self.catalog.get_document, collection.id, document_id)
+        return await self._catalog(self.catalog.get_document, collection.id, document_id)
 
     async def list_documents(self, name: str, limit: int, offset: int) -> tuple[list[dict], int]:
         collection = await self.get_collection(name)
-        return await asyncio.to_thread(self.catalog.list_documents, collection.id, limit, offset)
+        return await self._catalog(self.catalog.list_documents, collection.id, limit, offset)
 
     async def delete_document(self, name: str, document_id: str) -> None:
         collection = await self.get_collection(name)
-        await asyncio.to_thread(self.catalog.delete_document, collection.id, document_id)
+        await self._catalog(self.catalog.delete_document, collection.id, document_id)
 
     # -- files -----------------------------------------------------------------------
 
@@ -281,7 +298,7 @@ class StatelessService(SearchService):
     async def _index_file(self, item: QueuedFile, prepared: list[NewDocument]) -> None:
         name = await self.store.collection_name(item.collection_id)
         try:
-            collection = await asyncio.to_thread(self.catalog.get_collection, name or "")
+            collection = await self._catalog(self.catalog.get_collection, name or "")
         except CollectionNotFound:
             await self.store.jobs.fail_file(item.id, "the collection was deleted")
             return

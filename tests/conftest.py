@@ -61,14 +61,14 @@ class RunningApp:
         self.manager = None
         self.client: httpx.AsyncClient | None = None
 
-    async def start(self) -> httpx.AsyncClient:
+    async def start(self, ready_timeout: float = 300) -> httpx.AsyncClient:
         self.app = create_app(self.settings)
         self.manager = LifespanManager(self.app, startup_timeout=600, shutdown_timeout=120)
         await self.manager.__aenter__()
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.manager.app), base_url="http://localhost"
         )
-        await wait_ready(self.client)
+        await wait_ready(self.client, ready_timeout)  # (TimeoutError: started, not ready; stop() it)
         return self.client
 
     async def stop(self) -> None:

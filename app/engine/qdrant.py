@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 from qdrant_client import QdrantClient
 from qdrant_client import models as qm
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from app.engine.backend import (
     IndexStats,
@@ -71,6 +72,7 @@ from app.engine.backend import (
     SearchRequest,
     SearchResult,
 )
+from app.errors import BackendUnavailable, InvalidInput
 from app.settings import Settings
 
 logger = logging.getLogger("app.engine")
@@ -239,6 +241,21 @@ def query_vectors(Q: torch.Tensor) -> list[list[float]]:
     """A query's token vectors for MaxSim (1 x L x dim; padding rows dropped)."""
     vectors = Q[0].float()
     return vectors[vectors.abs().sum(-1) > 0].numpy().tolist()
+
+
+@contextlib.contextmanager
+def qdrant_errors():
+    """A Qdrant cluster's failures as the API's errors: unreachable or
+    failing (5xx) is 503 ``backend_unavailable``, a request it refuses (400)
+    is 422."""
+    try:
+        yield
+    except UnexpectedResponse as exc:
+        if exc.status_code == 400:
+            raise InvalidInput(f"Qdrant refused the request: {exc.content.decode(errors='replace')[:300]}") from exc
+        raise BackendUnavailable(f"the Qdrant cluster answered {exc.status_code}") from exc
+    except ResponseHandlingException as exc:
+        raise BackendUnavailable(f"the Qdrant cluster did not answer: {type(exc.source).__name__}") from exc
 
 
 def is_missing(exc: Exception) -> bool:

@@ -5,6 +5,7 @@ Each sees the other's writes at once, and one restarting loses nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -148,3 +149,44 @@ async def test_reindexing_is_refused_and_deleting_a_collection_is_seen_by_both(p
     assert_error(await a.post("/v1/collections/filtered/search", json={"query": "committee"}), 404)
     assert (await a.post("/v1/collections", json={"name": "filtered"})).status_code == 201
     assert (await b.get("/v1/collections/filtered")).json()["documents"] == 0
+
+
+async def test_an_unreachable_cluster_is_a_503_with_its_reason(tmp_path, checkpoint_dir):
+    from tests.conftest import free_port
+
+    settings = make_settings(
+        tmp_path, checkpoint_dir, index_backend="qdrant", stateless=True, qdrant_url=f"http://127.0.0.1:{free_port()}"
+    )
+    running = RunningApp(settings)
+    with pytest.raises(TimeoutError):  # never ready: it waits for the cluster
+        await running.start(ready_timeout=8)
+    client = running.client
+    assert (await client.get("/health")).status_code == 200
+    r = await client.get("/ready")
+    assert_error(r, 503)
+    assert "waiting for the index backend" in r.json()["error"]["message"]
+    assert_error(await client.post("/v1/collections/x/search", json={"query": "q"}), 503)
+    await running.stop()
+
+
+async def test_roles_split_serving_from_ingest_over_one_data_directory(tmp_path, checkpoint_dir, pair):
+    """An api process queues an upload on the data directory it shares with
+    an ingest process, which writes it to Qdrant: both then serve it."""
+    common = {**pair["a"].settings.model_dump(include={"index_backend", "stateless", "qdrant_prefix"})}
+    store = pair["a"].settings.qdrant_path
+    qdrant = {"qdrant_path": store} if store else {"qdrant_url": pair["a"].settings.qdrant_url}
+    api = RunningApp(make_settings(tmp_path, checkpoint_dir, server_role="api", **common, **qdrant))
+    await api.start()
+    job = await upload(api.client, "shared", {"roles.txt": b"The api role queues; the ingest role drains the queue."})
+    await asyncio.sleep(1.5)
+    assert (await api.client.get(f"/v1/jobs/{job['id']}")).json()["state"] == "queued"  # nobody drains it yet
+    ingest = RunningApp(make_settings(tmp_path, checkpoint_dir, server_role="ingest", **common, **qdrant))
+    await ingest.start()
+    try:
+        job = await wait_job(api.client, job["id"])
+        assert job["state"] == "done", job
+        hits = await search(pair["b"].client, "shared", query="which role drains the queue", k=1)
+        assert hits[0]["document_id"] == job["files"][0]["document_id"]
+    finally:
+        await ingest.stop()
+        await api.stop()
