@@ -43,8 +43,9 @@ def readiness(request: Request) -> tuple[bool, str, dict]:
         details["answers"] = answers.state()
     if startup is not None and startup.done() and not startup.cancelled() and startup.exception() is not None:
         return False, f"start-up failed ({type(startup.exception()).__name__}); see the server log", details
-    if getattr(service, "waiting_for", None):
-        return False, f"waiting for the index backend ({service.waiting_for})", details
+    waiting_for = getattr(service, "waiting_for", None)
+    if waiting_for:
+        return False, f"waiting for the index backend ({waiting_for})", details
     if not details["models_loaded"]:
         return False, "models are still loading", details
     # (The stateless tier has no writer; nor does a process of the api role.)
