@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from app.errors import CollectionNotFound, ServerError
-from app.service import SearchService, UploadedFile
+from app.factory import service_for
+from app.service import UploadedFile
 from app.settings import Settings
 from app.tune import TuneConfig
 
@@ -47,7 +48,7 @@ def collect(folder: Path) -> list[Path]:
 
 
 async def ingest(settings: Settings, folder: Path, collection: str, metadata: dict | None, create: bool) -> int:
-    service = SearchService(settings)
+    service = service_for(settings)  # (the stateless tier's: the files go to Qdrant)
     await service.astart()
     try:
         try:

@@ -26,7 +26,7 @@ def _log_startup_failure(task: asyncio.Task) -> None:
         logger.error("start-up failed; /ready stays 503", exc_info=task.exception())
 
 
-def service_for(settings: Settings, metrics) -> SearchService:
+def service_for(settings: Settings, metrics=None) -> SearchService:
     """The single-node service, or the stateless tier's (``stateless``)."""
     if settings.stateless:
         from app.stateless import StatelessService

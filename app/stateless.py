@@ -43,7 +43,7 @@ from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, 
 from app.engine.qdrant_catalog import CatalogCollection, QdrantCatalog, chunk_filter
 from app.engine.rerank import load_reranker
 from app.engine.retrieval import DEFAULT, Retrieval
-from app.engine.search import Ranking, Searcher, SearchHit, fuse
+from app.engine.search import Ranking, Searcher, SearchHit, maxsim_scale
 from app.errors import BackendUnavailable, CollectionNotFound, Conflict, InvalidInput
 from app.ingest.documents import DocumentIngest
 from app.ingest.jobs import JobRunner, UploadedFile, job_files
@@ -97,7 +97,7 @@ class StatelessSearcher(Searcher):
             if plan.uses("colbert") or plan.fusion == "rescore":
                 assert Q is not None
                 exact = cat.search(COLBERT, query_vectors(Q), len(ids), union)
-                per_vector = 1.0 / max(int((Q[0].abs().sum(-1) > 0).sum()), 1) if plan.fusion == "sum" else 1.0
+                per_vector = maxsim_scale(Q, plan.fusion)
                 signals["colbert"] = [(h.chunk_id, s * per_vector) for h, s, _ in exact]
             if plan.uses("dense") and q is not None:
                 scored = cat.search(DENSE, q.reshape(-1).float().numpy().tolist(), len(ids), union)
@@ -105,35 +105,16 @@ class StatelessSearcher(Searcher):
         return signals, hits
 
     async def search(self, name: str, query: str, k: int, retrieval: Retrieval = DEFAULT) -> list[SearchHit]:
-        if not query or not query.strip():
-            raise InvalidInput("query is empty")
-        started = time.perf_counter()
-        choice = FieldChoice.of(retrieval.fields, retrieval.field_weights)
-        reranking = self.reranker is not None and retrieval.rerank is not False
-        wanted, k = k, max(choice.depth(k), self.settings.rerank_depth if reranking else k)
-        plan = self.plan(k, retrieval.mode, retrieval.fusion, retrieval.weights)
+        started, wanted = time.perf_counter(), k
+        choice, reranking, k, plan = self.prepare(query, k, retrieval)
         with qdrant_errors():
             collection = await asyncio.to_thread(self.catalog.get_collection, name)
             if retrieval.where is not None:
                 await asyncio.to_thread(self.catalog.ensure_indexes, retrieval.where)
             signals, hits = await self._run(self._signals, query, plan, collection, retrieval.where, choice, k)
-        if plan.mode != "hybrid":
-            ranked = signals.get(plan.mode, [])[:k]
-        elif plan.fusion == "rescore":
-            ranked = signals.get("colbert", [])[:k]
-        else:
-            keyword = signals.get("keyword")
-            if plan.fusion == "sum" and keyword:
-                best = max(score for _, score in keyword) or 1.0
-                signals["keyword"] = [(pid, score / best) for pid, score in keyword]
-            ranked = fuse(signals, plan.weights, plan.fusion)[:k]
+        ranked = self.rank(plan, signals, k)
         out = [SearchHit(hits[pid], float(score), rank) for rank, (pid, score) in enumerate(ranked, 1)]
-        if reranking:
-            out = await self._rerank(query, choice.weigh(out, max(wanted, self.settings.rerank_depth)), wanted)
-        else:
-            out = choice.weigh(out, wanted)
-        self.metrics.search_seconds.labels(plan.mode).observe(time.perf_counter() - started)
-        return out
+        return await self.finish(query, out, choice, reranking, wanted, plan, started)
 
 
 class StatelessService(SearchService):

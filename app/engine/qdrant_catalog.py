@@ -63,15 +63,26 @@ class CatalogCollection:
 
 
 def _match(key: str, value: Any) -> qm.Condition:
-    if isinstance(value, float) and not value.is_integer():
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # 3 matches 3.0, as in SQL
         return qm.FieldCondition(key=key, range=qm.Range(gte=value, lte=value))
-    if isinstance(value, float):
-        value = int(value)
     return qm.FieldCondition(key=key, match=qm.MatchValue(value=value))
 
 
+def _any(key: str, values: list) -> list[qm.Condition]:
+    """Conditions one of which matches any of ``values``: the strings in one."""
+    strings = [v for v in values if isinstance(v, str)]
+    out = [_match(key, v) for v in values if not isinstance(v, str)]
+    if strings:
+        out.append(qm.FieldCondition(key=key, match=qm.MatchAny(any=strings)))
+    return out
+
+
 def _key(name: str) -> str:
-    return "doc" if name == "$document_id" else f"metadata.{name}"
+    if name == "$document_id":
+        return "doc"
+    if any(c in name for c in '.[]"'):  # Qdrant reads these as a path into nested objects
+        raise InvalidInput(f"filter key {name!r}: keys with . [ ] or quotes cannot be filtered on with Qdrant")
+    return f"metadata.{name}"
 
 
 def _range(key: str, op: str, value: Any) -> qm.Condition:
@@ -96,9 +107,9 @@ def _condition(name: str, spec: Any) -> qm.Filter:
                 qm.Filter(must_not=[_match(key, value), qm.IsEmptyCondition(is_empty=qm.PayloadField(key=key))])
             )
         elif op == "$in":
-            must.append(qm.Filter(should=[_match(key, v) for v in value]))
+            must.append(qm.Filter(should=_any(key, value)))
         elif op == "$nin":  # a document without the key matches, as in SQL's IS NULL OR NOT IN
-            must.append(qm.Filter(must_not=[_match(key, v) for v in value]))
+            must.append(qm.Filter(must_not=_any(key, value)))
         else:
             must.append(_range(name, op, value))
     return qm.Filter(must=must)

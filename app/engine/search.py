@@ -82,6 +82,12 @@ def fuse(signals: dict[str, Ranking], weights: dict[str, float], method: str) ->
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
 
 
+def maxsim_scale(Q: torch.Tensor, fusion: str) -> float:
+    """What MaxSim is multiplied by in a ``sum`` fusion: it sums a cosine per
+    query vector, so per vector it is on the dense cosine's scale."""
+    return 1.0 / max(int((Q[0].abs().sum(-1) > 0).sum()), 1) if fusion == "sum" else 1.0
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one search computes: the signals that give candidates and count in the score."""
@@ -193,8 +199,7 @@ class Searcher:
         signals: dict[str, Ranking] = {}
         if plan.uses("colbert") or plan.fusion == "rescore":
             exact = snapshot.search(Q, self.request(len(union), query, q), alive, candidates)
-            # MaxSim sums a cosine per query vector: per vector, it is on the dense cosine's scale.
-            per_vector = 1.0 / max(int((Q[0].abs().sum(-1) > 0).sum()), 1) if plan.fusion == "sum" else 1.0
+            per_vector = maxsim_scale(Q, plan.fusion)
             signals["colbert"] = [(pid, score * per_vector) for pid, score in zip(exact.passage_ids, exact.scores)]
         if plan.uses("dense") and q is not None:
             scores = snapshot.dense_scores(q, candidates)
@@ -216,15 +221,10 @@ class Searcher:
         """Ranked chunks, retrieved as ``retrieval`` says (:class:`Retrieval`).
         Field weights apply first and choose which candidates the reranker
         sees; the reranker's order is the answer."""
-        if not query or not query.strip():
-            raise InvalidInput("query is empty")
+        wanted = k
         started = time.perf_counter()
         where = retrieval.where
-        choice = FieldChoice.of(retrieval.fields, retrieval.field_weights)
-        reranking = self.reranker is not None and retrieval.rerank is not False
-        # Retrieval's k: deeper when field weights re-rank, or a reranker re-scores, the candidates.
-        wanted, k = k, max(choice.depth(k), self.settings.rerank_depth if reranking else k)
-        plan = self.plan(k, retrieval.mode, retrieval.fusion, retrieval.weights)
+        choice, reranking, k, plan = self.prepare(query, k, retrieval)
         collection_id, cached = await self.snapshots.get(name)
         if where is not None:
             compile_filter(where)  # refuse a bad filter before any work
@@ -238,24 +238,53 @@ class Searcher:
                 ids = await self.store.allowed_passage_ids(collection_id, where, choice.filter)
                 allowed = torch.tensor(ids, dtype=torch.int64)
             signals.update(await self._run(self._vector_signals, query, plan, cached, allowed, keyword, k))
-        if plan.mode != "hybrid":
-            ranked = signals.get(plan.mode, [])[:k]
-        elif plan.fusion == "rescore":  # exact MaxSim ranks every signal's candidates
-            ranked = signals.get("colbert", [])[:k]
-        else:
-            if plan.fusion == "sum" and keyword:  # BM25 is unbounded: relative to the query's best match
-                best = max(score for _, score in keyword) or 1.0
-                signals["keyword"] = [(pid, score / best) for pid, score in keyword]
-            ranked = fuse(signals, plan.weights, plan.fusion)[:k]
+        ranked = self.rank(plan, signals, k)
         hits = await self.store.fetch_hits(collection_id, [pid for pid, _ in ranked])
         out: list[SearchHit] = []
         for pid, score in ranked:
             hit = hits.get(pid)
             if hit is not None:  # deleted between scoring and the join
                 out.append(SearchHit(hit, float(score), len(out) + 1))
+        return await self.finish(query, out, choice, reranking, wanted, plan, started)
+
+    def prepare(self, query: str, k: int, retrieval: Retrieval) -> tuple[FieldChoice, bool, int, Plan]:
+        """(field choice, whether the reranker runs, retrieval's k, plan):
+        retrieval goes deeper than ``k`` when field weights re-rank, or a
+        reranker re-scores, the candidates."""
+        if not query or not query.strip():
+            raise InvalidInput("query is empty")
+        choice = FieldChoice.of(retrieval.fields, retrieval.field_weights)
+        reranking = self.reranker is not None and retrieval.rerank is not False
+        k = max(choice.depth(k), self.settings.rerank_depth if reranking else k)
+        return choice, reranking, k, self.plan(k, retrieval.mode, retrieval.fusion, retrieval.weights)
+
+    @staticmethod
+    def rank(plan: Plan, signals: dict[str, Ranking], k: int) -> Ranking:
+        """The top ``k`` from the signals' scored candidates, as the plan says."""
+        if plan.mode != "hybrid":
+            return signals.get(plan.mode, [])[:k]
+        if plan.fusion == "rescore":  # exact MaxSim ranks every signal's candidates
+            return signals.get("colbert", [])[:k]
+        keyword = signals.get("keyword")
+        if plan.fusion == "sum" and keyword:  # BM25 is unbounded: relative to the query's best match
+            best = max(score for _, score in keyword) or 1.0
+            signals = {**signals, "keyword": [(pid, score / best) for pid, score in keyword]}
+        return fuse(signals, plan.weights, plan.fusion)[:k]
+
+    async def finish(
+        self,
+        query: str,
+        hits: list[SearchHit],
+        choice: FieldChoice,
+        reranking: bool,
+        wanted: int,
+        plan: Plan,
+        started: float,
+    ) -> list[SearchHit]:
+        """The ``wanted`` hits: field weights first, then the reranker's order."""
         if reranking:  # the weighted candidates, then the reranker's order
-            out = await self._rerank(query, choice.weigh(out, max(wanted, self.settings.rerank_depth)), wanted)
+            hits = await self._rerank(query, choice.weigh(hits, max(wanted, self.settings.rerank_depth)), wanted)
         else:
-            out = choice.weigh(out, wanted)
+            hits = choice.weigh(hits, wanted)
         self.metrics.search_seconds.labels(plan.mode).observe(time.perf_counter() - started)
-        return out
+        return hits

@@ -190,3 +190,42 @@ async def test_roles_split_serving_from_ingest_over_one_data_directory(tmp_path,
     finally:
         await ingest.stop()
         await api.stop()
+
+
+@pytest.mark.skipif(not os.environ.get("QDRANT_URL"), reason="QDRANT_URL is not set (no Qdrant server here)")
+def test_two_server_processes_over_a_real_cluster(tmp_path, checkpoint_dir):
+    """With a real Qdrant: two uvicorn processes, each its own data
+    directory; a write through one is searchable through the other at once,
+    and one killed with SIGKILL and started again loses nothing."""
+    import httpx
+
+    from tests.conftest import ServerProcess
+
+    env = {
+        "COLBERT_SERVER_INDEX_BACKEND": "qdrant",
+        "COLBERT_SERVER_STATELESS": "true",
+        "COLBERT_SERVER_QDRANT_URL": os.environ["QDRANT_URL"],
+        "COLBERT_SERVER_QDRANT_API_KEY": os.environ.get("QDRANT_API_KEY", ""),
+        "COLBERT_SERVER_QDRANT_PREFIX": f"p{uuid.uuid4().hex[:8]}",
+        "COLBERT_SERVER_ANSWER_PRELOAD": "false",
+    }
+    servers = [ServerProcess(tmp_path / name, checkpoint_dir, env) for name in ("one", "two")]
+    try:
+        for server in servers:
+            server.wait_ready()
+        one, two = (httpx.Client(base_url=s.url, timeout=60) for s in servers)
+        assert one.post("/v1/collections", json={"name": "procs"}).status_code == 201
+        assert one.post("/v1/collections/procs/documents", json={"documents": docs(40)}).status_code == 200
+        hits = two.post("/v1/collections/procs/search", json={"query": "Report 21 covers geology", "k": 3}).json()
+        assert hits["results"][0]["document_id"] == "doc-21", servers[1].log_tail()
+        servers[0].kill9()
+        servers[0] = ServerProcess(tmp_path / "one", checkpoint_dir, env)
+        servers[0].wait_ready()
+        again = httpx.Client(base_url=servers[0].url, timeout=60)
+        assert again.get("/v1/collections/procs").json()["documents"] == 40
+        hits = again.post("/v1/collections/procs/search", json={"query": "Report 21 covers geology", "k": 3}).json()
+        assert hits["results"][0]["document_id"] == "doc-21"
+        again.delete("/v1/collections/procs")
+    finally:
+        for server in servers:
+            server.stop()
