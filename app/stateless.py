@@ -277,12 +277,22 @@ class StatelessService(SearchService):
         return await self.store.jobs.create(local, job_files(files, metadata))
 
     async def _index_file(self, item: QueuedFile, prepared: list[NewDocument]) -> None:
+        """The file's document written to Qdrant, then the file finished. While
+        the cluster does not answer, the file waits (queued, within the one
+        attempt already counted) rather than failing: an outage fails nothing."""
         name = await self.store.collection_name(item.collection_id)
-        try:
-            collection = await self._catalog(self.catalog.get_collection, name or "")
-        except CollectionNotFound:
-            await self.store.jobs.fail_file(item.id, "the collection was deleted")
-            return
-        results = await self._ingest(collection, prepared)
+        delay = QDRANT_RETRY_S
+        while True:
+            try:
+                collection = await self._catalog(self.catalog.get_collection, name or "")
+                results = await self._ingest(collection, prepared)
+                break
+            except CollectionNotFound:
+                await self.store.jobs.fail_file(item.id, "the collection was deleted")
+                return
+            except BackendUnavailable as exc:
+                logger.warning("upload %s waits for the Qdrant cluster: %s", item.filename, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         state = "unchanged" if results[0]["status"] == "unchanged" else "added"
         await self.store.jobs.finish_file(item.id, state, sum(len(d.chunks) for d in prepared))

@@ -32,6 +32,15 @@ def shared_models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared-models")
 
 
+@pytest.fixture(scope="module")
+def fake_lm():
+    """A fake OpenAI-compatible LM server (answers without a model)."""
+    from tests.answer.fake_openai import FakeOpenAIServer
+
+    with FakeOpenAIServer() as fake:
+        yield fake
+
+
 def make_settings(data_dir: Path, checkpoint: Path, **overrides) -> Settings:
     return Settings(
         _env_file=None,

@@ -56,7 +56,7 @@ import threading
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -128,21 +128,11 @@ class QdrantConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, dim: int, dense_dim: int | None) -> QdrantConfig:
-        return cls(
-            dim=dim,
-            dense_dim=dense_dim,
-            url=settings.qdrant_url,
-            path=settings.qdrant_path,
-            api_key=settings.qdrant_api_key,
-            prefix=settings.qdrant_prefix,
-            shards=settings.qdrant_shards,
-            replication_factor=settings.qdrant_replication_factor,
-            write_consistency=settings.qdrant_write_consistency,
-            on_disk=settings.qdrant_on_disk,
-            vector_storage=settings.qdrant_vector_storage,
-            prefetch=settings.qdrant_prefetch,
-            timeout_s=settings.qdrant_timeout_s,
-        )
+        """The encoder's sizes, and every other field from its ``qdrant_`` setting."""
+        named = {
+            f.name: getattr(settings, f"qdrant_{f.name}") for f in fields(cls) if f.name not in ("dim", "dense_dim")
+        }
+        return cls(dim=dim, dense_dim=dense_dim, **named)
 
     @property
     def local(self) -> bool:

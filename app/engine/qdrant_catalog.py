@@ -245,7 +245,10 @@ class QdrantCatalog(QdrantStorage):
             raise CollectionExists(f"collection {name!r} already exists")
         payload = {"id": uuid.uuid4().hex, "name": name, "description": description, "created_at": time.time()}
         self._upsert_points(self.registry, [qm.PointStruct(id=key, vector={}, payload=payload)])
-        return self.get_collection(name)  # another server's creation of the same name may have won
+        row = self.get_collection(name)
+        if row.id != payload["id"]:  # another server created it at the same moment, and its write came last
+            raise CollectionExists(f"collection {name!r} already exists")
+        return row
 
     def get_collection(self, name: str) -> CatalogCollection:
         found = self._retrieve(self.registry, [str(uuid.uuid5(NAMESPACE, name))], True)

@@ -131,12 +131,6 @@ def make_settings_for_lm(fake, **overrides):
 
 
 @pytest.fixture(scope="module")
-def fake_lm():
-    with FakeOpenAIServer() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 async def answer_app(tmp_path_factory, checkpoint_dir, shared_models_dir, fake_lm):
     running = RunningApp(
         make_settings(

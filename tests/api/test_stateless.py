@@ -33,17 +33,23 @@ def docs(n: int, prefix: str = "doc") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-async def pair(tmp_path_factory, checkpoint_dir):
-    """Instances a and b over one Qdrant store."""
+async def pair(tmp_path_factory, checkpoint_dir, shared_models_dir, fake_lm):
+    """Instances a and b over one Qdrant store (answers from a fake OpenAI-compatible LM)."""
     store = tmp_path_factory.mktemp("qdrant-store")
     if os.environ.get("QDRANT_URL"):
         qdrant = {"qdrant_url": os.environ["QDRANT_URL"], "qdrant_api_key": os.environ.get("QDRANT_API_KEY", "")}
     else:
         qdrant = {"qdrant_path": store}
     common = {"index_backend": "qdrant", "stateless": True, "qdrant_prefix": f"t{uuid.uuid4().hex[:8]}", **qdrant}
+    answers = {
+        "models_dir": shared_models_dir,
+        "answer_lm": "openai/fake-model",
+        "answer_lm_base_url": fake_lm.base_url,
+        "answer_lm_api_key": "fake",
+    }
     apps = {}
     for name in ("a", "b"):
-        settings = make_settings(tmp_path_factory.mktemp(f"instance-{name}"), checkpoint_dir, **common)
+        settings = make_settings(tmp_path_factory.mktemp(f"instance-{name}"), checkpoint_dir, **common, **answers)
         apps[name] = RunningApp(settings)
         await apps[name].start()
     yield apps
@@ -68,6 +74,14 @@ async def test_each_instance_sees_the_others_writes_at_once(pair):
         hits = await search(b, "shared", query="Report 37 covers geology", k=5, mode=mode)
         assert len(hits) == 5, mode
         assert hits[0]["document_id"] == "doc-37", (mode, hits[:2])
+    for fusion in ("normalized", "sum", "rescore"):
+        body = {"mode": "hybrid", "fusion": fusion, "weights": {"colbert": 1, "dense": 1, "keyword": 1}}
+        hits = await search(b, "shared", query="Report 37 covers geology", k=5, **body)
+        assert hits[0]["document_id"] == "doc-37", (fusion, hits[:2])
+    r = await b.post("/v1/collections/shared/answer", json={"question": "What does report 37 cover?", "k": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["context"][0]["document_id"] == "doc-37"
+    assert r.json()["citations"][0]["document_id"] == "doc-37"
     info = (await b.get("/v1/collections/shared")).json()
     assert info["documents"] == 60 and info["index"]["kind"] == "qdrant"
     assert [c["name"] for c in (await b.get("/v1/collections")).json()["collections"]] == ["shared"]
@@ -229,3 +243,28 @@ def test_two_server_processes_over_a_real_cluster(tmp_path, checkpoint_dir):
     finally:
         for server in servers:
             server.stop()
+
+
+async def test_an_upload_waits_out_a_cluster_outage_instead_of_failing(pair, monkeypatch):
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    import app.stateless
+
+    service = pair["a"].app.state.service
+    write = service.catalog.write_document
+    outage = {"calls": 0}
+
+    def down_for_a_while(*args):
+        outage["calls"] += 1
+        if outage["calls"] <= 4:  # more failures than a file has attempts
+            raise ResponseHandlingException(ConnectionRefusedError("qdrant is down"))
+        return write(*args)
+
+    monkeypatch.setattr(app.stateless, "QDRANT_RETRY_S", 0.05)
+    monkeypatch.setattr(service.catalog, "write_document", down_for_a_while)
+    files = {"outage.txt": b"The ferry crossed the strait in forty minutes."}
+    job = await wait_job(pair["a"].client, (await upload(pair["a"].client, "shared", files))["id"])
+    assert job["state"] == "done" and job["counts"]["added"] == 1, job
+    assert outage["calls"] == 5
+    hits = await search(pair["b"].client, "shared", query="how long did the ferry take", k=1)
+    assert hits[0]["document_id"] == job["files"][0]["document_id"]
