@@ -191,7 +191,8 @@ async def test_roles_split_serving_from_ingest_over_one_data_directory(tmp_path,
     qdrant = {"qdrant_path": store} if store else {"qdrant_url": pair["a"].settings.qdrant_url}
     api = RunningApp(make_settings(tmp_path, checkpoint_dir, server_role="api", **common, **qdrant))
     await api.start()
-    job = await upload(api.client, "shared", {"roles.txt": b"The api role queues; the ingest role drains the queue."})
+    assert (await api.client.post("/v1/collections", json={"name": "roles"})).status_code == 201
+    job = await upload(api.client, "roles", {"roles.txt": b"The api role queues; the ingest role drains the queue."})
     await asyncio.sleep(1.5)
     assert (await api.client.get(f"/v1/jobs/{job['id']}")).json()["state"] == "queued"  # nobody drains it yet
     ingest = RunningApp(make_settings(tmp_path, checkpoint_dir, server_role="ingest", **common, **qdrant))
@@ -199,7 +200,7 @@ async def test_roles_split_serving_from_ingest_over_one_data_directory(tmp_path,
     try:
         job = await wait_job(api.client, job["id"])
         assert job["state"] == "done", job
-        hits = await search(pair["b"].client, "shared", query="which role drains the queue", k=1)
+        hits = await search(pair["b"].client, "roles", query="which role drains the queue", k=1)
         assert hits[0]["document_id"] == job["files"][0]["document_id"]
     finally:
         await ingest.stop()
@@ -262,9 +263,82 @@ async def test_an_upload_waits_out_a_cluster_outage_instead_of_failing(pair, mon
 
     monkeypatch.setattr(app.stateless, "QDRANT_RETRY_S", 0.05)
     monkeypatch.setattr(service.catalog, "write_document", down_for_a_while)
+    assert (await pair["a"].client.post("/v1/collections", json={"name": "outage"})).status_code == 201
     files = {"outage.txt": b"The ferry crossed the strait in forty minutes."}
-    job = await wait_job(pair["a"].client, (await upload(pair["a"].client, "shared", files))["id"])
+    job = await wait_job(pair["a"].client, (await upload(pair["a"].client, "outage", files))["id"])
     assert job["state"] == "done" and job["counts"]["added"] == 1, job
     assert outage["calls"] == 5
-    hits = await search(pair["b"].client, "shared", query="how long did the ferry take", k=1)
+    hits = await search(pair["b"].client, "outage", query="how long did the ferry take", k=1)
     assert hits[0]["document_id"] == job["files"][0]["document_id"]
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_document(tmp_path, checkpoint_dir):
+    """A stateless server process (local mode in a directory) killed with
+    SIGKILL while it writes: every acknowledged document is there, whole,
+    after a restart, and each one written half-way is whole or absent."""
+    import threading
+    import time
+
+    import httpx
+
+    from tests.conftest import ServerProcess
+
+    env = {
+        "COLBERT_SERVER_INDEX_BACKEND": "qdrant",
+        "COLBERT_SERVER_STATELESS": "true",
+        "COLBERT_SERVER_QDRANT_PATH": str(tmp_path / "qdrant"),
+        "COLBERT_SERVER_ANSWER_PRELOAD": "false",
+    }
+    server = ServerProcess(tmp_path / "data", checkpoint_dir, env)
+    server.wait_ready()
+    httpx.post(server.url + "/v1/collections", json={"name": "crash"}).raise_for_status()
+
+    def make_doc(n: int) -> dict:  # several chunks each, so "half there" is observable
+        return {"id": f"rec-{n}", "text": " ".join(f"Part {p} of record {n} names marker{n}x{p}." for p in range(40))}
+
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def writer_loop():
+        n = 0
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while not stop.is_set():
+                batch = [make_doc(n + i) for i in range(3)]
+                n += 3
+                try:
+                    r = client.post("/v1/collections/crash/documents", json={"documents": batch})
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    acknowledged.extend(d["id"] for d in batch)
+
+    thread = threading.Thread(target=writer_loop)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # land the kill inside a later request
+    server.kill9()
+    stop.set()
+    thread.join(30)
+    server.log.close()
+    assert len(acknowledged) >= 12
+
+    restarted = ServerProcess(tmp_path / "data", checkpoint_dir, env)
+    try:
+        restarted.wait_ready()
+        with httpx.Client(base_url=restarted.url, timeout=60) as client:
+            expected_chunks = None
+            for doc_id in acknowledged:
+                r = client.get(f"/v1/collections/crash/documents/{doc_id}")
+                assert r.status_code == 200, (doc_id, r.text)
+                chunks = r.json()["chunks"]
+                expected_chunks = expected_chunks or len(chunks)
+                assert len(chunks) == expected_chunks > 1, doc_id
+            page = client.get("/v1/collections/crash/documents", params={"limit": 1000}).json()
+            for doc in page["documents"]:  # anything listed (acknowledged or not) is whole
+                assert doc["chunks"] == expected_chunks, doc
+            hits = client.post("/v1/collections/crash/search", json={"query": "marker3x7", "k": 1}).json()
+            assert hits["results"][0]["document_id"] == "rec-3"
+    finally:
+        restarted.stop()
