@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import re
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,13 +105,34 @@ def load_encoder(settings: Settings, checkpoint: str | None = None):
     return encoder
 
 
+def node_id(data_dir: Path) -> str:
+    """A data directory's own random id, made on first use."""
+    path = data_dir / "node-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"node-id.{os.getpid()}.tmp")
+        tmp.write_text(uuid.uuid4().hex[:12])
+        try:
+            os.link(tmp, path)  # whole, and only the first of several processes' ids
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        return path.read_text().strip()
+
+
 def index_backend(settings: Settings, encoder) -> IndexBackend:
     """The configured index backend (``index_backend``: plaid or qdrant)."""
     if settings.index_backend == "qdrant":
         from app.engine.qdrant import QdrantBackend, QdrantConfig
 
-        dense_dim = getattr(encoder, "dense_dim", None)
-        return QdrantBackend(QdrantConfig.from_settings(settings, encoder.dim, dense_dim))
+        config = QdrantConfig.from_settings(settings, encoder.dim, getattr(encoder, "dense_dim", None))
+        # This node's collections under a name of its own: the Qdrant collections
+        # of another server's data directory (on the same cluster, with the same
+        # prefix) are never taken for leftovers of this one's and dropped.
+        return QdrantBackend(dataclasses.replace(config, prefix=f"{config.prefix}_{node_id(settings.data_dir)}"))
     return PlaidBackend(PlaidConfig.from_settings(settings, encoder.dim, encoder.nbits))
 
 

@@ -234,6 +234,7 @@ class StatelessService(SearchService):
                 dense = encoded.dense[start : start + n] if encoded.dense is not None else None
                 self.catalog.write_document(collection.id, doc, vectors[start : start + n], dense)
                 start += n
+            self.catalog.check_alive(collection)
         written = {d.external_id for d in changed}
         return [
             {"id": d.external_id, "status": "indexed" if d.external_id in written else "unchanged"} for d in prepared

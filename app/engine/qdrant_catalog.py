@@ -196,14 +196,14 @@ class QdrantCatalog(QdrantStorage):
             self._create_if_missing(
                 self.chunks, lambda: self._create_collection(self.chunks, c.dense_dim, {"format": 1})
             )
-            for key, schema in (
-                ("c", qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True)),
-                ("doc", qm.PayloadSchemaType.KEYWORD),
-                ("kind", qm.PayloadSchemaType.KEYWORD),
-                ("field", qm.PayloadSchemaType.KEYWORD),
-                ("v", qm.PayloadSchemaType.INTEGER),
-            ):
-                self._payload_index(self.chunks, key, schema)
+        for key, schema in (  # (again at every start: a server that made the collection may have died first)
+            ("c", qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True)),
+            ("doc", qm.PayloadSchemaType.KEYWORD),
+            ("kind", qm.PayloadSchemaType.KEYWORD),
+            ("field", qm.PayloadSchemaType.KEYWORD),
+            ("v", qm.PayloadSchemaType.INTEGER),
+        ):
+            self._payload_index(self.chunks, key, schema)
         with self._calls:
             vectors = self.client.get_collection(self.chunks).config.params.vectors
         if not isinstance(vectors, dict) or COLBERT not in vectors or vectors[COLBERT].size != c.dim:
@@ -269,7 +269,22 @@ class QdrantCatalog(QdrantStorage):
     def delete_collection(self, name: str) -> None:
         row = self.get_collection(name)
         self._delete(self.registry, qm.PointIdsList(points=[str(uuid.uuid5(NAMESPACE, name))]))
-        self._delete(self.chunks, qm.FilterSelector(filter=_document_filter(row.id)))
+        self.drop_points(row.id)
+
+    def drop_points(self, collection_id: str) -> None:
+        self._delete(self.chunks, qm.FilterSelector(filter=_document_filter(collection_id)))
+
+    def check_alive(self, collection: CatalogCollection) -> None:
+        """After a write: when the collection was deleted (or deleted and
+        made again) meanwhile, what was written under its old id is dropped
+        and the write refused, rather than left where nobody reads it."""
+        try:
+            current = self.get_collection(collection.name)
+        except CollectionNotFound:
+            current = None
+        if current is None or current.id != collection.id:
+            self.drop_points(collection.id)
+            raise CollectionNotFound(f"collection {collection.name!r} was deleted during the write")
 
     def counts(self, collection_id: str) -> dict:
         return {

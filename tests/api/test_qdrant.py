@@ -86,3 +86,22 @@ async def test_a_restart_loses_nothing(qdrant_app):
     assert [h["score"] for h in after] == pytest.approx([h["score"] for h in before], abs=1e-3)
     hits = await search(qdrant_app.client, query="airships and lifting gas", k=1)
     assert hits[0]["document_id"] == "doc-5"
+
+
+async def test_another_node_on_the_same_qdrant_leaves_this_ones_collections_alone(qdrant_app, tmp_path, checkpoint_dir):
+    """Two single-node servers (each its own data directory) over one Qdrant:
+    the second's start-up recovery does not take the first's collections
+    for leftovers of its own."""
+    other = RunningApp(
+        make_settings(tmp_path, checkpoint_dir, index_backend="qdrant", qdrant_path=qdrant_app.settings.qdrant_path)
+    )
+    await other.start()
+    try:
+        await create(other.client, "reports")  # the same name, another node's collection
+        await upsert(other.client, "reports", [{"id": "elsewhere", "text": "Only the other node has this."}])
+        hits = await search(other.client, query="which node has this", k=5)
+        assert [h["document_id"] for h in hits] == ["elsewhere"]
+    finally:
+        await other.stop()
+    hits = await search(qdrant_app.client, query="the chemistry committee in 2003", k=10)
+    assert len(hits) == 10 and "elsewhere" not in {h["document_id"] for h in hits}

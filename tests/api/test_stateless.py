@@ -173,7 +173,7 @@ async def test_an_unreachable_cluster_is_a_503_with_its_reason(tmp_path, checkpo
     )
     running = RunningApp(settings)
     with pytest.raises(TimeoutError):  # never ready: it waits for the cluster
-        await running.start(ready_timeout=8)
+        await running.start(ready_timeout=3)
     client = running.client
     assert (await client.get("/health")).status_code == 200
     r = await client.get("/ready")

@@ -128,3 +128,18 @@ def test_fields_restrict_chunks(pair):
     found = a.search(COLBERT, query_vectors(Q), 5, chunk_filter(cid, None, FieldFilter(exclude=("summary",))))
     assert [h.field for h, _, _ in found] == ["text"]
     assert point_id(cid, "f", 0) != point_id(cid, "f", 1) != point_id(cid, "f")
+
+
+def test_a_write_racing_the_collections_deletion_leaves_nothing_behind(pair):
+    a, b = pair
+    row = a.create_collection("zoo", None)
+    write(a, row.id, "d", ["the camel is red"])
+    a.check_alive(row)  # still there: nothing happens
+    b.delete_collection("zoo")
+    write(a, row.id, "late", ["the gecko is green"])  # its collection resolved before the delete
+    with pytest.raises(CollectionNotFound):
+        a.check_alive(row)
+    assert a.counts(row.id)["chunks"] == 0
+    b.create_collection("zoo", None)
+    with pytest.raises(CollectionNotFound):  # made again: another id
+        a.check_alive(row)
