@@ -160,6 +160,46 @@ class ServerProcess:
         self.log.close()
 
 
+def kill_during_writes(
+    server: ServerProcess, collection: str, make_doc, batch: int, at_least: int
+) -> tuple[list[str], list[str]]:
+    """Upsert batches of ``make_doc(n)`` into ``collection`` from a thread
+    until ``at_least`` documents are acknowledged, then SIGKILL the server
+    inside a later request: (ids sent, ids acknowledged)."""
+    import threading
+
+    acknowledged: list[str] = []
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def writer_loop():
+        n = 0
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            while not stop.is_set():
+                docs = [make_doc(n + i) for i in range(batch)]
+                sent.extend(d["id"] for d in docs)
+                n += batch
+                try:
+                    r = client.post(f"/v1/collections/{collection}/documents", json={"documents": docs})
+                except httpx.TransportError:
+                    return
+                if r.status_code == 200:
+                    acknowledged.extend(d["id"] for d in docs)
+
+    thread = threading.Thread(target=writer_loop)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # land the kill inside a later request
+    server.kill9()
+    stop.set()
+    thread.join(30)
+    server.log.close()
+    assert len(acknowledged) >= at_least
+    return sent, acknowledged
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fast_tier_loads_no_model(request):
     """``make test-fast`` (``-m "not slow"``) must not load the ColBERT model:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, kill_during_writes
 
 pytestmark = pytest.mark.slow
 
@@ -77,35 +76,7 @@ def test_kill_9_during_large_upserts_loses_no_acknowledged_write(tmp_path, check
         body = " ".join(f"Part {p} of record {n} mentions {words[(n + p) % 10]} and marker{n}x{p}." for p in range(60))
         return {"id": f"rec-{n}", "text": body}
 
-    acknowledged: list[str] = []
-    sent: list[str] = []
-    stop = threading.Event()
-
-    def writer_loop():
-        n = 0
-        with httpx.Client(base_url=server.url, timeout=120) as client:
-            while not stop.is_set():
-                batch = [make_doc(n + i) for i in range(4)]
-                sent.extend(d["id"] for d in batch)
-                n += 4
-                try:
-                    r = client.post("/v1/collections/crash/documents", json={"documents": batch})
-                except httpx.TransportError:
-                    return
-                if r.status_code == 200:
-                    acknowledged.extend(d["id"] for d in batch)
-
-    thread = threading.Thread(target=writer_loop)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while len(acknowledged) < 24 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # land the kill inside a later request
-    server.kill9()
-    stop.set()
-    thread.join(30)
-    server.log.close()
-    assert len(acknowledged) >= 24
+    sent, acknowledged = kill_during_writes(server, "crash", make_doc, batch=4, at_least=24)
 
     restarted = ServerProcess(data, checkpoint_dir, env)
     try:

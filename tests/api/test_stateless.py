@@ -276,12 +276,9 @@ def test_kill_9_during_writes_loses_no_acknowledged_document(tmp_path, checkpoin
     """A stateless server process (local mode in a directory) killed with
     SIGKILL while it writes: every acknowledged document is there, whole,
     after a restart, and each one written half-way is whole or absent."""
-    import threading
-    import time
-
     import httpx
 
-    from tests.conftest import ServerProcess
+    from tests.conftest import ServerProcess, kill_during_writes
 
     env = {
         "COLBERT_SERVER_INDEX_BACKEND": "qdrant",
@@ -296,33 +293,7 @@ def test_kill_9_during_writes_loses_no_acknowledged_document(tmp_path, checkpoin
     def make_doc(n: int) -> dict:  # several chunks each, so "half there" is observable
         return {"id": f"rec-{n}", "text": " ".join(f"Part {p} of record {n} names marker{n}x{p}." for p in range(40))}
 
-    acknowledged: list[str] = []
-    stop = threading.Event()
-
-    def writer_loop():
-        n = 0
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            while not stop.is_set():
-                batch = [make_doc(n + i) for i in range(3)]
-                n += 3
-                try:
-                    r = client.post("/v1/collections/crash/documents", json={"documents": batch})
-                except httpx.TransportError:
-                    return
-                if r.status_code == 200:
-                    acknowledged.extend(d["id"] for d in batch)
-
-    thread = threading.Thread(target=writer_loop)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while len(acknowledged) < 12 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.2)  # land the kill inside a later request
-    server.kill9()
-    stop.set()
-    thread.join(30)
-    server.log.close()
-    assert len(acknowledged) >= 12
+    _, acknowledged = kill_during_writes(server, "crash", make_doc, batch=3, at_least=12)
 
     restarted = ServerProcess(tmp_path / "data", checkpoint_dir, env)
     try:
