@@ -72,10 +72,15 @@ class NotReady(ServerError):
 
 
 class BackendUnavailable(ServerError):
-    """The index backend (a Qdrant cluster) did not answer: retry later."""
+    """The index backend (a Qdrant cluster) did not answer, or failed:
+    ``transient`` when retrying later may succeed (unreachable, 5xx, 429)."""
 
     status_code = 503
     code = "backend_unavailable"
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient  # (a machine's fault to the index writer either way)
 
 
 class IndexingFailed(ServerError):

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         pattern=r"^([1-9][0-9]?|majority|all)$",
         description="replicas that acknowledge a write: a number, majority or all",
     )
+    qdrant_read_consistency: str = Field(
+        default="1",
+        pattern=r"^([1-9][0-9]?|majority|quorum|all)$",
+        description="replicas a search asks: a number, majority, quorum or all",
+    )
     qdrant_on_disk: bool = Field(
         default=False, description="token vectors and payload on disk (memory-mapped) rather than in RAM"
     )

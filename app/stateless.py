@@ -8,9 +8,9 @@ number of machines, behind a load balancer, serve the same data.
 
 What replaces the single-writer lease: nothing needs one. Each write is
 idempotent points (ids from collection, document and chunk index) that
-Qdrant replicates through its own consensus and acknowledges once the
-configured replicas hold them (``QDRANT_WRITE_CONSISTENCY``); a search reads
-from enough replicas to overlap every acknowledged write. A document upsert
+Qdrant applies on every active replica and acknowledges once the configured
+number did (``QDRANT_WRITE_CONSISTENCY``); a search through any server then
+sees it. A document upsert
 answers after Qdrant acknowledged it: then every server's searches see it.
 
 What stays on an instance's own data directory: uploaded files, queued as
@@ -39,8 +39,15 @@ from qdrant_client import models as qm
 from app.engine.backend import IndexStats
 from app.engine.encoders import Encoders, checkpoint_root
 from app.engine.fields import FieldChoice
-from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, qdrant_errors, query_vectors
-from app.engine.qdrant_catalog import CatalogCollection, QdrantCatalog, chunk_filter
+from app.engine.lease import WriterLease
+from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, query_vectors
+from app.engine.qdrant_catalog import (
+    SCAN_MAX_CHUNKS,
+    CatalogCollection,
+    QdrantCatalog,
+    chunk_filter,
+    metadata_filter,
+)
 from app.engine.rerank import load_reranker
 from app.engine.retrieval import DEFAULT, Retrieval
 from app.engine.search import Ranking, Searcher, SearchHit, maxsim_scale
@@ -56,6 +63,7 @@ from app.validation import check_metadata
 logger = logging.getLogger("app.engine")
 
 QDRANT_RETRY_S = 2.0
+UPLOAD_OUTAGE_S = 3600.0  # an upload waits this long for an unreachable cluster, then fails
 NOT_STATELESS = "re-indexing and tuning need the single-node catalog (STATELESS=false)"
 
 
@@ -84,8 +92,10 @@ class StatelessSearcher(Searcher):
             assert Q is not None
             stages = cat.first_stages(q, query, condition, max(c.prefetch, depth)) if c.prefetch else None
             found["colbert"] = cat.search(COLBERT, query_vectors(Q), depth, condition, stages)
-            if stages and len(found["colbert"]) < depth:  # the first stages missed some allowed chunks: scan
-                found["colbert"] = cat.search(COLBERT, query_vectors(Q), depth, condition)
+            if stages and len(found["colbert"]) < depth:  # the first stages may have missed allowed chunks
+                matching = cat.count(condition)
+                if len(found["colbert"]) < matching <= SCAN_MAX_CHUNKS:  # few enough to scan them all
+                    found["colbert"] = cat.search(COLBERT, query_vectors(Q), depth, condition)
         hits = {h.chunk_id: h for ranked in found.values() for h, _, _ in ranked}
         signals: dict[str, Ranking] = {
             name: [(h.chunk_id, score) for h, score, _ in ranked] for name, ranked in found.items()
@@ -107,11 +117,13 @@ class StatelessSearcher(Searcher):
     async def search(self, name: str, query: str, k: int, retrieval: Retrieval = DEFAULT) -> list[SearchHit]:
         started, wanted = time.perf_counter(), k
         choice, reranking, k, plan = self.prepare(query, k, retrieval)
-        with qdrant_errors():
-            collection = await asyncio.to_thread(self.catalog.get_collection, name)
-            if retrieval.where is not None:
-                await asyncio.to_thread(self.catalog.ensure_indexes, retrieval.where)
-            signals, hits = await self._run(self._signals, query, plan, collection, retrieval.where, choice, k)
+        where = retrieval.where
+        if where is not None:
+            metadata_filter(where)  # refuse a bad filter before any work
+        collection = await asyncio.to_thread(self.catalog.get_collection, name)
+        if where is not None:
+            await asyncio.to_thread(self.catalog.ensure_indexes, where)
+        signals, hits = await self._run(self._signals, query, plan, collection, where, choice, k)
         ranked = self.rank(plan, signals, k)
         out = [SearchHit(hits[pid], float(score), rank) for rank, (pid, score) in enumerate(ranked, 1)]
         return await self.finish(query, out, choice, reranking, wanted, plan, started)
@@ -138,8 +150,7 @@ class StatelessService(SearchService):
         self.catalog = QdrantCatalog(config)
         while True:  # a cluster still starting (or unreachable) is waited for; /ready says 503 meanwhile
             try:
-                with qdrant_errors():
-                    await asyncio.to_thread(self.catalog.open)
+                await asyncio.to_thread(self.catalog.open)
                 break
             except BackendUnavailable as exc:
                 self.waiting_for = str(exc)
@@ -153,14 +164,20 @@ class StatelessService(SearchService):
             s, self.store, None, self.encoders, self._run, self.metrics, self.reranker, catalog=self.catalog
         )
         if s.server_role != "api":
+            # One process per data directory drains its uploads (several uvicorn
+            # workers share one): whichever holds the jobs lease.
+            self._jobs_lease = lease = WriterLease(s.data_dir / "jobs.lock")
             self._jobs = jobs = JobRunner(
-                s, self.store, self.preparer, lambda: None, lambda: True, index=self._index_file
+                s, self.store, self.preparer, lambda: None, lease.try_acquire, index=self._index_file
             )
             self._job_runner = asyncio.create_task(jobs.run())
         self.ready = True
 
     async def astop(self) -> None:
         await super().astop()
+        lease = getattr(self, "_jobs_lease", None)
+        if lease is not None:
+            lease.release()
         ingester = getattr(self, "_ingester", None)
         if ingester is not None:
             ingester.shutdown(wait=True, cancel_futures=True)
@@ -172,9 +189,9 @@ class StatelessService(SearchService):
         return None
 
     async def _catalog(self, fn, *args):
-        """A catalog call off the event loop, Qdrant's failures as the API's errors."""
-        with qdrant_errors():
-            return await asyncio.to_thread(fn, *args)
+        """A catalog call off the event loop, once the catalog is open (503 before)."""
+        self._require_ready()
+        return await asyncio.to_thread(fn, *args)
 
     # -- collections -----------------------------------------------------------------
 
@@ -205,17 +222,21 @@ class StatelessService(SearchService):
     async def delete_collection(self, name: str) -> None:
         await self._catalog(self.catalog.delete_collection, check_collection_name(name))
 
-    async def start_reindex(self, name: str, checkpoint: str | None):
+    async def _not_here(self, name: str):
+        await self.get_collection(name)  # a missing collection is 404 first
         raise Conflict(NOT_STATELESS)
+
+    async def start_reindex(self, name: str, checkpoint: str | None):
+        await self._not_here(name)
 
     async def cancel_reindex(self, name: str):
-        raise Conflict(NOT_STATELESS)
+        await self._not_here(name)
 
     async def start_tuning(self, name: str, options: dict, reindex: bool) -> dict:
-        raise Conflict(NOT_STATELESS)
+        return await self._not_here(name)
 
     async def tuning_job(self, name: str, job_id: str) -> dict:
-        raise Conflict(NOT_STATELESS)
+        return await self._not_here(name)
 
     # -- documents -------------------------------------------------------------------
 
@@ -228,21 +249,23 @@ class StatelessService(SearchService):
         if texts:
             encoded = self.encoder.encode_passages(texts)
             vectors = list(torch.split(encoded.embs, encoded.doclens))
-            start = 0
+            batch, start = [], 0
             for doc in changed:
                 n = len(doc.chunks)
                 dense = encoded.dense[start : start + n] if encoded.dense is not None else None
-                self.catalog.write_document(collection.id, doc, vectors[start : start + n], dense)
+                batch.append((doc, vectors[start : start + n], dense))
                 start += n
+            self.catalog.write_documents(collection.id, batch)
             self.catalog.check_alive(collection)
+        unchanged = {d.external_id: len(d.chunks) for d in prepared if d not in changed}
+        self.catalog.trim(collection.id, unchanged)  # what a write cut short after its chunks left
         written = {d.external_id for d in changed}
         return [
             {"id": d.external_id, "status": "indexed" if d.external_id in written else "unchanged"} for d in prepared
         ]
 
     async def _ingest(self, collection: CatalogCollection, prepared: list[NewDocument]) -> list[dict]:
-        with qdrant_errors():
-            return await asyncio.get_running_loop().run_in_executor(self._ingester, self._write, collection, prepared)
+        return await asyncio.get_running_loop().run_in_executor(self._ingester, self._write, collection, prepared)
 
     async def upsert_documents(self, name: str, docs: list[DocumentInput], wait: bool = True) -> list[dict]:
         """Acknowledged once Qdrant holds them (``wait`` has nothing to wait for)."""
@@ -282,7 +305,7 @@ class StatelessService(SearchService):
         the cluster does not answer, the file waits (queued, within the one
         attempt already counted) rather than failing: an outage fails nothing."""
         name = await self.store.collection_name(item.collection_id)
-        delay = QDRANT_RETRY_S
+        delay, deadline = QDRANT_RETRY_S, time.monotonic() + UPLOAD_OUTAGE_S
         while True:
             try:
                 collection = await self._catalog(self.catalog.get_collection, name or "")
@@ -292,6 +315,9 @@ class StatelessService(SearchService):
                 await self.store.jobs.fail_file(item.id, "the collection was deleted")
                 return
             except BackendUnavailable as exc:
+                if not exc.transient or time.monotonic() > deadline:  # a refusal, or an outage past the limit
+                    await self.store.jobs.fail_file(item.id, f"the Qdrant cluster did not take it: {exc}")
+                    return
                 logger.warning("upload %s waits for the Qdrant cluster: %s", item.filename, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)

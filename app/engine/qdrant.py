@@ -35,10 +35,12 @@ when the first stages found fewer than ``k`` of the allowed passages, MaxSim
 scans. PLAID instead gathers candidates from its centroids: the measured
 difference is in BENCHMARKS.md ("Qdrant backend").
 
-Consistency: writes wait for ``qdrant_write_consistency`` replicas; searches
-read from enough replicas that the two sets always overlap (R = RF - W + 1),
-so a write acknowledged through one server is seen by a search through any
-other.
+Consistency: a write runs on every active replica of its shard and is
+acknowledged once ``qdrant_write_consistency`` of them applied it (a
+replica that failed is marked inactive until it recovers), so a search that
+asks one replica (``qdrant_read_consistency``, default 1) already sees every
+acknowledged write, through any server; asking more replicas keeps only the
+points all of them hold.
 
 Local mode (``QdrantClient(path=...)`` or ``":memory:"``) runs the same calls
 in-process, one process per directory; its calls are serialised here (it is
@@ -78,7 +80,12 @@ from app.settings import Settings
 logger = logging.getLogger("app.engine")
 
 COLBERT, DENSE, SPARSE = "colbert", "dense", "bm25"
-UPSERT_POINTS = 64  # points per upsert call (a passage's token vectors are ~35 KB as JSON)
+# Token vectors per upsert request: as JSON a token vector is about 2 KB (128
+# floats), so a request stays near 8 MB, well under Qdrant's 32 MB limit.
+UPSERT_TOKENS = 4096
+# MaxSim scans when the first stages found fewer than k passages, only up to
+# this many allowed ones (the token vectors have no graph to search them by).
+SCAN_MAX_PASSAGES = 20_000
 # BM25's term-frequency saturation and length normalisation (Robertson's
 # defaults); the average passage length is a constant since no server keeps
 # corpus-wide statistics here (Qdrant's IDF modifier supplies the other half).
@@ -121,6 +128,7 @@ class QdrantConfig:
     shards: int = 1
     replication_factor: int = 1
     write_consistency: str = "1"  # a number, "majority" or "all"
+    read_consistency: str = "1"  # a number, "majority", "quorum" or "all"
     on_disk: bool = False
     vector_storage: str = "float16"  # float32 | float16 | int8
     prefetch: int = 256
@@ -149,9 +157,14 @@ class QdrantConfig:
         return max(1, min(int(self.write_consistency), rf))
 
     @property
-    def read_factor(self) -> int:
-        """Replicas a search reads: enough to overlap every acknowledged write."""
-        return self.replication_factor - self.write_factor + 1
+    def read_consistency_value(self) -> int | qm.ReadConsistencyType:
+        """Replicas a search asks: a number, or majority / quorum / all. Qdrant
+        answers a write only once every active replica has applied it (those
+        that failed are marked inactive), so one replica already sees every
+        acknowledged write; more trade availability for agreement."""
+        if self.read_consistency.isdigit():
+            return int(self.read_consistency)
+        return qm.ReadConsistencyType(self.read_consistency)
 
 
 # Local mode allows one client per directory per process: backends over the
@@ -235,22 +248,42 @@ def query_vectors(Q: torch.Tensor) -> list[list[float]]:
 
 @contextlib.contextmanager
 def qdrant_errors():
-    """A Qdrant cluster's failures as the API's errors: unreachable or
-    failing (5xx) is 503 ``backend_unavailable``, a request it refuses (400)
-    is 422."""
+    """A Qdrant cluster's failures as the API's errors: a request it refuses
+    as invalid (400, 422) is 422; anything else is 503 ``backend_unavailable``,
+    transient when unreachable, overloaded (429) or failing (5xx)."""
     try:
         yield
     except UnexpectedResponse as exc:
-        if exc.status_code == 400:
+        status = exc.status_code
+        if status in (400, 422):
             raise InvalidInput(f"Qdrant refused the request: {exc.content.decode(errors='replace')[:300]}") from exc
-        raise BackendUnavailable(f"the Qdrant cluster answered {exc.status_code}") from exc
+        transient = status is None or status >= 500 or status == 429
+        raise BackendUnavailable(f"the Qdrant cluster answered {status}", transient=transient) from exc
     except ResponseHandlingException as exc:
         raise BackendUnavailable(f"the Qdrant cluster did not answer: {type(exc.source).__name__}") from exc
 
 
-def is_missing(exc: Exception) -> bool:
-    """Whether a client error says the collection does not exist."""
-    return isinstance(exc, (ValueError, KeyError)) or getattr(exc, "status_code", None) == 404
+def is_missing(exc: BaseException) -> bool:
+    """Whether a client error (or what it was mapped from) says the collection does not exist."""
+    cause = exc.__cause__ if isinstance(exc, BackendUnavailable) and exc.__cause__ is not None else exc
+    return isinstance(cause, (ValueError, KeyError)) or getattr(cause, "status_code", None) == 404
+
+
+def _tokens(point: qm.PointStruct) -> int:
+    vectors = point.vector.get(COLBERT) if isinstance(point.vector, dict) else None
+    return len(vectors) if isinstance(vectors, list) else 1
+
+
+def _parts(group: list[qm.PointStruct]) -> list[list[qm.PointStruct]]:
+    parts: list[list[qm.PointStruct]] = [[]]
+    tokens = 0
+    for point in group:
+        if parts[-1] and tokens + _tokens(point) > UPSERT_TOKENS:
+            parts.append([])
+            tokens = 0
+        parts[-1].append(point)
+        tokens += _tokens(point)
+    return parts
 
 
 class QdrantStorage:
@@ -262,8 +295,14 @@ class QdrantStorage:
         self._owns_client = client is None
         self.closed = False
         self.client = client if client is not None else _open_client(config)
-        self._calls = _LOCAL_CALLS if config.local else contextlib.nullcontext()
-        self._consistency = None if config.local else config.read_factor
+        self._lock = _LOCAL_CALLS if config.local else contextlib.nullcontext()
+        self._consistency = None if config.local else config.read_consistency_value
+
+    @contextlib.contextmanager
+    def _calls(self):
+        """Around every client call: serialised in local mode, failures as the API's errors."""
+        with self._lock, qdrant_errors():
+            yield
 
     def close(self) -> None:
         if self._owns_client and not self.closed:
@@ -273,7 +312,7 @@ class QdrantStorage:
     def _create_collection(self, name: str, dense_dim: int | None, metadata: dict | None = None) -> None:
         c = self.config
         vectors, sparse = vectors_config(c, dense_dim)
-        with self._calls:
+        with self._calls():
             self.client.create_collection(
                 name,
                 vectors_config=vectors,
@@ -286,26 +325,44 @@ class QdrantStorage:
                 metadata=metadata,
             )
 
-    def _payload_index(self, collection: str, key: str, schema) -> None:
+    def _payload_index(self, collection: str, key: str, schema, wait: bool = True) -> None:
         """An index on a payload key that filters use (a server only: local mode has none)."""
         if self.config.local:
             return
-        with self._calls:
-            self.client.create_payload_index(collection, key, schema, wait=True)
+        with self._calls():
+            self.client.create_payload_index(collection, key, schema, wait=wait)
 
-    def _upsert_points(self, collection: str, points: list[qm.PointStruct]) -> None:
-        for start in range(0, len(points), UPSERT_POINTS):
-            with self._calls:
-                self.client.upsert(
-                    collection, points[start : start + UPSERT_POINTS], wait=True, ordering=qm.WriteOrdering.MEDIUM
-                )
+    def _upsert_points(self, collection: str, groups: list[list[qm.PointStruct]]) -> None:
+        """Write ``groups`` of points (each group one document's, or one
+        point) in requests of about ``UPSERT_TOKENS`` token vectors, never
+        splitting a group that fits one request: a request is applied whole,
+        so a server that dies while writing leaves no half document behind."""
+        request: list[qm.PointStruct] = []
+        tokens = 0
+        for group in groups:
+            size = sum(_tokens(p) for p in group)
+            if request and tokens + size > UPSERT_TOKENS:
+                self._upsert_request(collection, request)
+                request, tokens = [], 0
+            if size > UPSERT_TOKENS:  # alone past the budget: in parts, whole requests each
+                for part in _parts(group):
+                    self._upsert_request(collection, part)
+                continue
+            request.extend(group)
+            tokens += size
+        if request:
+            self._upsert_request(collection, request)
+
+    def _upsert_request(self, collection: str, points: list[qm.PointStruct]) -> None:
+        with self._calls():
+            self.client.upsert(collection, points, wait=True, ordering=qm.WriteOrdering.MEDIUM)
 
     def _delete(self, collection: str, selector: qm.PointIdsList | qm.FilterSelector) -> None:
-        with self._calls:
+        with self._calls():
             self.client.delete(collection, points_selector=selector, wait=True, ordering=qm.WriteOrdering.MEDIUM)
 
     def _count(self, collection: str, where: qm.Filter | None) -> int:
-        with self._calls:
+        with self._calls():
             return int(self.client.count(collection, count_filter=where, exact=True).count)
 
     def _query(
@@ -320,7 +377,7 @@ class QdrantStorage:
         with_payload: bool | list[str] = False,
         offset: int | None = None,
     ) -> list[qm.ScoredPoint]:
-        with self._calls:
+        with self._calls():
             return self.client.query_points(
                 collection,
                 query=query,
@@ -335,7 +392,7 @@ class QdrantStorage:
             ).points
 
     def _retrieve(self, collection: str, ids: list, payload: bool | list[str], vectors: bool | list[str] = False):
-        with self._calls:
+        with self._calls():
             return self.client.retrieve(
                 collection, ids, with_payload=payload, with_vectors=vectors, consistency=self._consistency
             )
@@ -422,9 +479,12 @@ class QdrantSnapshot:
             points = b._query(
                 self.manifest.lineage, query=query, using=COLBERT, prefetch=prefetch, where=where, k=request.k
             )
-            if len(points) >= request.k or len(points) >= self._allowed_count(alive, allowed_pids):
+            if len(points) >= request.k:
                 return self._result(points)
-        # No first stage, or it found fewer than k of the allowed passages: MaxSim scans.
+            matching = self._allowed_count(alive, allowed_pids)
+            if not len(points) < matching <= SCAN_MAX_PASSAGES:  # all found, or too many to scan
+                return self._result(points)
+        # No first stage, or it found fewer than k of few enough allowed passages: MaxSim scans.
         return self._result(b._query(self.manifest.lineage, query=query, using=COLBERT, where=where, k=request.k))
 
     def _allowed_count(self, dead: torch.Tensor | None, allowed: torch.Tensor | None) -> int:
@@ -475,7 +535,7 @@ class QdrantBackend(QdrantStorage):
 
     def _lineages(self, collection_id: int | None = None) -> dict[str, int]:
         """This server's lineages (Qdrant collection -> collection id), of one collection or all."""
-        with self._calls:
+        with self._calls():
             names = [c.name for c in self.client.get_collections().collections]
         pattern = re.compile(rf"^{re.escape(self.config.prefix)}_c(\d+)_g\d+$")
         out = {}
@@ -487,7 +547,7 @@ class QdrantBackend(QdrantStorage):
 
     def _meta(self, lineage: str) -> dict:
         try:
-            with self._calls:
+            with self._calls():
                 info = self.client.get_collection(lineage)
         except Exception as exc:
             if is_missing(exc):
@@ -502,7 +562,7 @@ class QdrantBackend(QdrantStorage):
         return self._dense[lineage]
 
     def _set_live(self, lineage: str, live: Iterable[int]) -> None:
-        with self._calls:
+        with self._calls():
             self.client.update_collection(lineage, metadata={"live": sorted(set(live))})
 
     def _create(self, collection_id: int, lineage: str, dense_dim: int | None, generation: int) -> None:
@@ -528,7 +588,7 @@ class QdrantBackend(QdrantStorage):
             )
             for i, pid in enumerate(_ids(batch.pids))
         ]
-        self._upsert_points(lineage, points)
+        self._upsert_points(lineage, [[p] for p in points])
 
     def _vectors(self, lineage: str, pids: list[int], generation: int) -> dict[int, list[float]]:
         """The dense vectors of those of ``pids`` that ``generation`` holds."""
@@ -579,7 +639,7 @@ class QdrantBackend(QdrantStorage):
         pass  # nothing was written
 
     def _drop_lineage(self, lineage: str) -> None:
-        with self._calls:
+        with self._calls():
             if self.client.collection_exists(lineage):
                 self.client.delete_collection(lineage, timeout=self.config.timeout_s)
         self._dense.pop(lineage, None)

@@ -16,15 +16,19 @@ Two Qdrant collections under the prefix:
   without vectors (``kind: doc``) holding its fields, hash and chunk count.
 
 A write is idempotent (the same ids and payload again) and waits for the
-configured replicas. A replace writes the new chunks over the old ones' ids,
-then deletes the document's chunks from older writes (``v``, the write's
-time in microseconds, below its own): between the two, a search may see the new chunks
-with old ones past the new count. Concurrent writes of one document through
-two servers converge on the later one once both finish.
+configured replicas. A document's chunks and record go in one request when
+they fit one (about 4,096 token vectors), which Qdrant applies whole: a
+server dying mid-write leaves the document as it was or as written. A
+replace writes the new chunks over the old ones' ids, then deletes the old
+chunks past the new count: between the two, a search may see the new chunks
+with those. Two servers replacing one document at the same moment may leave
+a mix of the two until it is written again (Qdrant has no transactions
+across points); deleting it removes every point of it either way.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,14 +37,18 @@ from typing import Any
 import torch
 from qdrant_client import models as qm
 
-from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantStorage, bm25_query, point_vectors
-from app.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidInput
+from app.engine.qdrant import COLBERT, DENSE, SCAN_MAX_PASSAGES, SPARSE, QdrantStorage, bm25_query, point_vectors
+from app.errors import BackendUnavailable, CollectionExists, CollectionNotFound, DocumentNotFound, InvalidInput
 from app.ingest.pipeline import passage_text
 from app.store.filters import FieldFilter, compile_filter
 from app.store.store import Hit, NewDocument
 
+logger = logging.getLogger("app.engine")
+
 NAMESPACE = uuid.UUID("9b4f6c52-8d1e-4b7a-9f57-3c2e1d0a6b18")
 SCROLL = 256
+MAX_METADATA_INDEXES = 64  # metadata keys a server indexes for filters (any caller can name a key)
+SCAN_MAX_CHUNKS = SCAN_MAX_PASSAGES  # (MaxSim's scan when the first stages found too few)
 
 
 def point_id(collection_id: str, document_id: str, chunk: int | None = None) -> str:
@@ -187,7 +195,7 @@ class QdrantCatalog(QdrantStorage):
         first), and check the chunks' vectors fit this server's encoder."""
         c = self.config
         self.registry, self.chunks = f"{c.prefix}_collections", f"{c.prefix}_chunks"
-        with self._calls:
+        with self._calls():
             registry_exists = self.client.collection_exists(self.registry)
             chunks_exists = self.client.collection_exists(self.chunks)
         if not registry_exists:
@@ -201,10 +209,10 @@ class QdrantCatalog(QdrantStorage):
             ("doc", qm.PayloadSchemaType.KEYWORD),
             ("kind", qm.PayloadSchemaType.KEYWORD),
             ("field", qm.PayloadSchemaType.KEYWORD),
-            ("v", qm.PayloadSchemaType.INTEGER),
+            ("i", qm.PayloadSchemaType.INTEGER),
         ):
             self._payload_index(self.chunks, key, schema)
-        with self._calls:
+        with self._calls():
             vectors = self.client.get_collection(self.chunks).config.params.vectors
         if not isinstance(vectors, dict) or COLBERT not in vectors or vectors[COLBERT].size != c.dim:
             raise RuntimeError(f"Qdrant collection {self.chunks} holds token vectors of another size than {c.dim}")
@@ -217,7 +225,7 @@ class QdrantCatalog(QdrantStorage):
         self._indexed: set[str] = set()
 
     def _create_registry(self) -> None:
-        with self._calls:
+        with self._calls():
             self.client.create_collection(
                 self.registry,
                 vectors_config={},
@@ -229,7 +237,7 @@ class QdrantCatalog(QdrantStorage):
         try:
             create()
         except Exception:
-            with self._calls:
+            with self._calls():
                 if not self.client.collection_exists(name):
                     raise  # not another server's creation racing ours
 
@@ -244,7 +252,7 @@ class QdrantCatalog(QdrantStorage):
         if self._retrieve(self.registry, [key], True):
             raise CollectionExists(f"collection {name!r} already exists")
         payload = {"id": uuid.uuid4().hex, "name": name, "description": description, "created_at": time.time()}
-        self._upsert_points(self.registry, [qm.PointStruct(id=key, vector={}, payload=payload)])
+        self._upsert_points(self.registry, [[qm.PointStruct(id=key, vector={}, payload=payload)]])
         row = self.get_collection(name)
         if row.id != payload["id"]:  # another server created it at the same moment, and its write came last
             raise CollectionExists(f"collection {name!r} already exists")
@@ -260,14 +268,17 @@ class QdrantCatalog(QdrantStorage):
         rows: list[CatalogCollection] = []
         offset = None
         while True:
-            with self._calls:
+            with self._calls():
                 points, offset = self.client.scroll(self.registry, limit=SCROLL, offset=offset, with_payload=True)
             rows.extend(self._row(p) for p in points)
             if offset is None:
                 return sorted(rows, key=lambda r: r.name)
 
     def delete_collection(self, name: str) -> None:
+        """Its points, then its name, then any point a write landed meanwhile
+        (a delete cut short leaves the name, so it can be asked again)."""
         row = self.get_collection(name)
+        self.drop_points(row.id)
         self._delete(self.registry, qm.PointIdsList(points=[str(uuid.uuid5(NAMESPACE, name))]))
         self.drop_points(row.id)
 
@@ -303,61 +314,81 @@ class QdrantCatalog(QdrantStorage):
     def write_document(
         self, collection_id: str, doc: NewDocument, embs: list[torch.Tensor], dense: torch.Tensor | None
     ) -> None:
-        """A document's chunks then its record, then what is left of older writes."""
-        version = time.time_ns() // 1000  # microseconds: exact in a Qdrant range (a float64)
+        self.write_documents(collection_id, [(doc, embs, dense)])
+
+    def write_documents(
+        self, collection_id: str, docs: list[tuple[NewDocument, list[torch.Tensor], torch.Tensor | None]]
+    ) -> None:
+        """Each document's chunks and its record (last) in one request where
+        they fit one, written over its earlier version's points, then the
+        earlier version's chunks past the new count deleted."""
         now = time.time()
-        common = {"c": collection_id, "doc": doc.external_id, "v": version}
-        points = []
-        for i, (chunk, vectors) in enumerate(zip(doc.chunks, embs, strict=True)):
-            payload = {
+        records = [point_id(collection_id, doc.external_id) for doc, _, _ in docs]
+        created = {p.payload["doc"]: p.payload["created_at"] for p in self._retrieve(self.chunks, records, True)}
+        groups = []
+        for doc, embs, dense in docs:
+            common = {"c": collection_id, "doc": doc.external_id, "title": doc.title, "metadata": doc.metadata}
+            group = []
+            for i, (chunk, vectors) in enumerate(zip(doc.chunks, embs, strict=True)):
+                payload = {
+                    **common,
+                    "kind": "chunk",
+                    "i": i,
+                    "text": chunk.text,
+                    "char_start": chunk.char_start,
+                    "char_end": chunk.char_end,
+                    "page": chunk.page,
+                    "heading": chunk.heading,
+                    "field": chunk.field,
+                }
+                text = passage_text(doc.title, chunk.text, chunk.field)
+                vector = point_vectors(vectors, dense[i] if dense is not None else None, text)
+                group.append(
+                    qm.PointStruct(id=point_id(collection_id, doc.external_id, i), vector=vector, payload=payload)
+                )
+            record = {
                 **common,
-                "kind": "chunk",
-                "i": i,
-                "text": chunk.text,
-                "char_start": chunk.char_start,
-                "char_end": chunk.char_end,
-                "page": chunk.page,
-                "heading": chunk.heading,
-                "field": chunk.field,
-                "title": doc.title,
-                "metadata": doc.metadata,
+                "kind": "doc",
+                "fields": doc.fields or {},
+                "content_hash": doc.content_hash,
+                "chunks": len(group),
+                "created_at": created.get(doc.external_id, now),
+                "updated_at": now,
             }
-            text = passage_text(doc.title, chunk.text, chunk.field)
-            vector = point_vectors(vectors, dense[i] if dense is not None else None, text)
-            points.append(
-                qm.PointStruct(id=point_id(collection_id, doc.external_id, i), vector=vector, payload=payload)
+            group.append(qm.PointStruct(id=point_id(collection_id, doc.external_id), vector={}, payload=record))
+            groups.append(group)
+        self._upsert_points(self.chunks, groups)
+        self.trim(collection_id, {doc.external_id: len(doc.chunks) for doc, _, _ in docs})
+
+    def trim(self, collection_id: str, chunks: dict[str, int]) -> None:
+        """Delete each document's chunks at or past its chunk count: what a
+        longer earlier version left (by position, so no clock is involved)."""
+        if not chunks:
+            return
+        past = [
+            qm.Filter(
+                must=[
+                    qm.FieldCondition(key="doc", match=qm.MatchValue(value=doc_id)),
+                    qm.FieldCondition(key="i", range=qm.Range(gte=n)),
+                ]
             )
-        created = self._retrieve(self.chunks, [point_id(collection_id, doc.external_id)], ["created_at"])
-        record = {
-            **common,
-            "kind": "doc",
-            "title": doc.title,
-            "metadata": doc.metadata,
-            "fields": doc.fields or {},
-            "content_hash": doc.content_hash,
-            "chunks": len(points),
-            "created_at": created[0].payload["created_at"] if created else now,
-            "updated_at": now,
-        }
-        points.append(qm.PointStruct(id=point_id(collection_id, doc.external_id), vector={}, payload=record))
-        self._upsert_points(self.chunks, points)
-        older = qm.Filter(
-            must=[
-                _document_filter(collection_id, doc.external_id),
-                qm.FieldCondition(key="v", range=qm.Range(lt=version)),
-            ]
-        )
-        self._delete(self.chunks, qm.FilterSelector(filter=older))
+            for doc_id, n in chunks.items()
+        ]
+        where = qm.Filter(must=[_document_filter(collection_id, kind="chunk"), qm.Filter(should=past)])
+        self._delete(self.chunks, qm.FilterSelector(filter=where))
 
     def delete_document(self, collection_id: str, document_id: str) -> None:
-        if not self._retrieve(self.chunks, [point_id(collection_id, document_id)], False):
+        """Every point of the document, its record or not (a write cut short
+        may have left chunks without one)."""
+        where = _document_filter(collection_id, document_id)
+        if not self._count(self.chunks, where):
             raise DocumentNotFound(f"document {document_id!r} does not exist")
-        self._delete(self.chunks, qm.FilterSelector(filter=_document_filter(collection_id, document_id)))
+        self._delete(self.chunks, qm.FilterSelector(filter=where))
 
     def _scroll(self, where: qm.Filter) -> list:
         out, offset = [], None
         while True:
-            with self._calls:
+            with self._calls():
                 points, offset = self.client.scroll(
                     self.chunks, scroll_filter=where, limit=SCROLL, offset=offset, with_payload=True
                 )
@@ -419,12 +450,15 @@ class QdrantCatalog(QdrantStorage):
     # -- search ----------------------------------------------------------------------
 
     def ensure_indexes(self, where: dict | None) -> None:
-        """Payload indexes for the metadata keys a filter uses (a server builds them
-        in the background; filters work before they exist, only slower)."""
+        """Payload indexes for the metadata keys a (checked) filter uses, up to
+        ``MAX_METADATA_INDEXES`` of them: asked for without waiting (a server
+        builds them in the background; filters work before, only slower). A
+        key whose index could not be made (another type under it, say) is
+        tried again by a later search."""
         if self.config.local or where is None:
             return
         for key, value in _keys(where):
-            if key in self._indexed:
+            if key in self._indexed or len(self._indexed) >= MAX_METADATA_INDEXES:
                 continue
             schema = (
                 qm.PayloadSchemaType.BOOL
@@ -434,9 +468,10 @@ class QdrantCatalog(QdrantStorage):
                 else qm.PayloadSchemaType.KEYWORD
             )
             try:
-                self._payload_index(self.chunks, f"metadata.{key}", schema)
-            except Exception:  # e.g. another type under the same key: the filter still works
-                pass
+                self._payload_index(self.chunks, f"metadata.{key}", schema, wait=False)
+            except (BackendUnavailable, InvalidInput):
+                logger.warning("no payload index on metadata.%s", key, exc_info=True)
+                continue
             self._indexed.add(key)
 
     def search(
@@ -452,6 +487,9 @@ class QdrantCatalog(QdrantStorage):
             self.chunks, query=query, using=using, where=where, k=k, prefetch=prefetch, with_payload=True
         )
         return [(hit_of(p), float(p.score), str(p.id)) for p in points]
+
+    def count(self, where: qm.Filter) -> int:
+        return self._count(self.chunks, where)
 
     def first_stages(self, q: torch.Tensor | None, text: str, where: qm.Filter, depth: int) -> list[qm.Prefetch]:
         """The dense and the BM25 stages whose union MaxSim rescores."""

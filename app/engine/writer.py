@@ -46,7 +46,7 @@ from app.engine.encoders import Encoders, checkpoint_root
 from app.engine.lease import WriterLease
 from app.engine.maintenance import Maintainer, Submitted
 from app.engine.reindex import Reindexer
-from app.errors import error_chain
+from app.errors import BackendUnavailable, error_chain
 from app.ingest.pipeline import passage_text
 from app.settings import Settings
 from app.store.index_state import Commit, IndexStateStore, LeaseLost, PendingDocument, take_writer_epoch
@@ -808,7 +808,7 @@ def infrastructure_error(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is the machine's fault (disk full,
     a locked database, memory), not the document's."""
     for current in error_chain(exc):
-        if isinstance(current, MemoryError):
+        if isinstance(current, (MemoryError, BackendUnavailable)):  # (the index backend's cluster: not the document)
             return True
         if isinstance(current, OSError) and current.errno in _INFRASTRUCTURE_ERRNOS:
             return True

@@ -158,6 +158,7 @@ async def test_an_instance_restarting_loses_nothing_and_uploads_land_for_both(pa
 async def test_reindexing_is_refused_and_deleting_a_collection_is_seen_by_both(pair):
     a, b = pair["a"].client, pair["b"].client
     assert_error(await a.post("/v1/collections/filtered/reindex", json={}), 409)
+    assert_error(await a.post("/v1/collections/missing/reindex", json={}), 404)
     assert (await b.delete("/v1/collections/filtered")).status_code == 204
     assert_error(await a.get("/v1/collections/filtered"), 404)
     assert_error(await a.post("/v1/collections/filtered/search", json={"query": "committee"}), 404)
@@ -180,6 +181,15 @@ async def test_an_unreachable_cluster_is_a_503_with_its_reason(tmp_path, checkpo
     assert_error(r, 503)
     assert "waiting for the index backend" in r.json()["error"]["message"]
     assert_error(await client.post("/v1/collections/x/search", json={"query": "q"}), 503)
+    for method, path, body in (
+        ("GET", "/v1/collections", None),
+        ("POST", "/v1/collections", {"name": "x"}),
+        ("GET", "/v1/collections/x", None),
+        ("GET", "/v1/collections/x/documents", None),
+        ("DELETE", "/v1/collections/x/documents/d", None),
+        ("POST", "/v1/collections/x/documents", {"documents": [{"id": "d", "text": "t"}]}),
+    ):
+        assert_error(await client.request(method, path, json=body), 503)
     await running.stop()
 
 
@@ -251,19 +261,19 @@ async def test_an_upload_waits_out_a_cluster_outage_instead_of_failing(pair, mon
 
     import app.stateless
 
-    service = pair["a"].app.state.service
-    write = service.catalog.write_document
+    client = pair["a"].app.state.service.catalog.client  # (shared with b in local mode)
+    write = client.upsert
     outage = {"calls": 0}
 
-    def down_for_a_while(*args):
+    def down_for_a_while(*args, **kwargs):
         outage["calls"] += 1
         if outage["calls"] <= 4:  # more failures than a file has attempts
             raise ResponseHandlingException(ConnectionRefusedError("qdrant is down"))
-        return write(*args)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(app.stateless, "QDRANT_RETRY_S", 0.05)
-    monkeypatch.setattr(service.catalog, "write_document", down_for_a_while)
     assert (await pair["a"].client.post("/v1/collections", json={"name": "outage"})).status_code == 201
+    monkeypatch.setattr(app.stateless, "QDRANT_RETRY_S", 0.05)
+    monkeypatch.setattr(client, "upsert", down_for_a_while)
     files = {"outage.txt": b"The ferry crossed the strait in forty minutes."}
     job = await wait_job(pair["a"].client, (await upload(pair["a"].client, "outage", files))["id"])
     assert job["state"] == "done" and job["counts"]["added"] == 1, job
@@ -313,3 +323,19 @@ def test_kill_9_during_writes_loses_no_acknowledged_document(tmp_path, checkpoin
             assert hits["results"][0]["document_id"] == "rec-3"
     finally:
         restarted.stop()
+
+
+async def test_an_upload_the_cluster_refuses_fails_with_the_reason(pair, monkeypatch):
+    """A refusal that retrying cannot mend (a wrong API key, say) fails the
+    file at once rather than holding the queue."""
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    def refused(*args, **kwargs):
+        raise UnexpectedResponse(403, "Forbidden", b"wrong api key", None)
+
+    assert (await pair["a"].client.post("/v1/collections", json={"name": "refused"})).status_code == 201
+    monkeypatch.setattr(pair["a"].app.state.service.catalog.client, "upsert", refused)
+    files = {"refused.txt": b"The lock keeper opened the gates at dawn."}
+    job = await wait_job(pair["a"].client, (await upload(pair["a"].client, "refused", files))["id"])
+    assert job["state"] == "failed", job
+    assert "403" in job["files"][0]["error"]

@@ -359,6 +359,10 @@ def test_committed_generations_survive_a_restart(backend, tmp_path):
     assert max(search(snapshot, TEXTS[65], k=60)) < 60  # the uncommitted write is gone
     with pytest.raises(FileNotFoundError):
         restarted.load(C, 3, uncommitted)
+    # Generation 3 again, smaller: nothing of the uncommitted write comes back with it.
+    third = restarted.write(C, second, 3, batch(60, TEXTS[60:62]))
+    restarted.release(C, [third, second])
+    assert restarted.load(C, 3, third).num_passages == 62
     if isinstance(restarted, QdrantBackend):
         restarted.drop(C)
         restarted.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from qdrant_client import QdrantClient
+from qdrant_client import models as qm
 
 from app.engine.qdrant import COLBERT, QdrantConfig, query_vectors
 from app.engine.qdrant_catalog import QdrantCatalog, chunk_filter, point_id
@@ -143,3 +144,27 @@ def test_a_write_racing_the_collections_deletion_leaves_nothing_behind(pair):
     b.create_collection("zoo", None)
     with pytest.raises(CollectionNotFound):  # made again: another id
         a.check_alive(row)
+
+
+def test_what_a_write_cut_short_left_is_trimmed_or_deleted(pair):
+    """A crash between a document's requests: chunks without a record are
+    still deleted by id; chunks past the count are trimmed."""
+    a, _ = pair
+    cid = a.create_collection("zoo", None).id
+    doc, embs, dense = document("cut", ["the tapir naps", "the tapir swims", "the tapir eats"])
+    a.write_document(cid, doc, embs, dense)
+    stray, stray_embs, stray_dense = document("cut", ["an old fourth chunk"])
+    a.write_document(cid, stray, stray_embs, stray_dense)  # rewrites chunk 0 and trims 1 and 2
+    assert a.counts(cid) == {"documents": 1, "pending_documents": 0, "chunks": 1}
+    a.write_document(cid, doc, embs, dense)
+    assert a.counts(cid)["chunks"] == 3
+    a.trim(cid, {"cut": 2})
+    assert [c["ord"] for c in a.get_document(cid, "cut")["chunks"]] == [0, 1]
+    orphan, orphan_embs, orphan_dense = document("orphan", ["the okapi hides", "the okapi runs"])
+    a.write_document(cid, orphan, orphan_embs, orphan_dense)
+    a._delete(a.chunks, qm.PointIdsList(points=[point_id(cid, "orphan")]))  # its record never landed
+    assert "orphan" in colbert(a, cid, "the okapi hides")
+    a.delete_document(cid, "orphan")
+    assert "orphan" not in colbert(a, cid, "the okapi hides", k=10)
+    with pytest.raises(DocumentNotFound):
+        a.delete_document(cid, "orphan")
