@@ -1,12 +1,14 @@
 """The PLAID backend against the Qdrant backend, on both datasets, in one run.
 
-Three servers in turn, each on a fresh data directory (default settings
+Four servers in turn, each on a fresh data directory (default settings
 otherwise), over HTTP: PLAID; Qdrant in qdrant-client's local mode
 (``INDEX_BACKEND=qdrant``, ``QDRANT_PATH``), its MaxSim rescoring the union
 of the dense and the BM25 sparse first stage (``QDRANT_PREFETCH`` each); and
 the same Qdrant data served again with no first stage (``QDRANT_PREFETCH=0``:
-MaxSim scans every passage, the exact late-interaction ranking). For each:
-nDCG@10 of colbert (the default) and dense search, the search p50 (k=10,
+MaxSim scans every passage, the exact late-interaction ranking); and the
+stateless tier (``STATELESS=true``: documents in Qdrant too, keyword search
+by Qdrant's BM25 sparse vectors instead of SQLite's FTS5). For each:
+nDCG@10 of colbert (the default), dense and keyword search, the search p50 (k=10,
 warm), and the index's bytes per token vector: measured for PLAID's files,
 computed from Qdrant's storage format for each storage choice (local mode
 keeps points in its own format, not the server's).
@@ -31,7 +33,7 @@ from bench.data import load, mean_ndcg
 from bench.msmarco_mini import start_server, stop_server, wait_ready
 from bench.quality import DATASETS, ingest, judgments_for, run_queries, settle, timed_p50, write_report
 
-MODES = {"colbert": {"mode": "colbert"}, "dense": {"mode": "dense"}}
+MODES = {"colbert": {"mode": "colbert"}, "dense": {"mode": "dense"}, "keyword": {"mode": "keyword"}}
 
 
 def storage_bytes_per_token(dim: int) -> dict[str, dict[str, int]]:
@@ -87,6 +89,7 @@ def main() -> None:
     report: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "backends": {}}
     plaid_dir = Path(tempfile.mkdtemp(prefix="colbert-plaid-"))
     qdrant_dir = Path(tempfile.mkdtemp(prefix="colbert-qdrant-"))
+    stateless_dir = Path(tempfile.mkdtemp(prefix="colbert-stateless-"))
     try:
         run = (args.port, args.datasets)
         print("# PLAID", flush=True)
@@ -98,9 +101,13 @@ def main() -> None:
         report["backends"]["qdrant scan"] = serve(
             qdrant_dir, *run, False, args.latency_passes, **qdrant, qdrant_prefetch="0"
         )
+        print("# the stateless tier over Qdrant (its keyword mode: Qdrant's BM25)", flush=True)
+        stateless = {**qdrant, "qdrant_path": str(stateless_dir / "qdrant"), "stateless": "true"}
+        report["backends"]["qdrant stateless"] = serve(stateless_dir, *run, True, args.latency_passes, **stateless)
     finally:
         shutil.rmtree(plaid_dir, ignore_errors=True)
         shutil.rmtree(qdrant_dir, ignore_errors=True)
+        shutil.rmtree(stateless_dir, ignore_errors=True)
     report["plaid_bytes_per_token"] = {
         dataset: round(r["index"]["bytes"] / max(r["index"]["tokens"], 1), 1)
         for dataset, r in report["backends"]["plaid"].items()
