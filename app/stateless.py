@@ -3,22 +3,22 @@ collections, documents, chunks and vectors all live in Qdrant
 (:mod:`app.engine.qdrant_catalog`), so any number of server processes on any
 number of machines, behind a load balancer, serve the same data.
 
-    request ─> StatelessService ─┬─ ingest: chunk, encode ─> QdrantCatalog.write_document (waits for the replicas)
+    request ─> StatelessService ─┬─ ingest: chunk, encode ─> QdrantCatalog.write_documents (waits for the replicas)
                                  └─ search: encode query ─> Qdrant Query API (filters, first stages, MaxSim)
 
 What replaces the single-writer lease: nothing needs one. Each write is
 idempotent points (ids from collection, document and chunk index) that
 Qdrant applies on every active replica and acknowledges once the configured
-number did (``QDRANT_WRITE_CONSISTENCY``); a search through any server then
-sees it. A document upsert
-answers after Qdrant acknowledged it: then every server's searches see it.
+number did (``QDRANT_WRITE_CONSISTENCY``). A document upsert answers after
+Qdrant acknowledged it: then a search through any server sees it.
 
 What stays on an instance's own data directory: uploaded files, queued as
 durable jobs in its SQLite until their documents are acknowledged by Qdrant
-(then the file's data is dropped), and the models. ``SERVER_ROLE`` splits
-the work: ``api`` serves requests and takes no jobs; ``ingest`` drains the
-upload jobs of the data directory it shares with ``api`` processes on its
-machine; ``all`` does both.
+(then the file's data is dropped), and the models. One process per data
+directory drains them (a lease, as the single-node writer's). ``SERVER_ROLE``
+splits the work: ``api`` serves requests and takes no jobs; ``ingest``
+drains the upload jobs of the data directory it shares with ``api``
+processes on its machine; ``all`` does both.
 
 Not offered in this mode (refused with 409): re-indexing with another
 checkpoint and tuning jobs, which build a second index beside the served one

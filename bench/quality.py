@@ -77,7 +77,7 @@ def ingest(client: httpx.Client, name: str, corpus: list[dict], batch: int) -> f
 
 def settle(client: httpx.Client) -> None:
     """Wait for background index work (a first codec, merges) to finish."""
-    while client.get("/ready").json().get("writer", {}).get("busy"):
+    while (client.get("/ready").json().get("writer") or {}).get("busy"):  # (the stateless tier has none)
         time.sleep(1)
 
 
