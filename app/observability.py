@@ -226,7 +226,9 @@ class ServerCollector:
                 "colbert_collection_pending_chunks", "Chunks waiting for the index writer", labels=labels
             ),
         }
-        for collection in stats.collections:
+        # (The stateless tier's collections live in Qdrant: its local rows
+        # only hold upload jobs, and would read as empty collections.)
+        for collection in [] if settings.stateless else stats.collections:
             for key, family in families.items():
                 family.add_metric([collection.name], float(getattr(collection, key)))
         yield from families.values()

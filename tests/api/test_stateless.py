@@ -150,6 +150,9 @@ async def test_an_instance_restarting_loses_nothing_and_uploads_land_for_both(pa
     files = {"lighthouse.txt": b"The lighthouse keeper climbed 217 steps each night to light the lamp."}
     job = await wait_job(a.client, (await upload(a.client, "shared", files, metadata=json.dumps({"t": 1})))["id"])
     assert job["state"] == "done" and job["counts"]["added"] == 1, job
+    metrics = (await a.client.get("/metrics")).text
+    assert 'colbert_jobs{state="done"} 1.0' in metrics
+    assert 'colbert_collection_documents{collection="shared"}' not in metrics  # its figures are Qdrant's
     hits = await search(b.client, "shared", query="how many steps did the lighthouse keeper climb", k=1)
     assert hits[0]["document_id"] == job["files"][0]["document_id"]
     assert hits[0]["metadata"]["t"] == 1
