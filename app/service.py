@@ -128,7 +128,7 @@ def index_backend(settings: Settings, encoder) -> IndexBackend:
     if settings.index_backend == "qdrant":
         from app.engine.qdrant import QdrantBackend, QdrantConfig
 
-        config = QdrantConfig.from_settings(settings, encoder.dim, getattr(encoder, "dense_dim", None))
+        config = QdrantConfig.from_settings(settings, encoder)
         # This node's collections under a name of its own: the Qdrant collections
         # of another server's data directory (on the same cluster, with the same
         # prefix) are never taken for leftovers of this one's and dropped.
@@ -179,7 +179,8 @@ class SearchService:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def astart(self) -> None:
+    async def _open(self) -> None:
+        """The store and the models: what every kind of service starts with."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         if self.settings.torch_threads:
@@ -188,8 +189,11 @@ class SearchService:
             self.encoder = await self._run(load_encoder, self.settings)
         if self.reranker is None:
             self.reranker = await self._run(load_reranker, self.settings)
-        self.backend = self._backend_factory(self.settings, self.encoder)
         self.encoders = Encoders(self.encoder, checkpoint_root(self.settings.data_dir), self._encoder_loader)
+
+    async def astart(self) -> None:
+        await self._open()
+        self.backend = self._backend_factory(self.settings, self.encoder)
         self.writer = writer = IndexWriter(self.settings, self.encoder, self.backend, self.encoders)
         preparer = DocumentPreparer(self.encoder, self.settings.chunker)
         self.snapshots = SnapshotCache(

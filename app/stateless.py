@@ -37,25 +37,16 @@ import torch
 from qdrant_client import models as qm
 
 from app.engine.backend import IndexStats
-from app.engine.encoders import Encoders, checkpoint_root
-from app.engine.fields import FieldChoice
 from app.engine.lease import WriterLease
-from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantConfig, bm25_query, query_vectors
-from app.engine.qdrant_catalog import (
-    SCAN_MAX_CHUNKS,
-    CatalogCollection,
-    QdrantCatalog,
-    chunk_filter,
-    metadata_filter,
-)
-from app.engine.rerank import load_reranker
+from app.engine.qdrant import COLBERT, DENSE, SCAN_MAX_PASSAGES, SPARSE, QdrantConfig, bm25_query, query_vectors
+from app.engine.qdrant_catalog import CatalogCollection, QdrantCatalog, chunk_filter
 from app.engine.retrieval import DEFAULT, Retrieval
 from app.engine.search import Ranking, Searcher, SearchHit, maxsim_scale
 from app.errors import BackendUnavailable, CollectionNotFound, Conflict, InvalidInput
 from app.ingest.documents import DocumentIngest
 from app.ingest.jobs import JobRunner, UploadedFile, job_files
 from app.ingest.pipeline import DocumentInput, DocumentPreparer, passage_text
-from app.service import SearchService, check_collection_name, load_encoder
+from app.service import SearchService, check_collection_name
 from app.store.jobs import QueuedFile
 from app.store.store import Hit, NewDocument
 from app.validation import check_metadata
@@ -75,11 +66,11 @@ class StatelessSearcher(Searcher):
         super().__init__(*args, **kwargs)
         self.catalog = catalog
 
-    def _signals(self, query: str, plan, collection: CatalogCollection, where, choice: FieldChoice, k: int):
-        """On the search thread: each weighted signal's candidates; for a
-        hybrid, every candidate then scored exactly by each vector signal."""
+    def _signals(self, query: str, plan, condition: qm.Filter, k: int):
+        """On the search thread: each weighted signal's candidates among the
+        chunks ``condition`` allows; for a hybrid, every candidate then scored
+        exactly by each vector signal."""
         cat, c = self.catalog, self.catalog.config
-        condition = chunk_filter(collection.id, where, choice.filter)
         Q, q = self._encode(query, None) if plan.mode != "keyword" else (None, None)
         depth = k if plan.mode != "hybrid" else plan.depth
         found: dict[str, list[tuple[Hit, float, str]]] = {}
@@ -94,7 +85,7 @@ class StatelessSearcher(Searcher):
             found["colbert"] = cat.search(COLBERT, query_vectors(Q), depth, condition, stages)
             if stages and len(found["colbert"]) < depth:  # the first stages may have missed allowed chunks
                 matching = cat.count(condition)
-                if len(found["colbert"]) < matching <= SCAN_MAX_CHUNKS:  # few enough to scan them all
+                if len(found["colbert"]) < matching <= SCAN_MAX_PASSAGES:  # few enough to scan them all
                     found["colbert"] = cat.search(COLBERT, query_vectors(Q), depth, condition)
         hits = {h.chunk_id: h for ranked in found.values() for h, _, _ in ranked}
         signals: dict[str, Ranking] = {
@@ -117,13 +108,11 @@ class StatelessSearcher(Searcher):
     async def search(self, name: str, query: str, k: int, retrieval: Retrieval = DEFAULT) -> list[SearchHit]:
         started, wanted = time.perf_counter(), k
         choice, reranking, k, plan = self.prepare(query, k, retrieval)
-        where = retrieval.where
-        if where is not None:
-            metadata_filter(where)  # refuse a bad filter before any work
         collection = await asyncio.to_thread(self.catalog.get_collection, name)
-        if where is not None:
-            await asyncio.to_thread(self.catalog.ensure_indexes, where)
-        signals, hits = await self._run(self._signals, query, plan, collection, where, choice, k)
+        condition = chunk_filter(collection.id, retrieval.where, choice.filter)  # (a bad filter: 422 here)
+        if retrieval.where is not None:
+            await asyncio.to_thread(self.catalog.ensure_indexes, retrieval.where)
+        signals, hits = await self._run(self._signals, query, plan, condition, k)
         ranked = self.rank(plan, signals, k)
         out = [SearchHit(hits[pid], float(score), rank) for rank, (pid, score) in enumerate(ranked, 1)]
         return await self.finish(query, out, choice, reranking, wanted, plan, started)
@@ -136,18 +125,10 @@ class StatelessService(SearchService):
     async def astart(self) -> None:
         s = self.settings
         self.has_writer = False
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        await self.store.open()
         # Encoding and Qdrant writes of ingest run here, beside the search thread.
         self._ingester = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
-        if s.torch_threads:
-            torch.set_num_threads(s.torch_threads)
-        if self.encoder is None:
-            self.encoder = await self._run(load_encoder, s)
-        if self.reranker is None:
-            self.reranker = await self._run(load_reranker, s)
-        config = QdrantConfig.from_settings(s, self.encoder.dim, getattr(self.encoder, "dense_dim", None))
-        self.catalog = QdrantCatalog(config)
+        await self._open()
+        self.catalog = QdrantCatalog(QdrantConfig.from_settings(s, self.encoder))
         while True:  # a cluster still starting (or unreachable) is waited for; /ready says 503 meanwhile
             try:
                 await asyncio.to_thread(self.catalog.open)
@@ -157,7 +138,6 @@ class StatelessService(SearchService):
                 logger.warning("waiting for the Qdrant cluster: %s", exc)
                 await asyncio.sleep(QDRANT_RETRY_S)
         self.waiting_for = None
-        self.encoders = Encoders(self.encoder, checkpoint_root(s.data_dir), self._encoder_loader)
         self.preparer = DocumentPreparer(self.encoder, s.chunker)
         self.documents = DocumentIngest(s, self.store, self.preparer, lambda: None)
         self.searcher = StatelessSearcher(
@@ -243,8 +223,8 @@ class StatelessService(SearchService):
     def _write(self, collection: CatalogCollection, prepared: list[NewDocument]) -> list[dict]:
         """On the ingest thread: unchanged documents skipped, the others
         encoded in one batch and written, each acknowledged by Qdrant."""
-        hashes = self.catalog.content_hashes(collection.id, [d.external_id for d in prepared])
-        changed = [d for d in prepared if hashes.get(d.external_id) != d.content_hash]
+        records = self.catalog.records(collection.id, [d.external_id for d in prepared])
+        changed = [d for d in prepared if records.get(d.external_id, {}).get("content_hash") != d.content_hash]
         texts = [passage_text(d.title, c.text, c.field) for d in changed for c in d.chunks]
         if texts:
             encoded = self.encoder.encode_passages(texts)
@@ -255,11 +235,11 @@ class StatelessService(SearchService):
                 dense = encoded.dense[start : start + n] if encoded.dense is not None else None
                 batch.append((doc, vectors[start : start + n], dense))
                 start += n
-            self.catalog.write_documents(collection.id, batch)
+            self.catalog.write_documents(collection.id, batch, records)
             self.catalog.check_alive(collection)
-        unchanged = {d.external_id: len(d.chunks) for d in prepared if d not in changed}
-        self.catalog.trim(collection.id, unchanged)  # what a write cut short after its chunks left
         written = {d.external_id for d in changed}
+        unchanged = {d.external_id: len(d.chunks) for d in prepared if d.external_id not in written}
+        self.catalog.trim(collection.id, unchanged)  # what a write cut short after its chunks left
         return [
             {"id": d.external_id, "status": "indexed" if d.external_id in written else "unchanged"} for d in prepared
         ]

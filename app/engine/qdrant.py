@@ -135,12 +135,13 @@ class QdrantConfig:
     timeout_s: int = 60
 
     @classmethod
-    def from_settings(cls, settings: Settings, dim: int, dense_dim: int | None) -> QdrantConfig:
-        """The encoder's sizes, and every other field from its ``qdrant_`` setting."""
+    def from_settings(cls, settings: Settings, encoder) -> QdrantConfig:
+        """The encoder's sizes (no dense vector without a pooled head), and
+        every other field from its ``qdrant_`` setting."""
         named = {
             f.name: getattr(settings, f"qdrant_{f.name}") for f in fields(cls) if f.name not in ("dim", "dense_dim")
         }
-        return cls(dim=dim, dense_dim=dense_dim, **named)
+        return cls(dim=encoder.dim, dense_dim=getattr(encoder, "dense_dim", None), **named)
 
     @property
     def local(self) -> bool:
@@ -274,18 +275,6 @@ def _tokens(point: qm.PointStruct) -> int:
     return len(vectors) if isinstance(vectors, list) else 1
 
 
-def _parts(group: list[qm.PointStruct]) -> list[list[qm.PointStruct]]:
-    parts: list[list[qm.PointStruct]] = [[]]
-    tokens = 0
-    for point in group:
-        if parts[-1] and tokens + _tokens(point) > UPSERT_TOKENS:
-            parts.append([])
-            tokens = 0
-        parts[-1].append(point)
-        tokens += _tokens(point)
-    return parts
-
-
 class QdrantStorage:
     """A client (shared per local-mode directory), its calls serialised in
     local mode, and the reads and writes both Qdrant layers make."""
@@ -340,16 +329,14 @@ class QdrantStorage:
         request: list[qm.PointStruct] = []
         tokens = 0
         for group in groups:
-            size = sum(_tokens(p) for p in group)
-            if request and tokens + size > UPSERT_TOKENS:
-                self._upsert_request(collection, request)
-                request, tokens = [], 0
-            if size > UPSERT_TOKENS:  # alone past the budget: in parts, whole requests each
-                for part in _parts(group):
-                    self._upsert_request(collection, part)
-                continue
-            request.extend(group)
-            tokens += size
+            whole = sum(_tokens(p) for p in group) <= UPSERT_TOKENS
+            for part in [group] if whole else [[p] for p in group]:  # past the budget alone: point by point
+                size = sum(_tokens(p) for p in part)
+                if request and tokens + size > UPSERT_TOKENS:
+                    self._upsert_request(collection, request)
+                    request, tokens = [], 0
+                request.extend(part)
+                tokens += size
         if request:
             self._upsert_request(collection, request)
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from qdrant_client import models as qm
 
-from app.engine.qdrant import COLBERT, DENSE, SCAN_MAX_PASSAGES, SPARSE, QdrantStorage, bm25_query, point_vectors
+from app.engine.qdrant import COLBERT, DENSE, SPARSE, QdrantStorage, bm25_query, point_vectors
 from app.errors import BackendUnavailable, CollectionExists, CollectionNotFound, DocumentNotFound, InvalidInput
 from app.ingest.pipeline import passage_text
 from app.store.filters import FieldFilter, compile_filter
@@ -48,7 +48,6 @@ logger = logging.getLogger("app.engine")
 NAMESPACE = uuid.UUID("9b4f6c52-8d1e-4b7a-9f57-3c2e1d0a6b18")
 SCROLL = 256
 MAX_METADATA_INDEXES = 64  # metadata keys a server indexes for filters (any caller can name a key)
-SCAN_MAX_CHUNKS = SCAN_MAX_PASSAGES  # (MaxSim's scan when the first stages found too few)
 
 
 def point_id(collection_id: str, document_id: str, chunk: int | None = None) -> str:
@@ -306,25 +305,23 @@ class QdrantCatalog(QdrantStorage):
 
     # -- documents -------------------------------------------------------------------
 
-    def content_hashes(self, collection_id: str, document_ids: list[str]) -> dict[str, str]:
+    def records(self, collection_id: str, document_ids: list[str]) -> dict[str, dict]:
+        """The stored records (hash, times, fields) of those of the documents that exist."""
         ids = [point_id(collection_id, d) for d in document_ids]
-        found = self._retrieve(self.chunks, ids, ["doc", "content_hash"]) if ids else []
-        return {p.payload["doc"]: p.payload["content_hash"] for p in found}
-
-    def write_document(
-        self, collection_id: str, doc: NewDocument, embs: list[torch.Tensor], dense: torch.Tensor | None
-    ) -> None:
-        self.write_documents(collection_id, [(doc, embs, dense)])
+        found = self._retrieve(self.chunks, ids, True) if ids else []
+        return {p.payload["doc"]: p.payload for p in found}
 
     def write_documents(
-        self, collection_id: str, docs: list[tuple[NewDocument, list[torch.Tensor], torch.Tensor | None]]
+        self,
+        collection_id: str,
+        docs: list[tuple[NewDocument, list[torch.Tensor], torch.Tensor | None]],
+        records: dict[str, dict],
     ) -> None:
         """Each document's chunks and its record (last) in one request where
-        they fit one, written over its earlier version's points, then the
-        earlier version's chunks past the new count deleted."""
+        they fit one, written over its earlier version's points (``records``:
+        the stored ones, :meth:`records`), then the earlier version's chunks
+        past the new count deleted."""
         now = time.time()
-        records = [point_id(collection_id, doc.external_id) for doc, _, _ in docs]
-        created = {p.payload["doc"]: p.payload["created_at"] for p in self._retrieve(self.chunks, records, True)}
         groups = []
         for doc, embs, dense in docs:
             common = {"c": collection_id, "doc": doc.external_id, "title": doc.title, "metadata": doc.metadata}
@@ -352,7 +349,7 @@ class QdrantCatalog(QdrantStorage):
                 "fields": doc.fields or {},
                 "content_hash": doc.content_hash,
                 "chunks": len(group),
-                "created_at": created.get(doc.external_id, now),
+                "created_at": records.get(doc.external_id, {}).get("created_at", now),
                 "updated_at": now,
             }
             group.append(qm.PointStruct(id=point_id(collection_id, doc.external_id), vector={}, payload=record))
@@ -397,13 +394,11 @@ class QdrantCatalog(QdrantStorage):
                 return out
 
     def get_document(self, collection_id: str, document_id: str) -> dict:
-        found = self._retrieve(self.chunks, [point_id(collection_id, document_id)], True)
-        if not found:
+        record = self.records(collection_id, [document_id]).get(document_id)
+        if record is None:
             raise DocumentNotFound(f"document {document_id!r} does not exist")
-        record = found[0].payload
         chunks = sorted(
-            (p for p in self._scroll(_document_filter(collection_id, document_id, "chunk"))),
-            key=lambda p: p.payload["i"],
+            self._scroll(_document_filter(collection_id, document_id, "chunk")), key=lambda p: p.payload["i"]
         )
         return {
             "external_id": document_id,

@@ -20,7 +20,7 @@ def docs(n: int) -> list[dict]:
         {
             "id": f"doc-{i}",
             "text": f"Report {i} covers {TOPICS[i % 8]}. The {TOPICS[i % 8]} committee met in year {2000 + i % 20}.",
-            "metadata": {"year": 2000 + i % 20, "lang": ["en", "de"][i % 2]},
+            "metadata": {"year": 2000 + i % 20, "lang": ["en", "de"][i % 2], "public": i % 3 == 0},
         }
         for i in range(n)
     ]

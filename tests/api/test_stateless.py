@@ -14,22 +14,10 @@ import pytest
 
 from tests.api.test_api import assert_error
 from tests.api.test_files import upload, wait_job
+from tests.api.test_qdrant import docs
 from tests.conftest import RunningApp, make_settings
 
 pytestmark = pytest.mark.slow
-
-TOPICS = ["astronomy", "cooking", "football", "chemistry", "music", "geology", "sailing", "poetry"]
-
-
-def docs(n: int, prefix: str = "doc") -> list[dict]:
-    return [
-        {
-            "id": f"{prefix}-{i}",
-            "text": f"Report {i} covers {TOPICS[i % 8]}. The {TOPICS[i % 8]} committee met in year {2000 + i % 20}.",
-            "metadata": {"year": 2000 + i % 20, "lang": ["en", "de"][i % 2], "public": i % 3 == 0},
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -41,8 +41,13 @@ def document(doc_id: str, texts: list[str], **metadata) -> tuple[NewDocument, li
     return doc, list(torch.split(encoded.embs, encoded.doclens)), encoded.dense
 
 
+def put(cat: QdrantCatalog, collection_id: str, doc: NewDocument, embs, dense) -> None:
+    """One document written as the stateless service writes it (its stored record read first)."""
+    cat.write_documents(collection_id, [(doc, embs, dense)], cat.records(collection_id, [doc.external_id]))
+
+
 def write(cat: QdrantCatalog, collection_id: str, doc_id: str, texts: list[str], **metadata) -> None:
-    cat.write_document(collection_id, *document(doc_id, texts, **metadata))
+    put(cat, collection_id, *document(doc_id, texts, **metadata))
 
 
 def colbert(cat: QdrantCatalog, collection_id: str, query: str, k: int = 5, where=None, fields=None) -> list[str]:
@@ -89,7 +94,9 @@ def test_writes_replaces_and_deletes_by_document_id(pair):
         a.delete_document(cid, "d3")
     page, total = b.list_documents(cid, limit=5, offset=5)
     assert total == 7 and len(page) == 2
-    assert b.content_hashes(cid, ["d0", "d3"]) == {"d0": "hash-d0-3-the aardvark is red"}
+    assert {d: r["content_hash"] for d, r in b.records(cid, ["d0", "d3"]).items()} == {
+        "d0": "hash-d0-3-the aardvark is red"
+    }
 
 
 def test_filters_read_as_the_sqlite_catalog_reads_them(pair):
@@ -122,7 +129,7 @@ def test_fields_restrict_chunks(pair):
     cid = a.create_collection("zoo", None).id
     doc, embs, dense = document("f", ["the body text", "the summary of it"])
     doc.chunks[1] = Passage("the summary of it", 0, 17, field="summary")
-    a.write_document(cid, doc, embs, dense)
+    put(a, cid, doc, embs, dense)
     hits = colbert(a, cid, "the summary", fields=FieldFilter(include=("summary",)))
     assert hits == ["f"]
     Q = ENCODER.encode_queries(["the body"])
@@ -152,16 +159,16 @@ def test_what_a_write_cut_short_left_is_trimmed_or_deleted(pair):
     a, _ = pair
     cid = a.create_collection("zoo", None).id
     doc, embs, dense = document("cut", ["the tapir naps", "the tapir swims", "the tapir eats"])
-    a.write_document(cid, doc, embs, dense)
+    put(a, cid, doc, embs, dense)
     stray, stray_embs, stray_dense = document("cut", ["an old fourth chunk"])
-    a.write_document(cid, stray, stray_embs, stray_dense)  # rewrites chunk 0 and trims 1 and 2
+    put(a, cid, stray, stray_embs, stray_dense)  # rewrites chunk 0 and trims 1 and 2
     assert a.counts(cid) == {"documents": 1, "pending_documents": 0, "chunks": 1}
-    a.write_document(cid, doc, embs, dense)
+    put(a, cid, doc, embs, dense)
     assert a.counts(cid)["chunks"] == 3
     a.trim(cid, {"cut": 2})
     assert [c["ord"] for c in a.get_document(cid, "cut")["chunks"]] == [0, 1]
     orphan, orphan_embs, orphan_dense = document("orphan", ["the okapi hides", "the okapi runs"])
-    a.write_document(cid, orphan, orphan_embs, orphan_dense)
+    put(a, cid, orphan, orphan_embs, orphan_dense)
     a._delete(a.chunks, qm.PointIdsList(points=[point_id(cid, "orphan")]))  # its record never landed
     assert "orphan" in colbert(a, cid, "the okapi hides")
     a.delete_document(cid, "orphan")
